@@ -1,0 +1,3 @@
+from miniml.cli.main import main
+
+main()

@@ -1,0 +1,82 @@
+"""The control-plane FastAPI app: ``create_app(settings)``."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI
+
+from miniml import logs
+from miniml.api import errors
+from miniml.api.middleware import ApiMetrics, RequestMiddleware
+from miniml.api.routes import audit, auth, health, keys, projects, seed
+from miniml.config import Settings
+from miniml.db.engine import make_engine, make_sessionmaker, upgrade
+from miniml.services import keys as key_service
+from miniml.services import secrets
+
+log = logging.getLogger("miniml.api")
+
+
+def write_admin_key(data_dir: Path, raw: str) -> Path:
+    """Write the bootstrap admin key where only this user can read it."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / "admin.key"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(raw + "\n")
+    os.chmod(path, 0o600)
+    return path
+
+
+def create_app(settings: Settings) -> FastAPI:
+    engine = make_engine(
+        settings.db_url, connect_timeout_s=settings.db.connect_timeout_s, pool_size=settings.db.pool_size
+    )
+    db = make_sessionmaker(engine)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        upgrade(engine)
+        with db.begin() as session:
+            app.state.jwt_secret = settings.auth.jwt_secret or secrets.read_or_create_secret(session, "jwt")
+            raw = key_service.bootstrap_admin_key(session) if settings.auth.bootstrap_admin_key else None
+        if raw:
+            path = write_admin_key(settings.data_dir, raw)
+            # Printed once, on the start that created it; afterwards it is only in the file.
+            print(f"miniml: created the first admin key (saved to {path}):\n  {raw}", flush=True)
+        yield
+        engine.dispose()
+
+    app = FastAPI(
+        title="miniml",
+        version="0.1.0",
+        summary="A small, honest ML platform: datasets, training, registry, deployments, monitoring.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.db = db
+    app.state.metrics = ApiMetrics()
+    errors.install(app)
+    for module in (health, auth, keys, projects, audit, seed):
+        app.include_router(module.router)
+    app.add_middleware(
+        RequestMiddleware,  # type: ignore[arg-type]
+        metrics=app.state.metrics,
+        db=db,
+        max_json_bytes=settings.api.max_json_bytes,
+        max_upload_bytes=settings.api.max_upload_bytes,
+    )
+    return app
+
+
+def main_app() -> FastAPI:
+    """Uvicorn factory entry: settings from the environment."""
+    settings = Settings()
+    logs.configure(settings.log_level)
+    return create_app(settings)

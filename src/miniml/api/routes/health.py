@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import httpx
+from fastapi import APIRouter, Request
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.responses import JSONResponse, Response
+
+from miniml.db.engine import ping
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+def healthz() -> dict[str, str]:
+    """The process is alive (does not check dependencies)."""
+    return {"status": "ok"}
+
+
+def _check_db(request: Request) -> dict[str, Any]:
+    try:
+        ping(request.app.state.engine)
+    except Exception as exc:
+        return {"name": "database", "ok": False, "error": f"not reachable ({type(exc).__name__})"}
+    return {"name": "database", "ok": True}
+
+
+async def _check_http(name: str, url: str) -> dict[str, Any]:
+    try:
+        async with httpx.AsyncClient(timeout=2.0) as client:
+            response = await client.get(url)
+        if response.status_code >= 400:
+            return {"name": name, "ok": False, "url": url, "error": f"answered {response.status_code}"}
+    except httpx.HTTPError as exc:
+        return {"name": name, "ok": False, "url": url, "error": f"not reachable ({type(exc).__name__})"}
+    return {"name": name, "ok": True, "url": url}
+
+
+@router.get("/readyz")
+async def readyz(request: Request) -> Response:
+    """Ready when the metadata DB, MLflow and Prefect answer; lists each check."""
+    settings = request.app.state.settings
+    checks = [await anyio.to_thread.run_sync(_check_db, request)]
+    checks.append(await _check_http("mlflow", settings.mlflow_uri.rstrip("/") + "/health"))
+    checks.append(await _check_http("prefect", settings.prefect_api_url.rstrip("/") + "/health"))
+    ready = all(c["ok"] for c in checks)
+    return JSONResponse(
+        {"status": "ready" if ready else "not ready", "checks": checks}, status_code=200 if ready else 503,
+        headers=None if ready else {"Retry-After": "5"},
+    )
+
+
+@router.get("/metrics", include_in_schema=False)
+def metrics(request: Request) -> Response:
+    """Prometheus metrics of this api process."""
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,109 @@
+"""The ``miniml`` command: process roles (up, api) and one command per SDK verb."""
+
+from __future__ import annotations
+
+import signal
+import time
+from typing import Any
+
+import typer
+
+from miniml.cli import keys, projects
+from miniml.cli.context import client, console, err_console, fail, save_login
+from miniml.errors import MiniMLError
+
+app = typer.Typer(help="miniml: a small, honest ML platform.", no_args_is_help=True, pretty_exceptions_enable=False)
+app.add_typer(projects.app, name="projects")
+app.add_typer(keys.app, name="keys")
+
+
+@app.command()
+def up() -> None:
+    """Start the whole platform on this machine (api, MLflow, Prefect); Ctrl-C stops it all."""
+    from miniml.config import Settings
+    from miniml.processes import Supervisor, embedded_services
+
+    settings = Settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    key_file = settings.data_dir / "admin.key"
+    had_key = key_file.exists()
+    sup = Supervisor(settings, embedded_services(settings))
+    stopping = {"now": False}
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        stopping["now"] = True
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        console.print(f"miniml: starting in {settings.data_dir.resolve()} ({settings.mode.value} mode)")
+        timings = sup.start_all()
+        console.print("[green]miniml is up[/green] " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
+        console.print(f"  api        {settings.api_url}  (OpenAPI: {settings.api_url}/docs)")
+        console.print(f"  MLflow UI  {settings.mlflow_uri}")
+        console.print(f"  Prefect UI {settings.prefect_api_url.removesuffix('/api')}")
+        console.print(f"  logs       {sup.log_dir}")
+        if key_file.exists() and not had_key:
+            console.print(f"  admin key  {key_file.read_text().strip()}  (shown once; saved in {key_file})")
+        else:
+            console.print(f"  admin key  in {key_file}")
+        console.print("Press Ctrl-C to stop.")
+        while not stopping["now"]:
+            dead = sup.dead()
+            if dead:
+                err_console.print(f"[red]{', '.join(dead)} exited; stopping.[/red] See {sup.log_dir}.")
+                raise typer.Exit(1)
+            time.sleep(1)
+    except MiniMLError as exc:
+        fail(exc)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        console.print("miniml: stopping...")
+        sup.stop_all()
+        console.print("miniml: stopped.")
+
+
+@app.command()
+def api() -> None:
+    """Run the control-plane api (port 8000)."""
+    import uvicorn
+
+    from miniml.config import Settings
+
+    settings = Settings()
+    uvicorn.run(
+        "miniml.api.app:main_app", factory=True, host=settings.api.host, port=settings.api.port,
+        access_log=False, log_level="warning",
+    )
+
+
+@app.command()
+def login(
+    url: str = typer.Option("http://127.0.0.1:8000", help="The api's URL."),
+    api_key: str = typer.Option(..., prompt=True, hide_input=True, help="Your API key."),
+) -> None:
+    """Check a key against the api and store url and key (mode 0600) for later commands."""
+    from miniml.sdk.client import Client
+
+    try:
+        Client(url, api_key=api_key).keys.token()
+    except MiniMLError as exc:
+        fail(exc)
+    path = save_login(url, api_key)
+    typer.echo(f"logged in to {url}; saved in {path}")
+
+
+@app.command()
+def whoami() -> None:
+    """Show which api and key the CLI uses."""
+    try:
+        token = client().keys.token()
+    except MiniMLError as exc:
+        fail(exc)
+        return
+    typer.echo(f"token valid for {token.expires_in}s")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,166 @@
+"""Settings, read from the environment (prefix ``MINIML_``, nested delimiter ``__``).
+
+Built once in each entrypoint (``create_app(settings)``, the CLI, a flow) and passed down.
+``mode=dev`` is the embedded default of ``miniml up``; ``mode=production`` refuses unsafe values.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+
+from pydantic import BaseModel, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Values that must never protect a production deployment.
+_WEAK_SECRETS = {"", "changeme", "change-me", "secret", "password", "admin", "miniml", "minioadmin"}
+
+
+class Mode(StrEnum):
+    dev = "dev"
+    production = "production"
+
+
+class StorageKind(StrEnum):
+    local = "local"
+    s3 = "s3"
+
+
+class DatabaseSettings(BaseModel):
+    url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL of the metadata DB; default SQLite at <data_dir>/miniml.db. "
+        "PostgreSQL: postgresql+psycopg://user:pass@host:5432/miniml.",
+    )
+    pool_size: int = Field(default=5, ge=1, description="Connection pool size (PostgreSQL only).")
+    connect_timeout_s: float = Field(
+        default=3.0, gt=0, description="Seconds to wait for a DB connection before answering 503."
+    )
+
+
+class AuthSettings(BaseModel):
+    jwt_secret: str | None = Field(
+        default=None,
+        description="HS256 secret for access tokens. Unset: generated on first start and kept in the "
+        "metadata DB, so every api replica shares it. Set: at least 32 characters in production.",
+    )
+    jwt_ttl_s: int = Field(default=3600, ge=60, le=86400, description="Lifetime of an access token (s).")
+    bootstrap_admin_key: bool = Field(
+        default=True,
+        description="On first start with no keys, create an admin key, print it once and write it "
+        "to <data_dir>/admin.key (mode 0600).",
+    )
+
+
+class ApiSettings(BaseModel):
+    host: str = Field(default="127.0.0.1", description="Interface the api binds.")
+    port: int = Field(default=8000, ge=1, le=65535, description="Port of the api.")
+    public_url: str | None = Field(
+        default=None, description="URL clients use to reach the api; default http://host:port."
+    )
+    max_json_bytes: int = Field(
+        default=1 << 20, ge=1024, description="Largest JSON body accepted by any route (413 above)."
+    )
+    max_upload_bytes: int = Field(
+        default=1 << 30, ge=1024, description="Largest dataset upload accepted (413 above)."
+    )
+
+
+class StorageSettings(BaseModel):
+    kind: StorageKind = Field(default=StorageKind.local, description="Object store: local or s3.")
+    root: Path | None = Field(default=None, description="Local store folder; default <data_dir>/objects.")
+    bucket: str = Field(default="miniml", description="S3 bucket for datasets and outputs.")
+    prefix: str = Field(default="", description="Key prefix inside the bucket (no leading slash).")
+    endpoint_url: str | None = Field(default=None, description="S3 endpoint (MinIO); unset for AWS.")
+    region: str = Field(default="us-east-1", description="S3 region.")
+    access_key_id: str | None = Field(default=None, description="S3 access key id; unset: boto3's chain.")
+    secret_access_key: str | None = Field(default=None, description="S3 secret; unset: boto3's chain.")
+
+
+class MlflowSettings(BaseModel):
+    port: int = Field(default=5001, ge=1, le=65535, description="Port of the MLflow server (miniml up).")
+    tracking_uri: str | None = Field(
+        default=None, description="MLflow tracking server URL; default http://127.0.0.1:<port>."
+    )
+    public_url: str | None = Field(default=None, description="MLflow UI URL shown to users.")
+
+
+class PrefectSettings(BaseModel):
+    port: int = Field(default=4200, ge=1, le=65535, description="Port of the Prefect server (miniml up).")
+    api_url: str | None = Field(
+        default=None, description="Prefect API URL; default http://127.0.0.1:<port>/api."
+    )
+
+
+class InferenceSettings(BaseModel):
+    host: str = Field(default="127.0.0.1", description="Interface the inference service binds.")
+    port: int = Field(default=8080, ge=1, le=65535, description="Port of the inference service.")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="MINIML_", env_nested_delimiter="__", extra="ignore", validate_default=True
+    )
+
+    mode: Mode = Field(
+        default=Mode.dev,
+        description="dev: the embedded default, generated secrets allowed. production: refuses "
+        "weak secrets and expects PostgreSQL/S3 by configuration.",
+    )
+    data_dir: Path = Field(default=Path(".miniml"), description="Folder for every local file.")
+    log_level: str = Field(default="INFO", description="Log level of every process.")
+    db: DatabaseSettings = Field(default_factory=DatabaseSettings, description="Metadata DB.")
+    auth: AuthSettings = Field(default_factory=AuthSettings, description="Keys and tokens.")
+    api: ApiSettings = Field(default_factory=ApiSettings, description="Control-plane api.")
+    storage: StorageSettings = Field(default_factory=StorageSettings, description="Object store.")
+    mlflow: MlflowSettings = Field(default_factory=MlflowSettings, description="MLflow server.")
+    prefect: PrefectSettings = Field(default_factory=PrefectSettings, description="Prefect server.")
+    inference: InferenceSettings = Field(default_factory=InferenceSettings, description="Data plane.")
+
+    @model_validator(mode="after")
+    def _refuse_unsafe_production(self) -> Settings:
+        if self.mode is not Mode.production:
+            return self
+        problems = []
+        secret = self.auth.jwt_secret
+        if secret is not None and (secret.strip().lower() in _WEAK_SECRETS or len(secret) < 32):
+            problems.append("MINIML_AUTH__JWT_SECRET is a default or shorter than 32 characters")
+        s3_secret = self.storage.secret_access_key
+        if self.storage.kind is StorageKind.s3 and s3_secret is not None and (
+            s3_secret.strip().lower() in _WEAK_SECRETS
+        ):
+            problems.append("MINIML_STORAGE__SECRET_ACCESS_KEY is a default value")
+        if problems:
+            raise ValueError(
+                "Refusing to start in production mode: " + "; ".join(problems) + ". Set strong values "
+                "(or leave the JWT secret unset to have one generated), or use MINIML_MODE=dev locally."
+            )
+        return self
+
+    @property
+    def db_url(self) -> str:
+        return self.db.url or f"sqlite:///{(self.data_dir / 'miniml.db').resolve()}"
+
+    @property
+    def storage_root(self) -> Path:
+        return self.storage.root or self.data_dir / "objects"
+
+    @property
+    def api_url(self) -> str:
+        return self.api.public_url or f"http://{_client_host(self.api.host)}:{self.api.port}"
+
+    @property
+    def mlflow_uri(self) -> str:
+        return self.mlflow.tracking_uri or f"http://127.0.0.1:{self.mlflow.port}"
+
+    @property
+    def prefect_api_url(self) -> str:
+        return self.prefect.api_url or f"http://127.0.0.1:{self.prefect.port}/api"
+
+    @property
+    def inference_url(self) -> str:
+        return f"http://{_client_host(self.inference.host)}:{self.inference.port}"
+
+
+def _client_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host

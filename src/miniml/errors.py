@@ -1,0 +1,71 @@
+"""The error tree, shared by the server and the SDK.
+
+* MiniMLError                 500  unexpected; the body never carries internals
+  x InvalidInput              422  well-formed but unusable: bad name, unknown column, empty search space
+  x Unauthorized              401  no key, unknown, revoked or expired key, bad or expired token
+  x Forbidden                 403  the key's role is below what the route needs
+  x NotFound                  404  no such object, or it belongs to a project the key cannot see
+  x Conflict                  409  name taken; invalid state change; object still in use
+  x PayloadTooLarge           413  body over the route's limit
+  x UpstreamUnavailable       503  the DB, MLflow, S3 or Prefect did not answer; safe to retry
+
+The server maps a class to its status in one table (``api/errors.py``); the SDK maps a response
+back to the same class in one function (``sdk/client.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class MiniMLError(Exception):
+    """Base of every error miniml raises on purpose."""
+
+    status = 500
+    title = "Internal error"
+
+    def __init__(self, detail: str, *, extra: dict[str, Any] | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.extra = extra or {}
+
+
+class InvalidInput(MiniMLError):
+    status = 422
+    title = "Invalid input"
+
+
+class Unauthorized(MiniMLError):
+    status = 401
+    title = "Unauthorized"
+
+
+class Forbidden(MiniMLError):
+    status = 403
+    title = "Forbidden"
+
+
+class NotFound(MiniMLError):
+    status = 404
+    title = "Not found"
+
+
+class Conflict(MiniMLError):
+    status = 409
+    title = "Conflict"
+
+
+class PayloadTooLarge(MiniMLError):
+    status = 413
+    title = "Payload too large"
+
+
+class UpstreamUnavailable(MiniMLError):
+    status = 503
+    title = "Service unavailable"
+
+
+ERRORS_BY_STATUS: dict[int, type[MiniMLError]] = {
+    cls.status: cls
+    for cls in (InvalidInput, Unauthorized, Forbidden, NotFound, Conflict, PayloadTooLarge, UpstreamUnavailable)
+}

@@ -1,0 +1,178 @@
+"""Starting and stopping the platform's processes for ``miniml up`` (the embedded default).
+
+Each child runs in its own session (process group) so stopping it also stops whatever it
+spawned (MLflow's and Prefect's own workers): no orphan survives ``miniml up``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from miniml.config import Settings
+from miniml.errors import Conflict, UpstreamUnavailable
+
+BIN = Path(sys.executable).parent
+
+
+@dataclass
+class Service:
+    name: str
+    argv: list[str]
+    port: int | None
+    health_url: str | None
+    env: dict[str, str] = field(default_factory=dict)
+    # Prefect's worker ignores SIGTERM; SIGINT stops it.
+    stop_signal: signal.Signals = signal.SIGTERM
+    ready_timeout_s: float = 120.0
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def child_env(settings: Settings) -> dict[str, str]:
+    """The environment every child shares: the same settings, the venv's tools on PATH."""
+    data = settings.data_dir.resolve()
+    env = dict(os.environ)
+    env.update(
+        {
+            "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+            "MINIML_MODE": settings.mode.value,
+            "MINIML_DATA_DIR": str(data),
+            "MINIML_API__PORT": str(settings.api.port),
+            "MINIML_MLFLOW__PORT": str(settings.mlflow.port),
+            "MINIML_PREFECT__PORT": str(settings.prefect.port),
+            "MINIML_INFERENCE__PORT": str(settings.inference.port),
+            "MLFLOW_TRACKING_URI": settings.mlflow_uri,
+            "PREFECT_API_URL": settings.prefect_api_url,
+            "PREFECT_HOME": str(data / "prefect"),
+            # No outside network: telemetry and update checks would only fail and log noise.
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
+            "DO_NOT_TRACK": "1",
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    return env
+
+
+def embedded_services(settings: Settings) -> list[Service]:
+    data = settings.data_dir.resolve()
+    (data / "prefect").mkdir(parents=True, exist_ok=True)
+    py = sys.executable
+    return [
+        Service(
+            name="mlflow",
+            argv=[
+                str(BIN / "mlflow"), "server",
+                "--backend-store-uri", f"sqlite:///{data / 'mlflow.db'}",
+                "--artifacts-destination", str(data / "mlartifacts"),
+                "--serve-artifacts", "--host", "127.0.0.1", "--port", str(settings.mlflow.port), "--workers", "1",
+            ],
+            port=settings.mlflow.port,
+            health_url=f"{settings.mlflow_uri}/health",
+        ),
+        Service(
+            name="prefect",
+            argv=[str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(settings.prefect.port)],
+            port=settings.prefect.port,
+            health_url=f"{settings.prefect_api_url}/health",
+            env={"PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{data / 'prefect' / 'prefect.db'}"},
+        ),
+        Service(
+            name="api",
+            argv=[py, "-m", "miniml", "api"],
+            port=settings.api.port,
+            health_url=f"{settings.api_url}/healthz",
+        ),
+    ]
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, services: Sequence[Service]) -> None:
+        self.settings = settings
+        self.services = list(services)
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.log_dir = settings.data_dir.resolve() / "logs"
+
+    def check_ports(self) -> None:
+        for svc in self.services:
+            if svc.port is not None and not port_is_free(svc.port):
+                raise Conflict(
+                    f"Port {svc.port} for {svc.name} is already in use. Stop what holds it, or choose another "
+                    f"port (e.g. MINIML_{svc.name.upper()}__PORT=...)."
+                )
+
+    def start(self, svc: Service) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        env = child_env(self.settings) | svc.env
+        with open(self.log_dir / f"{svc.name}.log", "ab") as log:
+            self.procs[svc.name] = subprocess.Popen(
+                svc.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                start_new_session=True, cwd=self.settings.data_dir.resolve(),
+            )
+
+    def wait_ready(self, svc: Service) -> float:
+        """Wait for the service's health URL; return the seconds it took."""
+        start = time.monotonic()
+        proc = self.procs[svc.name]
+        while svc.health_url:
+            if proc.poll() is not None:
+                raise UpstreamUnavailable(
+                    f"{svc.name} exited with code {proc.returncode} while starting; see {self.log_dir / svc.name}.log."
+                )
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(svc.health_url, timeout=2).status_code < 500:
+                    break
+            if time.monotonic() - start > svc.ready_timeout_s:
+                raise UpstreamUnavailable(
+                    f"{svc.name} did not answer {svc.health_url} within {svc.ready_timeout_s:.0f}s; "
+                    f"see {self.log_dir / svc.name}.log."
+                )
+            time.sleep(0.3)
+        return time.monotonic() - start
+
+    def start_all(self) -> dict[str, float]:
+        self.check_ports()
+        for svc in self.services:
+            self.start(svc)
+        return {svc.name: self.wait_ready(svc) for svc in self.services}
+
+    def dead(self) -> list[str]:
+        return [name for name, proc in self.procs.items() if proc.poll() is not None]
+
+    def stop_all(self, timeout_s: float = 15.0) -> None:
+        """Signal every child's process group, wait, then kill what is left."""
+        by_name = {svc.name: svc for svc in self.services}
+        for name, proc in reversed(list(self.procs.items())):
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, by_name[name].stop_signal)
+        deadline = time.monotonic() + timeout_s
+        for proc in self.procs.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        for proc in self.procs.values():
+            # Kill the whole group, also when the leader exited but left children behind.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)

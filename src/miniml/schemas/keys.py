@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import Field
+
+from miniml.domain.roles import Role
+from miniml.schemas.common import ReadModel, StrictModel
+
+
+class KeyCreate(StrictModel):
+    role: Role
+    projects: list[str] = Field(
+        default_factory=list, description="Projects the key may touch; required for viewer and engineer."
+    )
+    name: str = Field(default="", max_length=128, description="A label to recognise the key by.")
+    expires_in_days: float | None = Field(default=None, gt=0, le=3650, description="Unset: never expires.")
+
+
+class KeyRead(ReadModel):
+    id: str
+    name: str
+    role: Role
+    projects: list[str]
+    created_at: datetime
+    created_by: str | None
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    last_used_at: datetime | None
+
+
+class KeyCreated(KeyRead):
+    key: str = Field(description="The secret key. Shown once: it is stored only as a hash.")
+
+
+class TokenRequest(StrictModel):
+    api_key: str | None = Field(default=None, description="Or send it as the X-API-Key header.")
+
+
+class TokenRead(ReadModel):
+    access_token: str
+    token_type: str = "bearer"
+    expires_in: int

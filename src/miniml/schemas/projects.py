@@ -1,0 +1,19 @@
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import Field
+
+from miniml.schemas.common import ReadModel, StrictModel
+
+
+class ProjectCreate(StrictModel):
+    name: str = Field(description="Slug: 1-63 lowercase letters, digits and dashes.")
+    description: str = Field(default="", max_length=2000)
+
+
+class ProjectRead(ReadModel):
+    name: str
+    description: str
+    created_at: datetime
+    created_by: str | None

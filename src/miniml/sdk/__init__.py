@@ -1,0 +1,3 @@
+from miniml.sdk.client import Client
+
+__all__ = ["Client"]

@@ -1,0 +1,68 @@
+"""The Python client: ``miniml.Client(url, api_key=...)``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from miniml.errors import ERRORS_BY_STATUS, MiniMLError, UpstreamUnavailable
+
+
+def raise_for_problem(response: httpx.Response) -> None:
+    """Turn an error response into the same exception class the server raised."""
+    if response.is_success:
+        return
+    try:
+        body = response.json()
+        detail = str(body.get("detail") or body)
+    except ValueError:
+        body, detail = {}, response.text[:500] or response.reason_phrase
+    cls = ERRORS_BY_STATUS.get(response.status_code, MiniMLError)
+    extra = {k: v for k, v in body.items() if k not in ("type", "title", "status", "detail")} if body else {}
+    err = cls(detail, extra=extra)
+    err.status = response.status_code
+    raise err
+
+
+class Client:
+    """A miniml api client.
+
+    Args:
+        url: the api's base URL, e.g. ``http://127.0.0.1:8000``.
+        api_key: an API key (``mml_...``).
+        http: an existing ``httpx.Client`` (tests pass the app's TestClient).
+    """
+
+    def __init__(
+        self, url: str = "http://127.0.0.1:8000", *, api_key: str | None = None, timeout: float = 30.0,
+        http: httpx.Client | None = None,
+    ) -> None:
+        headers = {"X-API-Key": api_key} if api_key else {}
+        if http is None:
+            self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
+        else:
+            self.http = http
+            self.http.headers.update(headers)
+        from miniml.sdk.keys import Keys
+        from miniml.sdk.projects import Projects
+
+        self.projects = Projects(self)
+        self.keys = Keys(self)
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self.http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise UpstreamUnavailable(f"Cannot reach the miniml api at {self.http.base_url}: {exc}.") from exc
+        raise_for_problem(response)
+        return response
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,152 @@
+"""API keys: generated, shown once, stored as a SHA-256 hash, revocable, optionally expiring.
+
+A key reads ``mml_<id>_<secret>``: the id finds the row, the 256-bit secret is compared by hash
+in constant time. A plain hash suffices because the secret is random, not a password.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from datetime import datetime, timedelta
+
+import jwt
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from miniml.db import tables
+from miniml.db.tables import utcnow
+from miniml.domain.roles import Role
+from miniml.domain.tenancy import Caller
+from miniml.errors import InvalidInput, NotFound, Unauthorized
+from miniml.schemas.keys import KeyCreate, KeyRead
+
+KEY_PREFIX = "mml"
+# Writing last_used_at on every request would make every read a write; once a minute is plenty.
+_LAST_USED_RESOLUTION = timedelta(seconds=60)
+
+
+def _hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def to_read(key: tables.ApiKey) -> KeyRead:
+    return KeyRead(
+        id=key.id,
+        name=key.name,
+        role=Role(key.role),
+        projects=sorted(g.project.name for g in key.grants),
+        created_at=key.created_at,
+        created_by=key.created_by,
+        expires_at=key.expires_at,
+        revoked_at=key.revoked_at,
+        last_used_at=key.last_used_at,
+    )
+
+
+def _new_key(
+    session: Session, *, role: Role, name: str, created_by: str | None, expires_at: datetime | None
+) -> tuple[tables.ApiKey, str]:
+    key_id = secrets.token_hex(6)
+    secret = secrets.token_urlsafe(32)
+    row = tables.ApiKey(
+        id=key_id,
+        name=name,
+        secret_hash=_hash(secret),
+        role=role.value,
+        created_by=created_by,
+        expires_at=expires_at,
+    )
+    session.add(row)
+    return row, f"{KEY_PREFIX}_{key_id}_{secret}"
+
+
+def create_key(session: Session, caller: Caller, body: KeyCreate) -> tuple[KeyRead, str]:
+    projects: list[tables.Project] = []
+    if body.role is not Role.admin:
+        if not body.projects:
+            raise InvalidInput(
+                f"A {body.role.value} key needs at least one project in 'projects'; "
+                "only admin keys reach every project."
+            )
+        names = sorted(set(body.projects))
+        projects = list(session.scalars(select(tables.Project).where(tables.Project.name.in_(names))))
+        missing = sorted(set(names) - {p.name for p in projects})
+        if missing:
+            raise InvalidInput(f"Project(s) {', '.join(missing)} do not exist; create them first.")
+    elif body.projects:
+        raise InvalidInput("Admin keys reach every project; leave 'projects' empty for role admin.")
+    expires_at = utcnow() + timedelta(days=body.expires_in_days) if body.expires_in_days else None
+    row, raw = _new_key(session, role=body.role, name=body.name, created_by=caller.key_id, expires_at=expires_at)
+    row.grants = [tables.KeyGrant(project_id=p.id, project=p) for p in projects]
+    session.flush()
+    return to_read(row), raw
+
+
+def bootstrap_admin_key(session: Session) -> str | None:
+    """Create the first admin key when there is no key at all; return it, or None."""
+    if session.scalar(select(func.count()).select_from(tables.ApiKey)):
+        return None
+    _row, raw = _new_key(session, role=Role.admin, name="bootstrap admin", created_by=None, expires_at=None)
+    session.flush()
+    return raw
+
+
+def list_keys(session: Session) -> list[KeyRead]:
+    return [to_read(k) for k in session.scalars(select(tables.ApiKey).order_by(tables.ApiKey.created_at))]
+
+
+def revoke_key(session: Session, key_id: str) -> KeyRead:
+    row = session.get(tables.ApiKey, key_id)
+    if row is None:
+        raise NotFound(f"Key {key_id!r} does not exist.")
+    if row.revoked_at is None:
+        row.revoked_at = utcnow()
+    session.flush()
+    return to_read(row)
+
+
+def _caller_of(session: Session, row: tables.ApiKey | None) -> Caller:
+    now = utcnow()
+    if row is None:
+        raise Unauthorized("Unknown API key. Check the key, or ask an admin for a new one.")
+    if row.revoked_at is not None:
+        raise Unauthorized(f"API key {row.id} was revoked. Ask an admin for a new one.")
+    expires = row.expires_at
+    if expires is not None and expires <= now:
+        raise Unauthorized(f"API key {row.id} expired at {expires.isoformat()}. Ask an admin for a new one.")
+    last = row.last_used_at
+    if last is None or now - last > _LAST_USED_RESOLUTION:
+        row.last_used_at = now
+        session.flush()
+    role = Role(row.role)
+    projects = None if role is Role.admin else frozenset(g.project.name for g in row.grants)
+    return Caller(key_id=row.id, role=role, projects=projects)
+
+
+def authenticate_key(session: Session, raw: str) -> Caller:
+    parts = raw.strip().split("_", 2)
+    if len(parts) != 3 or parts[0] != KEY_PREFIX:
+        raise Unauthorized("Malformed API key: expected 'mml_<id>_<secret>' as printed when it was created.")
+    row = session.get(tables.ApiKey, parts[1])
+    if row is None or not hmac.compare_digest(row.secret_hash, _hash(parts[2])):
+        raise Unauthorized("Unknown API key. Check the key, or ask an admin for a new one.")
+    return _caller_of(session, row)
+
+
+def issue_token(caller: Caller, *, secret: str, ttl_s: int) -> str:
+    now = utcnow()
+    claims = {"sub": caller.key_id, "role": caller.role.value, "iat": now, "exp": now + timedelta(seconds=ttl_s)}
+    return jwt.encode(claims, secret, algorithm="HS256")
+
+
+def authenticate_token(session: Session, token: str, *, secret: str) -> Caller:
+    """A token stands for its key: a revoked or expired key ends its tokens too."""
+    try:
+        claims = jwt.decode(token, secret, algorithms=["HS256"], options={"require": ["sub", "exp"]})
+    except jwt.ExpiredSignatureError:
+        raise Unauthorized("Access token expired; exchange your API key for a new one at /api/v1/auth/token.") from None
+    except jwt.PyJWTError:
+        raise Unauthorized("Invalid access token (bad signature or format).") from None
+    return _caller_of(session, session.get(tables.ApiKey, str(claims["sub"])))
