@@ -61,9 +61,7 @@ class ApiSettings(BaseModel):
     max_json_bytes: int = Field(
         default=1 << 20, ge=1024, description="Largest JSON body accepted by any route (413 above)."
     )
-    max_upload_bytes: int = Field(
-        default=1 << 30, ge=1024, description="Largest dataset upload accepted (413 above)."
-    )
+    max_upload_bytes: int = Field(default=1 << 30, ge=1024, description="Largest dataset upload accepted (413 above).")
 
 
 class StorageSettings(BaseModel):
@@ -87,9 +85,7 @@ class MlflowSettings(BaseModel):
 
 class PrefectSettings(BaseModel):
     port: int = Field(default=4200, ge=1, le=65535, description="Port of the Prefect server (miniml up).")
-    api_url: str | None = Field(
-        default=None, description="Prefect API URL; default http://127.0.0.1:<port>/api."
-    )
+    api_url: str | None = Field(default=None, description="Prefect API URL; default http://127.0.0.1:<port>/api.")
 
 
 class InferenceSettings(BaseModel):
@@ -126,8 +122,10 @@ class Settings(BaseSettings):
         if secret is not None and (secret.strip().lower() in _WEAK_SECRETS or len(secret) < 32):
             problems.append("MINIML_AUTH__JWT_SECRET is a default or shorter than 32 characters")
         s3_secret = self.storage.secret_access_key
-        if self.storage.kind is StorageKind.s3 and s3_secret is not None and (
-            s3_secret.strip().lower() in _WEAK_SECRETS
+        if (
+            self.storage.kind is StorageKind.s3
+            and s3_secret is not None
+            and (s3_secret.strip().lower() in _WEAK_SECRETS)
         ):
             problems.append("MINIML_STORAGE__SECRET_ACCESS_KEY is a default value")
         if problems:

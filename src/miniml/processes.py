@@ -82,10 +82,19 @@ def embedded_services(settings: Settings) -> list[Service]:
         Service(
             name="mlflow",
             argv=[
-                str(BIN / "mlflow"), "server",
-                "--backend-store-uri", f"sqlite:///{data / 'mlflow.db'}",
-                "--artifacts-destination", str(data / "mlartifacts"),
-                "--serve-artifacts", "--host", "127.0.0.1", "--port", str(settings.mlflow.port), "--workers", "1",
+                str(BIN / "mlflow"),
+                "server",
+                "--backend-store-uri",
+                f"sqlite:///{data / 'mlflow.db'}",
+                "--artifacts-destination",
+                str(data / "mlartifacts"),
+                "--serve-artifacts",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(settings.mlflow.port),
+                "--workers",
+                "1",
             ],
             port=settings.mlflow.port,
             health_url=f"{settings.mlflow_uri}/health",
@@ -126,8 +135,13 @@ class Supervisor:
         env = child_env(self.settings) | svc.env
         with open(self.log_dir / f"{svc.name}.log", "ab") as log:
             self.procs[svc.name] = subprocess.Popen(
-                svc.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                start_new_session=True, cwd=self.settings.data_dir.resolve(),
+                svc.argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
+                cwd=self.settings.data_dir.resolve(),
             )
 
     def wait_ready(self, svc: Service) -> float:

@@ -40,9 +40,7 @@ def authenticate(
         if x_api_key:
             caller = keys.authenticate_key(session, x_api_key)
         elif authorization and authorization.lower().startswith("bearer "):
-            caller = keys.authenticate_token(
-                session, authorization[7:].strip(), secret=request.app.state.jwt_secret
-            )
+            caller = keys.authenticate_token(session, authorization[7:].strip(), secret=request.app.state.jwt_secret)
         else:
             raise Unauthorized(
                 "Missing credentials: send your API key as the X-API-Key header, "

@@ -22,7 +22,12 @@ RETRY_AFTER_S = "5"
 
 
 def problem_response(
-    status: int, title: str, detail: str, *, request_id: str | None, extra: dict[str, Any] | None = None,
+    status: int,
+    title: str,
+    detail: str,
+    *,
+    request_id: str | None,
+    extra: dict[str, Any] | None = None,
     headers: dict[str, str] | None = None,
 ) -> Response:
     body: dict[str, Any] = {
@@ -66,9 +71,7 @@ def install(app: FastAPI) -> None:
 
     async def on_validation(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
-        errors = [
-            {"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in exc.errors()
-        ]
+        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in exc.errors()]
         return problem_response(
             422, "Invalid input", _describe(errors), request_id=request_id_of(request), extra={"errors": errors}
         )
@@ -80,7 +83,10 @@ def install(app: FastAPI) -> None:
         if exc.status_code == 404 and detail == "Not Found":
             detail = f"No route {request.url.path}; see /docs for the API."
         return problem_response(
-            exc.status_code, titles.get(exc.status_code, "Error"), detail, request_id=request_id_of(request),
+            exc.status_code,
+            titles.get(exc.status_code, "Error"),
+            detail,
+            request_id=request_id_of(request),
             headers=dict(exc.headers or {}),
         )
 

@@ -36,19 +36,28 @@ class ApiMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
-            "miniml_api_requests_total", "API requests by route template and status.",
-            ["method", "route", "status"], registry=self.registry,
+            "miniml_api_requests_total",
+            "API requests by route template and status.",
+            ["method", "route", "status"],
+            registry=self.registry,
         )
         self.duration = Histogram(
-            "miniml_api_request_duration_seconds", "API request latency by route template.",
-            ["method", "route"], registry=self.registry,
+            "miniml_api_request_duration_seconds",
+            "API request latency by route template.",
+            ["method", "route"],
+            registry=self.registry,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
         )
 
 
 class RequestMiddleware:
     def __init__(
-        self, app: ASGIApp, *, metrics: ApiMetrics, db: sessionmaker[Session], max_json_bytes: int,
+        self,
+        app: ASGIApp,
+        *,
+        metrics: ApiMetrics,
+        db: sessionmaker[Session],
+        max_json_bytes: int,
         max_upload_bytes: int,
     ) -> None:
         self.app = app
@@ -70,8 +79,13 @@ class RequestMiddleware:
         path: str = scope["path"]
         limit = self.max_upload + _MULTIPART_SLACK if _UPLOAD_PATH_RE.match(path) else self.max_json
         status_holder = {"status": 500, "started": False}
+        overflow = {"hit": False}
 
         async def send_wrapper(message: Message) -> None:
+            if overflow["hit"] and not status_holder["started"]:
+                # The app turned the aborted body into its own error (FastAPI says 400); the
+                # client gets the 413 instead.
+                return
             if message["type"] == "http.response.start":
                 status_holder["status"] = message["status"]
                 status_holder["started"] = True
@@ -87,6 +101,7 @@ class RequestMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
+                    overflow["hit"] = True
                     raise PayloadTooLarge(_too_large(limit))
             return message
 
@@ -95,14 +110,18 @@ class RequestMiddleware:
             if declared.isdigit() and int(declared) > limit:
                 raise PayloadTooLarge(_too_large(limit))
             await self.app(scope, receive_wrapper, send_wrapper)
+            if overflow["hit"]:
+                raise PayloadTooLarge(_too_large(limit))
         except PayloadTooLarge as exc:
+            overflow["hit"] = False
             if not status_holder["started"]:
                 await problem_response(413, exc.title, exc.detail, request_id=request_id)(scope, receive, send_wrapper)
         except Exception:
             log.exception("unhandled error", extra={"request_id": request_id, "path": path})
             if not status_holder["started"]:
                 response = problem_response(
-                    500, "Internal error",
+                    500,
+                    "Internal error",
                     f"Something went wrong on our side; the log has the details under request id {request_id}.",
                     request_id=request_id,
                 )
@@ -121,8 +140,13 @@ class RequestMiddleware:
         log.info(
             "request",
             extra={
-                "method": method, "route": template, "path": scope["path"], "status": status,
-                "duration_ms": round(elapsed * 1000, 2), "key_id": key_id, "request_id": request_id,
+                "method": method,
+                "route": template,
+                "path": scope["path"],
+                "status": status,
+                "duration_ms": round(elapsed * 1000, 2),
+                "key_id": key_id,
+                "request_id": request_id,
             },
         )
         if method in _MUTATING and route is not None and template not in _NOT_AUDITED:
@@ -130,9 +154,7 @@ class RequestMiddleware:
             project = params.get("project") or _query_project(scope)
             action = f"{method} {template}"
             try:
-                await anyio.to_thread.run_sync(
-                    self._audit, key_id, action, project, scope["path"], status, request_id
-                )
+                await anyio.to_thread.run_sync(self._audit, key_id, action, project, scope["path"], status, request_id)
             except Exception:  # the audit must never turn a served request into an error
                 log.warning("audit write failed", extra={"request_id": request_id, "action": action})
 
@@ -141,7 +163,12 @@ class RequestMiddleware:
     ) -> None:
         with self.db.begin() as session:
             audit.create_event(
-                session, key_id=key_id, action=action, project=project, target=target, status=status,
+                session,
+                key_id=key_id,
+                action=action,
+                project=project,
+                target=target,
+                status=status,
                 request_id=request_id,
             )
 
@@ -154,5 +181,5 @@ def _query_project(scope: Scope) -> str | None:
     query = scope.get("query_string", b"").decode("latin-1")
     for part in query.split("&"):
         if part.startswith("project="):
-            return part[len("project="):][:63] or None
+            return part[len("project=") :][:63] or None
     return None

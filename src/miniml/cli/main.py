@@ -73,8 +73,12 @@ def api() -> None:
 
     settings = Settings()
     uvicorn.run(
-        "miniml.api.app:main_app", factory=True, host=settings.api.host, port=settings.api.port,
-        access_log=False, log_level="warning",
+        "miniml.api.app:main_app",
+        factory=True,
+        host=settings.api.host,
+        port=settings.api.port,
+        access_log=False,
+        log_level="warning",
     )
 
 

@@ -39,5 +39,5 @@ class TokenRequest(StrictModel):
 
 class TokenRead(ReadModel):
     access_token: str
-    token_type: str = "bearer"
+    token_type: str = "bearer"  # noqa: S105  (the OAuth2 token type, not a secret)
     expires_in: int

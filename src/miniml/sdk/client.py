@@ -35,15 +35,16 @@ class Client:
     """
 
     def __init__(
-        self, url: str = "http://127.0.0.1:8000", *, api_key: str | None = None, timeout: float = 30.0,
+        self,
+        url: str = "http://127.0.0.1:8000",
+        *,
+        api_key: str | None = None,
+        timeout: float = 30.0,
         http: httpx.Client | None = None,
     ) -> None:
-        headers = {"X-API-Key": api_key} if api_key else {}
-        if http is None:
-            self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
-        else:
-            self.http = http
-            self.http.headers.update(headers)
+        # Sent with each request, so two clients may share one httpx.Client (tests do).
+        self.headers = {"X-API-Key": api_key} if api_key else {}
+        self.http = http or httpx.Client(base_url=url.rstrip("/"), timeout=timeout)
         from miniml.sdk.keys import Keys
         from miniml.sdk.projects import Projects
 
@@ -52,7 +53,8 @@ class Client:
 
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
-            response = self.http.request(method, path, **kwargs)
+            headers = self.headers | kwargs.pop("headers", {})
+            response = self.http.request(method, path, headers=headers, **kwargs)
         except httpx.TransportError as exc:
             raise UpstreamUnavailable(f"Cannot reach the miniml api at {self.http.base_url}: {exc}.") from exc
         raise_for_problem(response)

@@ -14,7 +14,11 @@ class Keys:
         self._c = client
 
     def create(
-        self, role: Role | str, *, projects: list[str] | None = None, name: str = "",
+        self,
+        role: Role | str,
+        *,
+        projects: list[str] | None = None,
+        name: str = "",
         expires_in_days: float | None = None,
     ) -> KeyCreated:
         """Create a key; ``.key`` holds the secret, shown only here.

@@ -11,19 +11,33 @@ from miniml.db import tables
 
 
 def create_event(
-    session: Session, *, key_id: str | None, action: str, project: str | None, target: str, status: int,
+    session: Session,
+    *,
+    key_id: str | None,
+    action: str,
+    project: str | None,
+    target: str,
+    status: int,
     request_id: str,
 ) -> None:
     session.add(
         tables.AuditEvent(
-            key_id=key_id, action=action[:200], project=project, target=target[:500], status=status,
+            key_id=key_id,
+            action=action[:200],
+            project=project,
+            target=target[:500],
+            status=status,
             request_id=request_id,
         )
     )
 
 
 def list_events(
-    session: Session, *, project: str | None = None, key_id: str | None = None, since: datetime | None = None,
+    session: Session,
+    *,
+    project: str | None = None,
+    key_id: str | None = None,
+    since: datetime | None = None,
     limit: int = 100,
 ) -> list[tables.AuditEvent]:
     query = select(tables.AuditEvent).order_by(tables.AuditEvent.id.desc()).limit(limit)

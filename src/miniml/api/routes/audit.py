@@ -14,8 +14,12 @@ router = APIRouter(prefix="/api/v1/audit", tags=["audit"])
 
 @router.get("")
 def list_audit_events(
-    db: DbDep, caller: AdminDep, project: str | None = None, key_id: str | None = None,
-    since: datetime | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    db: DbDep,
+    caller: AdminDep,
+    project: str | None = None,
+    key_id: str | None = None,
+    since: datetime | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> list[AuditEventRead]:
     """Every mutating call, newest first: who, what, which object, when, result."""
     with db.begin() as session:

@@ -14,7 +14,10 @@ router = APIRouter(prefix="/api/v1/auth", tags=["auth"])
 
 @router.post("/token")
 def create_token(
-    request: Request, db: DbDep, settings: SettingsDep, body: TokenRequest | None = None,
+    request: Request,
+    db: DbDep,
+    settings: SettingsDep,
+    body: TokenRequest | None = None,
     x_api_key: Annotated[str | None, Header()] = None,
 ) -> TokenRead:
     """Exchange an API key for a short-lived access token (JWT)."""

@@ -47,7 +47,8 @@ async def readyz(request: Request) -> Response:
     checks.append(await _check_http("prefect", settings.prefect_api_url.rstrip("/") + "/health"))
     ready = all(c["ok"] for c in checks)
     return JSONResponse(
-        {"status": "ready" if ready else "not ready", "checks": checks}, status_code=200 if ready else 503,
+        {"status": "ready" if ready else "not ready", "checks": checks},
+        status_code=200 if ready else 503,
         headers=None if ready else {"Retry-After": "5"},
     )
 

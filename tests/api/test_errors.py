@@ -1,0 +1,155 @@
+"""problem+json everywhere, body limits, DB outages, metrics, logs and audit."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from miniml.api.app import create_app
+from miniml.config import Settings
+from tests.conftest import assert_problem
+from tests.tcpproxy import TcpProxy
+
+
+def test_unknown_route_and_method_are_problems(client: TestClient) -> None:
+    assert_problem(client.get("/api/v1/nothing-here"), 404, "no route")
+    assert_problem(client.put("/healthz"), 405)
+
+
+def test_malformed_json_is_422(client: TestClient, admin: dict[str, str]) -> None:
+    response = client.post(
+        "/api/v1/projects", content=b"{not json", headers={**admin, "content-type": "application/json"}
+    )
+    assert_problem(response, 422, "json")
+    assert client.get("/api/v1/projects", headers=admin).json() == []
+
+
+def test_unexpected_error_is_a_generic_500_without_internals(settings: Settings) -> None:
+    app = create_app(settings)
+
+    def boom() -> None:
+        raise RuntimeError("SELECT secret FROM api_key WHERE s3://bucket/private")
+
+    app.add_api_route("/boom", boom)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        response = client.get("/boom")
+    body = assert_problem(response, 500, "request id")
+    text = response.text
+    assert "secret" not in text and "Traceback" not in text and "s3://" not in text
+    assert body["request_id"] == response.headers["x-request-id"]
+
+
+def test_oversized_json_body_is_413_and_writes_nothing(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "d", api={"max_json_bytes": 2048})
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        admin = {"X-API-Key": (settings.data_dir / "admin.key").read_text().strip()}
+        body = {"name": "big", "description": "x" * 4000}
+        assert_problem(client.post("/api/v1/projects", json=body, headers=admin), 413, "larger than")
+        # Also when the client does not declare a length (chunked body).
+        chunks = iter([json.dumps(body).encode()[:1500], json.dumps(body).encode()[1500:]])
+        response = client.post(
+            "/api/v1/projects", content=chunks, headers={**admin, "content-type": "application/json"}
+        )
+        assert_problem(response, 413, "larger than")
+        assert client.get("/api/v1/projects", headers=admin).json() == []
+
+
+def test_metrics_are_labelled_by_route_template(
+    client: TestClient, admin: dict[str, str], make_project: Callable[[str], str]
+) -> None:
+    make_project("demo")
+    for _ in range(3):
+        client.get("/api/v1/projects/demo", headers=admin)
+    client.get("/api/v1/projects/zzz", headers=admin)
+    text = client.get("/metrics").text
+    line = 'miniml_api_requests_total{method="GET",route="/api/v1/projects/{project}",status="200"} 3.0'
+    assert line in text
+    assert 'route="/api/v1/projects/{project}",status="404"} 1.0' in text
+    assert "/api/v1/projects/demo" not in text
+    assert (
+        'miniml_api_request_duration_seconds_bucket{le="0.005",method="GET",route="/api/v1/projects/{project}"}' in text
+    )
+
+
+def test_request_log_is_json_with_key_id_never_the_key(
+    client: TestClient, admin_key: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from miniml import logs
+
+    logs.configure("INFO")
+    logging.getLogger("miniml").propagate = True
+    try:
+        with caplog.at_level(logging.INFO, logger="miniml.api"):
+            client.get("/api/v1/projects", headers={"X-API-Key": admin_key})
+    finally:
+        logging.getLogger("miniml").propagate = False
+    records = [r for r in caplog.records if r.getMessage() == "request"]
+    assert records
+    line = logs.JsonFormatter().format(records[-1])
+    parsed = json.loads(line)
+    assert parsed["route"] == "/api/v1/projects" and parsed["status"] == 200
+    assert parsed["key_id"] == admin_key.split("_")[1]
+    assert admin_key not in line and admin_key.split("_")[2] not in line
+
+
+def test_audit_records_mutations_for_admins_only(
+    client: TestClient,
+    admin: dict[str, str],
+    make_project: Callable[[str], str],
+    make_key: Callable[..., dict[str, str]],
+) -> None:
+    client.post("/api/v1/projects", json={"name": "demo"}, headers=admin)
+    client.post("/api/v1/projects", json={"name": "demo"}, headers=admin)
+    client.delete("/api/v1/projects/demo", headers=admin)
+    events = client.get("/api/v1/audit", headers=admin).json()
+    assert [(e["action"], e["status"]) for e in events[:3]] == [
+        ("DELETE /api/v1/projects/{project}", 204),
+        ("POST /api/v1/projects", 409),
+        ("POST /api/v1/projects", 201),
+    ]
+    assert events[0]["project"] == "demo" and events[0]["key_id"] == admin["X-API-Key"].split("_")[1]
+    make_project("other")
+    assert_problem(client.get("/api/v1/audit", headers=make_key("engineer", "other")), 403, "admin")
+
+
+@pytest.fixture
+def pg_proxy_client(pg_url: str, tmp_path: Path) -> Iterator[tuple[TestClient, dict[str, str], TcpProxy]]:
+    host_port = pg_url.split("@", 1)[1].split("/", 1)[0]
+    host, port = host_port.split(":")
+    proxy = TcpProxy(host, int(port))
+    proxied = pg_url.replace(host_port, f"127.0.0.1:{proxy.port}")
+    settings = Settings(data_dir=tmp_path / "d", db={"url": proxied, "connect_timeout_s": 1})
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        yield client, {"X-API-Key": (settings.data_dir / "admin.key").read_text().strip()}, proxy
+    proxy.close()
+
+
+@pytest.mark.postgres
+def test_db_outage_is_503_with_retry_after_and_recovers(
+    pg_proxy_client: tuple[TestClient, dict[str, str], TcpProxy],
+) -> None:
+    client, admin, proxy = pg_proxy_client
+    assert client.post("/api/v1/projects", json={"name": "before"}, headers=admin).status_code == 201
+    proxy.cut()
+    response = client.get("/api/v1/projects", headers=admin)
+    assert_problem(response, 503, "database")
+    assert response.headers["retry-after"]
+    ready = client.get("/readyz")
+    assert ready.status_code == 503
+    assert {c["name"]: c["ok"] for c in ready.json()["checks"]}["database"] is False
+    assert client.get("/healthz").status_code == 200
+    proxy.restore()
+    deadline = time.monotonic() + 10
+    while (
+        response := client.get("/api/v1/projects", headers=admin)
+    ).status_code != 200 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert [p["name"] for p in response.json()] == ["before"]
+    db_check = {c["name"]: c["ok"] for c in client.get("/readyz").json()["checks"]}
+    assert db_check["database"] is True

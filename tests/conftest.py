@@ -1,0 +1,129 @@
+"""Shared fixtures: a real app per test on SQLite (and PostgreSQL where a test asks for it)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from fastapi.testclient import TestClient
+
+from miniml.api.app import create_app
+from miniml.config import Settings
+from miniml.domain.roles import Role
+from miniml.domain.tenancy import Caller
+from miniml.schemas.keys import KeyCreate
+from miniml.schemas.projects import ProjectCreate
+from miniml.services import keys, projects
+
+PG_URL = os.environ.get("MINIML_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _pg_admin_dsn() -> str:
+    return PG_URL.replace("postgresql+psycopg://", "postgresql://")
+
+
+@pytest.fixture(scope="session")
+def pg_available() -> bool:
+    try:
+        psycopg.connect(_pg_admin_dsn(), connect_timeout=3).close()
+    except psycopg.Error:
+        return False
+    return True
+
+
+@pytest.fixture
+def pg_url(pg_available: bool) -> Iterator[str]:
+    """A fresh PostgreSQL database for one test, dropped afterwards."""
+    if not pg_available:
+        pytest.skip(f"PostgreSQL tests skipped: no server answers at {PG_URL} (set MINIML_TEST_PG_URL).")
+    name = f"miniml_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(_pg_admin_dsn(), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base = PG_URL.rsplit("/", 1)[0]
+    yield f"{base}/{name}"
+    with psycopg.connect(_pg_admin_dsn(), autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Parametrises a test over both metadata DBs."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'miniml.db'}"
+    return str(request.getfixturevalue("pg_url"))
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(
+        data_dir=tmp_path / "data",
+        mlflow={"port": free_port()},
+        prefect={"port": free_port()},
+    )
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings), raise_server_exceptions=False) as c:
+        yield c
+
+
+@pytest.fixture
+def admin_key(client: TestClient, settings: Settings) -> str:
+    return (settings.data_dir / "admin.key").read_text().strip()
+
+
+@pytest.fixture
+def admin(client: TestClient, admin_key: str) -> dict[str, str]:
+    return {"X-API-Key": admin_key}
+
+
+@pytest.fixture
+def make_project(client: TestClient) -> Callable[[str], str]:
+    def make(name: str) -> str:
+        with client.app.state.db.begin() as session:  # type: ignore[attr-defined]
+            projects.create_project(session, Caller("test", Role.admin, None), ProjectCreate(name=name))
+        return name
+
+    return make
+
+
+@pytest.fixture
+def make_key(client: TestClient) -> Callable[..., dict[str, str]]:
+    """Headers for a new key of a role, granted the given projects (through the service layer)."""
+
+    def make(role: str, *projects_: str, expires_in_days: float | None = None) -> dict[str, str]:
+        with client.app.state.db.begin() as session:  # type: ignore[attr-defined]
+            _read, raw = keys.create_key(
+                session,
+                Caller("test", Role.admin, None),
+                KeyCreate(role=Role(role), projects=list(projects_), expires_in_days=expires_in_days),
+            )
+        return {"X-API-Key": raw}
+
+    return make
+
+
+def assert_problem(response: object, status: int, *needles: str) -> dict[str, object]:
+    """The response is problem+json with this status, and its detail names every needle."""
+    from httpx import Response
+
+    assert isinstance(response, Response)
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/problem+json"), response.headers
+    body = response.json()
+    assert body["status"] == status and body["title"] and body["request_id"]
+    for needle in needles:
+        assert needle.lower() in body["detail"].lower(), (needle, body["detail"])
+    return dict(body)

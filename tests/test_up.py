@@ -1,0 +1,109 @@
+"""`miniml up` starts every service as a real process and stops them all."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.slow
+
+
+def _start(tmp_path: Path, ports: dict[str, int]) -> subprocess.Popen[str]:
+    env = dict(os.environ)
+    env.update(
+        {
+            "MINIML_DATA_DIR": str(tmp_path / "data"),
+            "MINIML_API__PORT": str(ports["api"]),
+            "MINIML_MLFLOW__PORT": str(ports["mlflow"]),
+            "MINIML_PREFECT__PORT": str(ports["prefect"]),
+            "MINIML_INFERENCE__PORT": str(ports["inference"]),
+            "COLUMNS": "200",
+        }
+    )
+    return subprocess.Popen(
+        [sys.executable, "-m", "miniml", "up"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def _read_until(proc: subprocess.Popen[str], pattern: str, timeout: float) -> str:
+    assert proc.stdout is not None
+    out = ""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        out += line
+        if re.search(pattern, out):
+            return out
+    raise AssertionError(f"never saw {pattern!r}; output:\n{out}")
+
+
+def test_up_starts_every_service_and_stops_them_all(tmp_path: Path) -> None:
+    ports = {name: free_port() for name in ("api", "mlflow", "prefect", "inference")}
+    proc = _start(tmp_path, ports)
+    try:
+        out = _read_until(proc, r"Press Ctrl-C", 180)
+        key = re.search(r"admin key\s+(mml_\S+)", out)
+        assert key, out
+        assert (tmp_path / "data" / "admin.key").read_text().strip() == key.group(1)
+        assert httpx.get(f"http://127.0.0.1:{ports['api']}/healthz").status_code == 200
+        ready = httpx.get(f"http://127.0.0.1:{ports['api']}/readyz", timeout=10)
+        assert ready.status_code == 200, ready.text
+        assert {c["name"] for c in ready.json()["checks"]} == {"database", "mlflow", "prefect"}
+        assert httpx.get(f"http://127.0.0.1:{ports['mlflow']}/health").status_code == 200
+        assert httpx.get(f"http://127.0.0.1:{ports['prefect']}/api/health").status_code == 200
+        headers = {"X-API-Key": key.group(1)}
+        created = httpx.post(f"http://127.0.0.1:{ports['api']}/api/v1/projects", json={"name": "demo"}, headers=headers)
+        assert created.status_code == 201
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert len(children) >= 3
+    finally:
+        os.kill(proc.pid, signal.SIGINT)
+        rest, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, rest
+    assert "stopped" in rest
+    time.sleep(0.5)
+    alive = [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    assert alive == [], [c.cmdline() for c in alive]
+
+    # A second `up` on the same folder keeps every piece of data, and prints no new key.
+    proc = _start(tmp_path, ports)
+    try:
+        out = _read_until(proc, r"Press Ctrl-C", 180)
+        assert "admin key  in" in out
+        listed = httpx.get(f"http://127.0.0.1:{ports['api']}/api/v1/projects", headers=headers)
+        assert [p["name"] for p in listed.json()] == ["demo"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    assert proc.returncode == 0
+
+
+def test_up_names_a_taken_port(tmp_path: Path) -> None:
+    ports = {name: free_port() for name in ("api", "mlflow", "prefect", "inference")}
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", ports["prefect"]))
+        blocker.listen(1)
+        proc = _start(tmp_path, ports)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert f"Port {ports['prefect']}" in out and "prefect" in out
+    assert not (tmp_path / "data" / "miniml.db").exists()
