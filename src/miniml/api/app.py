@@ -8,16 +8,18 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import anyio
 from fastapi import FastAPI
 
 from miniml import logs
 from miniml.api import errors
 from miniml.api.middleware import ApiMetrics, RequestMiddleware
-from miniml.api.routes import audit, auth, health, keys, projects, seed
+from miniml.api.routes import audit, auth, datasets, health, keys, projects, seed
 from miniml.config import Settings
 from miniml.db.engine import make_engine, make_sessionmaker, upgrade
 from miniml.services import keys as key_service
 from miniml.services import secrets
+from miniml.storage import make_store
 
 log = logging.getLogger("miniml.api")
 
@@ -38,10 +40,12 @@ def create_app(settings: Settings) -> FastAPI:
         settings.db_url, connect_timeout_s=settings.db.connect_timeout_s, pool_size=settings.db.pool_size
     )
     db = make_sessionmaker(engine)
+    store = make_store(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         upgrade(engine)
+        await anyio.to_thread.run_sync(store.prepare)
         with db.begin() as session:
             app.state.jwt_secret = settings.auth.jwt_secret or secrets.read_or_create_secret(session, "jwt")
             raw = key_service.bootstrap_admin_key(session) if settings.auth.bootstrap_admin_key else None
@@ -61,9 +65,10 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
     app.state.db = db
+    app.state.store = store
     app.state.metrics = ApiMetrics()
     errors.install(app)
-    for module in (health, auth, keys, projects, audit, seed):
+    for module in (health, auth, keys, projects, datasets, audit, seed):
         app.include_router(module.router)
     app.add_middleware(
         RequestMiddleware,  # type: ignore[arg-type]

@@ -13,6 +13,7 @@ from miniml.domain.roles import Role
 from miniml.domain.tenancy import Caller
 from miniml.errors import Unauthorized
 from miniml.services import keys
+from miniml.storage import ObjectStore
 
 
 def get_db(request: Request) -> sessionmaker[Session]:
@@ -25,7 +26,13 @@ def get_settings(request: Request) -> Settings:
     return settings
 
 
+def get_store(request: Request) -> ObjectStore:
+    store: ObjectStore = request.app.state.store
+    return store
+
+
 DbDep = Annotated[sessionmaker[Session], Depends(get_db)]
+StoreDep = Annotated[ObjectStore, Depends(get_store)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 

@@ -98,4 +98,49 @@ class PlatformSecret(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
-__all__ = ["ApiKey", "AuditEvent", "Base", "KeyGrant", "PlatformSecret", "Project", "UniqueConstraint"]
+class Dataset(Base):
+    __tablename__ = "dataset"
+    __table_args__ = (UniqueConstraint("project_id", "name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("project.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_by: Mapped[str | None] = mapped_column(String(32))
+    project: Mapped[Project] = relationship(lazy="joined")
+
+
+class DatasetVersion(Base):
+    """One immutable upload. Same bytes under the same name are the same version (by sha256)."""
+
+    __tablename__ = "dataset_version"
+    __table_args__ = (UniqueConstraint("dataset_id", "version"), UniqueConstraint("dataset_id", "sha256"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("dataset.id", ondelete="CASCADE"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    format: Mapped[str] = mapped_column(String(16))
+    delimiter: Mapped[str] = mapped_column(String(1), default=",")
+    filename: Mapped[str] = mapped_column(String(255), default="")
+    object_key: Mapped[str] = mapped_column(String(500), unique=True)
+    row_count: Mapped[int] = mapped_column(BigInteger)
+    column_types: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    profile: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_by: Mapped[str | None] = mapped_column(String(32))
+    dataset: Mapped[Dataset] = relationship(lazy="joined")
+
+
+__all__ = [
+    "ApiKey",
+    "AuditEvent",
+    "Base",
+    "Dataset",
+    "DatasetVersion",
+    "KeyGrant",
+    "PlatformSecret",
+    "Project",
+    "UniqueConstraint",
+]

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request, Response
 
-from miniml.api.deps import AdminDep, DbDep
+from miniml.api.deps import AdminDep, DbDep, EngineerDep, SettingsDep, StoreDep, ViewerDep
+from miniml.api.routes.datasets import upload_dataset_version
+from miniml.errors import InvalidInput
+from miniml.schemas.datasets import DatasetVersionRead, SeedValidationRequest, ValidationReport
 from miniml.schemas.projects import ProjectCreate, ProjectRead
-from miniml.services import projects
+from miniml.services import datasets, projects
 
 router = APIRouter(tags=["seed"])
 
@@ -16,3 +19,33 @@ def create_project_seed(body: ProjectCreate, db: DbDep, caller: AdminDep) -> Pro
     """Create a project (seed route; same as POST /api/v1/projects)."""
     with db.begin() as session:
         return ProjectRead.model_validate(projects.create_project(session, caller, body))
+
+
+@router.post("/datasets/upload", status_code=201)
+async def upload_dataset_seed(
+    project: str,
+    request: Request,
+    response: Response,
+    db: DbDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    caller: EngineerDep,
+    name: str | None = None,
+) -> DatasetVersionRead:
+    """Upload a dataset (seed route: `?project=demo`, form field `file`); returns `s3_uri`."""
+    return await upload_dataset_version(request, response, db, store, settings, caller, project, name)
+
+
+@router.post("/datasets/validate")
+def validate_dataset_seed(
+    body: SeedValidationRequest, db: DbDep, store: StoreDep, caller: ViewerDep
+) -> ValidationReport:
+    """Validate a stored version by its `dataset_s3_uri` (or `dataset` and `version`) against rules."""
+    with db.begin() as session:
+        if body.dataset_s3_uri:
+            row = datasets.read_version_by_uri(session, store, caller, body.project, body.dataset_s3_uri)
+        elif body.dataset and body.version:
+            row = datasets.read_version(session, caller, body.project, body.dataset, body.version)
+        else:
+            raise InvalidInput("Name the dataset version: 'dataset_s3_uri', or 'dataset' and 'version'.")
+    return datasets.validate_version(row, store, body)

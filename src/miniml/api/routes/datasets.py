@@ -1,0 +1,185 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+import anyio
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import StreamingResponse
+
+from miniml.api.deps import AdminDep, DbDep, EngineerDep, SettingsDep, StoreDep, ViewerDep
+from miniml.api.uploads import Upload, receive_upload
+from miniml.config import Settings
+from miniml.data.formats import detect
+from miniml.data.profiles import profile_table
+from miniml.domain.tenancy import Caller
+from miniml.schemas.datasets import (
+    DatasetRead,
+    DatasetVersionRead,
+    PreviewRead,
+    ValidationReport,
+    ValidationRequest,
+)
+from miniml.services import datasets, projects
+from miniml.storage import ObjectStore
+
+router = APIRouter(prefix="/api/v1/projects/{project}/datasets", tags=["datasets"])
+
+PREVIEW_MAX_ROWS = 1000
+
+
+def _check_project(db: DbDep, caller: Caller, project: str) -> None:
+    with db.begin() as session:
+        projects.read_project(session, caller, project)
+
+
+def _ingest(
+    db: DbDep, store: ObjectStore, caller: Caller, project: str, name: str | None, upload: Upload
+) -> tuple[DatasetVersionRead, bool]:
+    dataset_name = datasets.name_from_upload(name or upload.fields.get("name"), upload.filename)
+    table = detect(upload.path, filename=upload.filename)
+    profile = profile_table(table)
+    with db.begin() as session:
+        row, created = datasets.create_version(
+            session,
+            store,
+            caller,
+            project,
+            dataset_name,
+            path=upload.path,
+            sha256=upload.sha256,
+            size=upload.size,
+            filename=upload.filename,
+            table=table,
+            profile=profile,
+        )
+        try:
+            read = datasets.to_read(row, store)
+        except Exception:
+            if created:
+                store.delete(row.object_key)
+            raise
+    return read, created
+
+
+async def upload_dataset_version(
+    request: Request,
+    response: Response,
+    db: DbDep,
+    store: ObjectStore,
+    settings: Settings,
+    caller: Caller,
+    project: str,
+    name: str | None,
+) -> DatasetVersionRead:
+    # Refuse an unknown (or someone else's) project before a single byte is stored.
+    await anyio.to_thread.run_sync(_check_project, db, caller, project)
+    upload = await receive_upload(request, tmp_dir=settings.data_dir / "tmp", max_bytes=settings.api.max_upload_bytes)
+    try:
+        read, created = await anyio.to_thread.run_sync(_ingest, db, store, caller, project, name, upload)
+    finally:
+        upload.discard()
+    response.status_code = 201 if created else 200
+    return read
+
+
+@router.post("", status_code=201, responses={200: {"description": "The same bytes exist: that version."}})
+async def create_dataset_version(
+    project: str,
+    request: Request,
+    response: Response,
+    db: DbDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    caller: EngineerDep,
+    name: str | None = None,
+) -> DatasetVersionRead:
+    """Upload a CSV or Parquet file (multipart field `file`, optional `name`) as a new version."""
+    return await upload_dataset_version(request, response, db, store, settings, caller, project, name)
+
+
+@router.get("")
+def list_datasets(project: str, db: DbDep, caller: ViewerDep) -> list[DatasetRead]:
+    """List datasets with their latest version."""
+    with db.begin() as session:
+        return datasets.list_datasets(session, caller, project)
+
+
+@router.get("/{name}")
+def read_dataset(project: str, name: str, db: DbDep, caller: ViewerDep) -> DatasetRead:
+    """Get one dataset."""
+    with db.begin() as session:
+        return datasets.read_dataset_summary(session, caller, project, name)
+
+
+@router.get("/{name}/versions")
+def list_dataset_versions(
+    project: str, name: str, db: DbDep, store: StoreDep, caller: ViewerDep
+) -> list[DatasetVersionRead]:
+    """List a dataset's versions, oldest first."""
+    with db.begin() as session:
+        return [datasets.to_read(v, store) for v in datasets.list_versions(session, caller, project, name)]
+
+
+@router.get("/{name}/versions/{version}")
+def read_dataset_version(
+    project: str, name: str, version: int, db: DbDep, store: StoreDep, caller: ViewerDep
+) -> DatasetVersionRead:
+    """Get one version: metadata, schema and profile."""
+    with db.begin() as session:
+        return datasets.to_read(datasets.read_version(session, caller, project, name, version), store)
+
+
+@router.get("/{name}/versions/{version}/file")
+def download_dataset_version(
+    project: str, name: str, version: int, db: DbDep, store: StoreDep, caller: ViewerDep
+) -> StreamingResponse:
+    """Download the file, byte-identical to the upload (streamed)."""
+    with db.begin() as session:
+        row = datasets.read_version(session, caller, project, name, version)
+        key, size, fmt = row.object_key, row.size_bytes, row.format
+    return StreamingResponse(
+        store.iter_bytes(key),
+        media_type="text/csv" if fmt == "csv" else "application/vnd.apache.parquet",
+        headers={
+            "Content-Length": str(size),
+            "Content-Disposition": f'attachment; filename="{name}-v{version}.{fmt}"',
+        },
+    )
+
+
+@router.get("/{name}/versions/{version}/preview")
+def preview_dataset_version(
+    project: str,
+    name: str,
+    version: int,
+    db: DbDep,
+    store: StoreDep,
+    caller: ViewerDep,
+    rows: Annotated[int, Query(ge=1, le=PREVIEW_MAX_ROWS)] = 20,
+) -> PreviewRead:
+    """The first rows as JSON."""
+    with db.begin() as session:
+        row = datasets.read_version(session, caller, project, name, version)
+    with store.open_local(row.object_key) as path:
+        return datasets.preview(datasets.table_file(row, path), rows)
+
+
+@router.post("/{name}/versions/{version}/validate")
+def validate_dataset_version(
+    project: str, name: str, version: int, body: ValidationRequest, db: DbDep, store: StoreDep, caller: ViewerDep
+) -> ValidationReport:
+    """Check rules (min, max, allow_nulls, allowed_values, unique, dtype) against a version."""
+    with db.begin() as session:
+        row = datasets.read_version(session, caller, project, name, version)
+    return datasets.validate_version(row, store, body)
+
+
+@router.delete("/{name}/versions/{version}", status_code=204)
+def delete_dataset_version(
+    project: str, name: str, version: int, db: DbDep, store: StoreDep, caller: AdminDep
+) -> Response:
+    """Delete a version (refused with 409 while a job or model version uses it)."""
+    with db.begin() as session:
+        key = datasets.delete_version(session, caller, project, name, version)
+    store.delete(key)  # after the commit: a failed delete leaves an orphan object, never a dangling row
+    return Response(status_code=204)

@@ -1,0 +1,134 @@
+"""Streaming multipart uploads: the file goes to a temp file in chunks, hashed as it arrives.
+
+Starlette's own form parser also spools to disk, but only hands the file over at the end; this
+one hashes and counts while bytes arrive, enforces the size limit on the file itself, and
+removes the temp file on any failure, a client disconnect included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import Request
+
+from miniml.errors import InvalidInput, PayloadTooLarge
+
+MAX_FIELD_BYTES = 4096
+
+
+@dataclass
+class Upload:
+    path: Path
+    filename: str
+    sha256: str
+    size: int
+    fields: dict[str, str] = field(default_factory=dict)
+
+    def discard(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+async def receive_upload(request: Request, *, tmp_dir: Path, max_bytes: int, file_field: str = "file") -> Upload:
+    ctype, params = parse_options_header(request.headers.get("content-type", ""))
+    boundary = params.get(b"boundary")
+    if ctype != b"multipart/form-data" or not boundary:
+        raise InvalidInput(
+            f"Send the file as multipart/form-data with the file in field {file_field!r} "
+            f"(curl -F {file_field}=@data.csv)."
+        )
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=tmp_dir, prefix="upload-", suffix=".part")
+    path = Path(name)
+    out: IO[bytes] = os.fdopen(fd, "wb")
+    digest = hashlib.sha256()
+    state: dict[str, object] = {"size": 0, "is_file": False, "filename": None, "field": None, "seen_file": False}
+    header_field = bytearray()
+    header_value = bytearray()
+    headers: dict[bytes, bytes] = {}
+    value = bytearray()
+    fields: dict[str, str] = {}
+
+    def on_part_begin() -> None:
+        headers.clear()
+        value.clear()
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        header_field.extend(data[start:end])
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        header_value.extend(data[start:end])
+
+    def on_header_end() -> None:
+        headers[bytes(header_field).lower()] = bytes(header_value)
+        header_field.clear()
+        header_value.clear()
+
+    def on_headers_finished() -> None:
+        _disp, opts = parse_options_header(headers.get(b"content-disposition", b""))
+        field_name = opts.get(b"name", b"").decode("utf-8", "replace")
+        state["field"] = field_name
+        state["is_file"] = field_name == file_field
+        if state["is_file"]:
+            if state["seen_file"]:
+                raise InvalidInput(f"Send exactly one file in field {file_field!r}.")
+            state["seen_file"] = True
+            state["filename"] = opts.get(b"filename", b"").decode("utf-8", "replace")
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        chunk = data[start:end]
+        if state["is_file"]:
+            size = int(state["size"]) + len(chunk)  # type: ignore[call-overload]
+            if size > max_bytes:
+                raise PayloadTooLarge(
+                    f"The file is larger than the upload limit ({max_bytes:,} bytes); split it or ask an admin to "
+                    "raise MINIML_API__MAX_UPLOAD_BYTES."
+                )
+            state["size"] = size
+            digest.update(chunk)
+            out.write(chunk)
+        else:
+            value.extend(chunk)
+            if len(value) > MAX_FIELD_BYTES:
+                raise InvalidInput(f"Form field {state['field']!r} is longer than {MAX_FIELD_BYTES} bytes.")
+
+    def on_part_end() -> None:
+        if not state["is_file"]:
+            fields[str(state["field"])] = value.decode("utf-8", "replace")
+
+    parser = MultipartParser(
+        boundary,
+        {
+            "on_part_begin": on_part_begin,
+            "on_header_field": on_header_field,
+            "on_header_value": on_header_value,
+            "on_header_end": on_header_end,
+            "on_headers_finished": on_headers_finished,
+            "on_part_data": on_part_data,
+            "on_part_end": on_part_end,
+        },
+    )
+    try:
+        async for chunk in request.stream():
+            parser.write(chunk)
+        parser.finalize()
+        out.close()
+        if not state["seen_file"]:
+            raise InvalidInput(f"No file in field {file_field!r}; send it with curl -F {file_field}=@data.csv.")
+    except BaseException as exc:  # a disconnect included: nothing may be left behind
+        out.close()
+        path.unlink(missing_ok=True)
+        if isinstance(exc, MultipartParseError):
+            raise InvalidInput(f"The multipart body is malformed ({exc}); let your HTTP client build it.") from None
+        raise
+    size = state["size"]
+    assert isinstance(size, int)
+    return Upload(path=path, filename=str(state["filename"] or ""), sha256=digest.hexdigest(), size=size, fields=fields)

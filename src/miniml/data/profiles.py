@@ -1,0 +1,200 @@
+"""Schema and profile of a table, computed in two streaming passes (stats, then histograms).
+
+The profile is kept with the dataset version: it is the reference that drift is measured
+against later, so histogram edges and category counts are stored exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from miniml.data.formats import TableFile, WidenColumn
+
+HISTOGRAM_BINS = 10
+TOP_CATEGORIES = 20
+# Exact distinct counts up to this many values per column; beyond, "at least" this many.
+DISTINCT_CAP = 10_000
+# A string column is categorical when it has few distinct values (absolute and relative to rows).
+CATEGORICAL_MAX_DISTINCT = 50
+
+
+class ColumnKind(StrEnum):
+    numeric = "numeric"
+    categorical = "categorical"
+    boolean = "boolean"
+    datetime = "datetime"
+    text = "text"
+
+
+def kind_of(dtype: pa.DataType) -> ColumnKind:
+    if pa.types.is_boolean(dtype):
+        return ColumnKind.boolean
+    if pa.types.is_integer(dtype) or pa.types.is_floating(dtype) or pa.types.is_decimal(dtype):
+        return ColumnKind.numeric
+    if pa.types.is_timestamp(dtype) or pa.types.is_date(dtype):
+        return ColumnKind.datetime
+    return ColumnKind.text  # refined to categorical once distinct values are known
+
+
+@dataclass
+class _Column:
+    name: str
+    dtype: pa.DataType
+    count: int = 0
+    nulls: int = 0
+    n: int = 0  # non-null numeric values seen (for the running mean/variance)
+    mean: float = 0.0
+    m2: float = 0.0
+    min: Any = None
+    max: Any = None
+    distinct: set[Any] = field(default_factory=set)
+    distinct_capped: bool = False
+    counts: Counter[Any] = field(default_factory=Counter)
+    hist: np.ndarray | None = None
+    edges: np.ndarray | None = None
+
+    def add(self, arr: pa.Array) -> None:
+        self.count += len(arr)
+        self.nulls += arr.null_count
+        valid = arr.drop_null()
+        if len(valid) == 0:
+            return
+        kind = kind_of(self.dtype)
+        if kind in (ColumnKind.numeric, ColumnKind.datetime):
+            mm = pc.min_max(valid)
+            lo, hi = mm["min"].as_py(), mm["max"].as_py()
+            self.min = lo if self.min is None else min(self.min, lo)
+            self.max = hi if self.max is None else max(self.max, hi)
+        if kind is ColumnKind.numeric:
+            values = valid.cast(pa.float64())
+            finite = pc.filter(values, pc.is_finite(values))
+            if len(finite):
+                # Chan's parallel update: combine this batch's mean/variance with the running ones.
+                nb = len(finite)
+                mb = pc.mean(finite).as_py()
+                m2b = pc.variance(finite, ddof=0).as_py() * nb
+                delta = mb - self.mean
+                total = self.n + nb
+                self.mean += delta * nb / total
+                self.m2 += m2b + delta * delta * self.n * nb / total
+                self.n = total
+        if not self.distinct_capped:
+            self.distinct.update(pc.unique(valid).to_pylist())
+            if len(self.distinct) > DISTINCT_CAP:
+                self.distinct_capped = True
+                self.distinct = set()
+        if kind is not ColumnKind.numeric and kind is not ColumnKind.datetime and len(self.counts) <= DISTINCT_CAP:
+            vc = pc.value_counts(valid)
+            self.counts.update(dict(zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist(), strict=True)))
+
+    def prepare_histogram(self) -> None:
+        if kind_of(self.dtype) is not ColumnKind.numeric or self.n == 0:
+            return
+        lo, hi = float(self.min), float(self.max)
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            return
+        if lo == hi:
+            lo, hi = lo - 0.5, hi + 0.5
+        self.edges = np.linspace(lo, hi, HISTOGRAM_BINS + 1)
+        self.hist = np.zeros(HISTOGRAM_BINS, dtype=np.int64)
+
+    def add_histogram(self, arr: pa.Array) -> None:
+        if self.edges is None or self.hist is None:
+            return
+        values = arr.drop_null().cast(pa.float64()).to_numpy(zero_copy_only=False)
+        values = values[np.isfinite(values)]
+        counts, _ = np.histogram(values, bins=self.edges)
+        self.hist += counts
+
+    def result(self, rows: int) -> dict[str, Any]:
+        kind = kind_of(self.dtype)
+        distinct = None if self.distinct_capped else len(self.distinct)
+        if (
+            kind is ColumnKind.text
+            and distinct is not None
+            and distinct <= max(2, min(CATEGORICAL_MAX_DISTINCT, int(0.5 * max(rows - self.nulls, 1))))
+        ):
+            kind = ColumnKind.categorical
+        out: dict[str, Any] = {
+            "name": self.name,
+            "kind": kind.value,
+            "arrow_type": str(self.dtype),
+            "count": self.count,
+            "null_count": self.nulls,
+            "distinct_count": distinct if distinct is not None else DISTINCT_CAP,
+            "distinct_capped": self.distinct_capped,
+        }
+        if kind is ColumnKind.numeric:
+            out |= {
+                "min": _num(self.min),
+                "max": _num(self.max),
+                "mean": _num(self.mean) if self.n else None,
+                "std": _num(math.sqrt(self.m2 / (self.n - 1))) if self.n > 1 else None,
+                "integer": pa.types.is_integer(self.dtype),
+            }
+            if self.hist is not None and self.edges is not None:
+                out["histogram"] = {"edges": [float(e) for e in self.edges], "counts": [int(c) for c in self.hist]}
+        elif kind is ColumnKind.datetime:
+            out |= {"min": _iso(self.min), "max": _iso(self.max)}
+        if kind in (ColumnKind.categorical, ColumnKind.boolean, ColumnKind.text):
+            out["top"] = [{"value": _json_value(v), "count": c} for v, c in self.counts.most_common(TOP_CATEGORIES)]
+        return out
+
+
+def _num(value: Any) -> float | None:
+    if value is None:
+        return None
+    f = float(value)
+    return f if math.isfinite(f) else None
+
+
+def _iso(value: Any) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return value
+
+
+def profile_table(table: TableFile) -> dict[str, Any]:
+    """Row count, schema and per-column profile; settles ``table.column_types`` as a side effect."""
+    while True:
+        columns: dict[str, _Column] = {}
+        rows = 0
+        try:
+            for batch in table.batches():
+                if not columns:
+                    columns = {f.name: _Column(f.name, f.type) for f in batch.schema}
+                for name, arr in zip(batch.schema.names, batch.columns, strict=True):
+                    columns[name].add(arr)
+                rows += batch.num_rows
+            break
+        except WidenColumn as widen:
+            table.widen(widen)
+    for col in columns.values():
+        col.prepare_histogram()
+    if any(c.edges is not None for c in columns.values()):
+        for batch in table.batches():
+            for name, arr in zip(batch.schema.names, batch.columns, strict=True):
+                columns[name].add_histogram(arr)
+    profiled = [c.result(rows) for c in columns.values()]
+    return {
+        "rows": rows,
+        "columns": profiled,
+    }
+
+
+def schema_of(profile: dict[str, Any]) -> list[dict[str, str]]:
+    return [{"name": c["name"], "kind": c["kind"], "arrow_type": c["arrow_type"]} for c in profile["columns"]]

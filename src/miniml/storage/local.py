@@ -1,0 +1,87 @@
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from miniml.errors import NotFound
+
+
+class LocalStore:
+    """Objects as files under one root folder. Writes land by rename, so a reader never sees half a file."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+
+    def prepare(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        # Keys are built by the code, but a wrong one must still never leave the root.
+        if not path.is_relative_to(self.root) or path == self.root:
+            raise ValueError(f"object key {key!r} leaves the store")
+        return path
+
+    def put_file(self, key: str, path: Path) -> None:
+        dest = self._path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(dest.name + ".part")
+        try:
+            shutil.copyfile(path, tmp)
+            os.replace(tmp, dest)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
+    def iter_bytes(self, key: str, *, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        path = self._path(key)
+        if not path.is_file():
+            raise NotFound(f"Object {key!r} is missing from the store.")
+        with path.open("rb") as fh:
+            while chunk := fh.read(chunk_size):
+                yield chunk
+
+    def download(self, key: str, path: Path) -> None:
+        src = self._path(key)
+        if not src.is_file():
+            raise NotFound(f"Object {key!r} is missing from the store.")
+        shutil.copyfile(src, path)
+
+    @contextmanager
+    def open_local(self, key: str) -> Iterator[Path]:
+        path = self._path(key)
+        if not path.is_file():
+            raise NotFound(f"Object {key!r} is missing from the store.")
+        yield path
+
+    def delete(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._path(key).unlink()
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list_keys(self, prefix: str = "") -> list[str]:
+        return sorted(
+            str(p.relative_to(self.root))
+            for p in self.root.rglob("*")
+            if p.is_file() and str(p.relative_to(self.root)).startswith(prefix)
+        )
+
+    def uri(self, key: str) -> str:
+        return self._path(key).as_uri()
+
+    def key_for_uri(self, uri: str) -> str | None:
+        prefix = self.root.as_uri() + "/"
+        if not uri.startswith(prefix):
+            return None
+        key = uri[len(prefix) :]
+        try:
+            self._path(key)
+        except ValueError:
+            return None
+        return key

@@ -1,0 +1,109 @@
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import boto3
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from miniml.config import StorageSettings
+from miniml.errors import NotFound, UpstreamUnavailable
+
+# Files over 16 MiB go up in 16 MiB parts (multipart upload), a few at a time.
+_TRANSFER = TransferConfig(multipart_threshold=16 << 20, multipart_chunksize=16 << 20, max_concurrency=4)
+
+
+class S3Store:
+    """Objects in one S3 bucket (MinIO in compose), under an optional prefix."""
+
+    def __init__(self, settings: StorageSettings) -> None:
+        self.bucket = settings.bucket
+        self.prefix = settings.prefix.strip("/") + "/" if settings.prefix.strip("/") else ""
+        self.client: Any = boto3.client(
+            "s3",
+            endpoint_url=settings.endpoint_url,
+            region_name=settings.region,
+            aws_access_key_id=settings.access_key_id,
+            aws_secret_access_key=settings.secret_access_key,
+            config=Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5, read_timeout=60),
+        )
+
+    def _key(self, key: str) -> str:
+        if ".." in key.split("/") or key.startswith("/"):
+            raise ValueError(f"object key {key!r} leaves the store")
+        return self.prefix + key
+
+    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("NoSuchKey", "404", "NotFound"):
+                raise NotFound(f"Object for {what} is missing from bucket {self.bucket!r}.") from exc
+            raise UpstreamUnavailable(f"S3 refused {what} ({code}); check the bucket and credentials.") from exc
+        except BotoCoreError as exc:
+            raise UpstreamUnavailable(f"S3 did not answer {what}: {type(exc).__name__}; retry later.") from exc
+
+    def prepare(self) -> None:
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError:
+            self._call("create bucket", self.client.create_bucket, Bucket=self.bucket)
+
+    def put_file(self, key: str, path: Path) -> None:
+        self._call("upload", self.client.upload_file, str(path), self.bucket, self._key(key), Config=_TRANSFER)
+
+    def iter_bytes(self, key: str, *, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        body = self._call("download", self.client.get_object, Bucket=self.bucket, Key=self._key(key))["Body"]
+        try:
+            yield from body.iter_chunks(chunk_size)
+        finally:
+            body.close()
+
+    def download(self, key: str, path: Path) -> None:
+        self._call("download", self.client.download_file, self.bucket, self._key(key), str(path), Config=_TRANSFER)
+
+    @contextmanager
+    def open_local(self, key: str) -> Iterator[Path]:
+        with tempfile.TemporaryDirectory(prefix="miniml-s3-") as tmp:
+            path = Path(tmp) / "object"
+            self.download(key, path)
+            yield path
+
+    def delete(self, key: str) -> None:
+        self._call("delete", self.client.delete_object, Bucket=self.bucket, Key=self._key(key))
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise UpstreamUnavailable("S3 refused a lookup; check the bucket and credentials.") from exc
+        return True
+
+    def list_keys(self, prefix: str = "") -> list[str]:
+        keys: list[str] = []
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in self._call(
+            "list", lambda: list(paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix))
+        ):
+            keys.extend(obj["Key"][len(self.prefix) :] for obj in page.get("Contents", []))
+        return sorted(keys)
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._key(key)}"
+
+    def key_for_uri(self, uri: str) -> str | None:
+        head = f"s3://{self.bucket}/{self.prefix}"
+        if not uri.startswith(head):
+            return None
+        key = uri[len(head) :]
+        if not key or ".." in key.split("/") or key.startswith("/"):
+            return None
+        return key
