@@ -127,3 +127,38 @@ def assert_problem(response: object, status: int, *needles: str) -> dict[str, ob
     for needle in needles:
         assert needle.lower() in body["detail"].lower(), (needle, body["detail"])
     return dict(body)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """moto's S3 server: a real HTTP endpoint speaking the S3 protocol, on a loopback port."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+def s3_settings(endpoint: str, bucket: str) -> dict[str, object]:
+    return {
+        "kind": "s3",
+        "endpoint_url": endpoint,
+        "bucket": bucket,
+        "access_key_id": "test-access",
+        "secret_access_key": "test-secret",
+        "prefix": "miniml",
+    }
+
+
+@pytest.fixture(params=["local", "s3"])
+def store_settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
+    """Settings whose object store is the local folder or S3 (moto's server): one contract, two stores."""
+    storage: dict[str, object] = {}
+    if request.param == "s3":
+        endpoint = request.getfixturevalue("s3_endpoint")
+        storage = s3_settings(endpoint, f"b-{uuid.uuid4().hex[:10]}")
+    return Settings(
+        data_dir=tmp_path / "data", storage=storage, mlflow={"port": free_port()}, prefect={"port": free_port()}
+    )

@@ -25,7 +25,9 @@ from miniml.errors import InvalidInput
 SNIFF_BYTES = 64 * 1024
 DELIMITERS = [",", ";", "\t", "|"]
 _BOM = b"\xef\xbb\xbf"
-_CONVERSION_RE = re.compile(r"In CSV column #(\d+): CSV conversion error to (\w+)")
+_CONVERSION_RE = re.compile(
+    r"In CSV column #(\d+): (?:Row #\d+: )?CSV conversion error to (\w+): invalid value '(.*)'", re.DOTALL
+)
 _ROW_RE = re.compile(r"Row #(\d+): Expected (\d+) columns, got (\d+)")
 
 
@@ -168,7 +170,7 @@ def _raise_for_csv_error(message: str, names: list[str], table: TableFile) -> No
     conv = _CONVERSION_RE.search(message)
     if conv and names:
         column = names[int(conv.group(1))]
-        widened = pa.float64() if conv.group(2) == "int64" else pa.string()
+        widened = pa.float64() if conv.group(2) == "int64" and _is_float(conv.group(3)) else pa.string()
         if table.column_types.get(column) != widened and table.column_types.get(column) != pa.string():
             raise WidenColumn(column, widened)
     row = _ROW_RE.search(message)
@@ -187,3 +189,11 @@ def _parquet_batches(path: Path) -> Iterator[pa.RecordBatch]:
         yield from pq.ParquetFile(path).iter_batches(batch_size=65536)
     except (pa.ArrowInvalid, OSError) as exc:
         raise InvalidInput(f"The Parquet file is corrupt: {exc}.") from None
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True

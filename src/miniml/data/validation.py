@@ -60,21 +60,20 @@ def validate_table(
     for batch in table.batches():
         for column, rule in rules.items():
             arr = batch.column(column)
-
-            def find(name: str, mask: Any, column: str = column) -> None:
-                values = np.asarray(pc.fill_null(mask, False).to_numpy(zero_copy_only=False), dtype=bool)
-                findings.setdefault((column, name), _Finding()).add(values, rows)
-
+            masks: dict[str, Any] = {}
             if rule.get("min") is not None:
-                find("min", pc.less(arr, rule["min"]))
+                masks["min"] = pc.less(arr, rule["min"])
             if rule.get("max") is not None:
-                find("max", pc.greater(arr, rule["max"]))
+                masks["max"] = pc.greater(arr, rule["max"])
             if rule.get("allow_nulls") is False:
-                find("allow_nulls", pc.is_null(arr))
+                masks["allow_nulls"] = pc.is_null(arr)
             if rule.get("allowed_values") is not None:
                 if column not in value_sets:
                     value_sets[column] = _value_set(column, arr.type, rule["allowed_values"])
-                find("allowed_values", pc.invert(pc.is_in(arr, value_set=value_sets[column])))
+                masks["allowed_values"] = pc.invert(pc.is_in(arr, value_set=value_sets[column]))
+            for name, mask in masks.items():
+                hits = np.asarray(pc.fill_null(mask, False).to_numpy(zero_copy_only=False), dtype=bool)
+                findings.setdefault((column, name), _Finding()).add(hits, rows)
             if column in seen:
                 dup = np.zeros(len(arr), dtype=bool)
                 for i, value in enumerate(arr.to_pylist()):

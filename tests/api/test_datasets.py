@@ -1,0 +1,386 @@
+"""The datasets contract, run against the local folder and against S3 (moto's server)."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import math
+import statistics
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from fastapi.testclient import TestClient
+
+from miniml.api.app import create_app
+from miniml.config import Settings
+from tests.conftest import assert_problem
+
+IRIS = Path(__file__).resolve().parents[2] / "data" / "samples" / "iris.csv"
+URL = "/api/v1/projects/demo/datasets"
+
+
+@pytest.fixture
+def ds(store_settings: Settings) -> Iterator[tuple[TestClient, dict[str, str], Settings]]:
+    with TestClient(create_app(store_settings), raise_server_exceptions=False) as client:
+        admin = {"X-API-Key": (store_settings.data_dir / "admin.key").read_text().strip()}
+        assert client.post("/api/v1/projects", json={"name": "demo"}, headers=admin).status_code == 201
+        yield client, admin, store_settings
+
+
+def upload(client: TestClient, headers: dict[str, str], content: bytes, filename: str = "data.csv", **form: str):  # type: ignore[no-untyped-def]
+    return client.post(URL, files={"file": (filename, content)}, data=form, headers=headers)
+
+
+def stored_objects(client: TestClient) -> list[str]:
+    return client.app.state.store.list_keys("projects/")  # type: ignore[attr-defined,no-any-return]
+
+
+def assert_nothing_stored(client: TestClient, admin: dict[str, str], settings: Settings) -> None:
+    assert stored_objects(client) == []
+    assert client.get(URL, headers=admin).json() == []
+    leftovers = list((settings.data_dir / "tmp").glob("*")) if (settings.data_dir / "tmp").exists() else []
+    assert leftovers == []
+
+
+def test_upload_profiles_and_versions(ds: tuple[TestClient, dict[str, str], Settings]) -> None:
+    client, admin, settings = ds
+    raw = IRIS.read_bytes()
+    first = upload(client, admin, raw, "iris.csv")
+    assert first.status_code == 201, first.text
+    body = first.json()
+    assert (body["dataset"], body["version"], body["rows"]) == ("iris", 1, 150)
+    assert body["sha256"] == hashlib.sha256(raw).hexdigest() and body["size_bytes"] == len(raw)
+    scheme = "s3://" if settings.storage.kind == "s3" else "file://"
+    assert body["uri"].startswith(scheme) and body["s3_uri"] == body["uri"]
+    assert [c["name"] for c in body["columns"]] == [
+        "sepal_length",
+        "sepal_width",
+        "petal_length",
+        "petal_width",
+        "target",
+    ]
+    kinds = {c["name"]: c["kind"] for c in body["columns"]}
+    assert kinds["target"] == "categorical" and kinds["petal_length"] == "numeric"
+    assert len(stored_objects(client)) == 1
+
+    again = upload(client, admin, raw, "iris.csv")
+    assert again.status_code == 200 and again.json()["version"] == 1
+    assert len(stored_objects(client)) == 1
+
+    changed = upload(client, admin, raw + b"5.0,3.0,1.5,0.2,Iris-setosa\n", "iris.csv")
+    assert changed.status_code == 201 and changed.json()["version"] == 2 and changed.json()["rows"] == 151
+    assert len(stored_objects(client)) == 2
+    versions = client.get(f"{URL}/iris/versions", headers=admin).json()
+    assert [v["version"] for v in versions] == [1, 2]
+    assert client.get(f"{URL}/iris", headers=admin).json()["latest_version"] == 2
+
+
+def test_profile_matches_the_data(ds: tuple[TestClient, dict[str, str], Settings]) -> None:
+    client, admin, _ = ds
+    body = upload(client, admin, IRIS.read_bytes(), "iris.csv").json()
+    rows = list(csv.DictReader(IRIS.open()))
+    cols = {c["name"]: c for c in body["profile"]["columns"]}
+    values = [float(r["petal_length"]) for r in rows]
+    pl = cols["petal_length"]
+    assert pl["min"] == min(values) and pl["max"] == max(values)
+    assert math.isclose(pl["mean"], statistics.fmean(values), rel_tol=1e-9)
+    assert math.isclose(pl["std"], statistics.stdev(values), rel_tol=1e-9)
+    assert pl["null_count"] == 0 and pl["distinct_count"] == len(set(values))
+    hist = pl["histogram"]
+    assert len(hist["edges"]) == len(hist["counts"]) + 1 and sum(hist["counts"]) == len(values)
+    assert hist["edges"][0] == min(values) and hist["edges"][-1] == max(values)
+    expected = Counter(r["target"] for r in rows)
+    assert {t["value"]: t["count"] for t in cols["target"]["top"]} == dict(expected)
+
+
+def test_download_is_byte_identical_and_preview_reads_rows(ds: tuple[TestClient, dict[str, str], Settings]) -> None:
+    client, admin, _ = ds
+    raw = IRIS.read_bytes()
+    upload(client, admin, raw, "iris.csv")
+    got = client.get(f"{URL}/iris/versions/1/file", headers=admin)
+    assert got.status_code == 200 and got.content == raw
+    preview = client.get(f"{URL}/iris/versions/1/preview?rows=3", headers=admin).json()
+    first = next(csv.DictReader(IRIS.open()))
+    assert len(preview["rows"]) == 3 and preview["rows"][0]["target"] == first["target"]
+    assert preview["rows"][0]["sepal_length"] == float(first["sepal_length"])
+
+
+@pytest.mark.parametrize("delimiter", [",", ";", "\t", "|"])
+def test_delimiters_bom_and_quotes(ds: tuple[TestClient, dict[str, str], Settings], delimiter: str) -> None:
+    client, admin, _ = ds
+    buf = io.StringIO()
+    writer = csv.writer(buf, delimiter=delimiter, lineterminator="\n")
+    writer.writerow(["city", "amount", "note"])
+    writer.writerow(["Paris", "1.5", f"has {delimiter} inside"])
+    writer.writerow(["Oslo", "2.5", 'says "hi"'])
+    content = b"\xef\xbb\xbf" + buf.getvalue().encode()
+    body = upload(client, admin, content, "cities.csv").json()
+    assert [c["name"] for c in body["columns"]] == ["city", "amount", "note"]
+    preview = client.get(f"{URL}/cities/versions/1/preview", headers=admin).json()
+    assert preview["rows"][0]["note"] == f"has {delimiter} inside" and preview["rows"][1]["note"] == 'says "hi"'
+
+
+def test_parquet_upload(ds: tuple[TestClient, dict[str, str], Settings]) -> None:
+    client, admin, _ = ds
+    sink = io.BytesIO()
+    pq.write_table(pa.table({"x": [1.0, 2.0, None], "label": ["a", "b", "a"], "flag": [True, False, True]}), sink)
+    body = upload(client, admin, sink.getvalue(), "table.parquet").json()
+    assert body["format"] == "parquet" and body["rows"] == 3
+    kinds = {c["name"]: c["kind"] for c in body["columns"]}
+    assert kinds == {"x": "numeric", "label": "categorical", "flag": "boolean"}
+    assert body["profile"]["columns"][0]["null_count"] == 1
+
+
+def test_a_type_change_late_in_the_file_widens_the_column(ds: tuple[TestClient, dict[str, str], Settings]) -> None:
+    client, admin, _ = ds
+    lines = ["n,code"] + [f"{i},{i}" for i in range(300_000)] + ["1.5,abc"]
+    body = upload(client, admin, ("\n".join(lines) + "\n").encode(), "wide.csv").json()
+    kinds = {c["name"]: c for c in body["profile"]["columns"]}
+    assert kinds["n"]["kind"] == "numeric" and kinds["n"]["max"] == 299_999
+    assert kinds["code"]["arrow_type"] == "string"
+    assert body["rows"] == 300_001
+
+
+@pytest.mark.parametrize(
+    ("content", "filename", "needles"),
+    [
+        (b"", "empty.csv", ["empty"]),
+        (b"\xef\xbb\xbf", "bom.csv", ["empty"]),
+        (b"a,b,c\n", "header.csv", ["no data rows"]),
+        (b"a,b\n1,2\n3,4\n5,6,7\n", "ragged.csv", ["row 4", "3 fields", "header has 2"]),
+        (b"a,b,a\n1,2,3\n", "dup.csv", ["'a'", "more than once"]),
+        (b"a,,c\n1,2,3\n", "blank.csv", ["column 2", "empty name"]),
+        (bytes(range(256)) * 40, "garbage.csv", ["not utf-8"]),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + b"\x00" * 100, "image.csv", ["nul bytes"]),
+        (b"a,b\n1,2\n", "fake.parquet", ["parquet"]),
+        (b"PAR1garbagegarbage", "broken.parquet", ["corrupt"]),
+    ],
+)
+def test_malformed_files_are_422_and_store_nothing(
+    ds: tuple[TestClient, dict[str, str], Settings], content: bytes, filename: str, needles: list[str]
+) -> None:
+    client, admin, settings = ds
+    assert_problem(upload(client, admin, content, filename), 422, *needles)
+    assert_nothing_stored(client, admin, settings)
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "a\\b", "x\x01y", "n" * 129, "..", " lead", "a b"])
+def test_bad_dataset_names_are_422_and_store_nothing(
+    ds: tuple[TestClient, dict[str, str], Settings], name: str
+) -> None:
+    client, admin, settings = ds
+    assert_problem(upload(client, admin, IRIS.read_bytes(), "iris.csv", name=name), 422, "not valid")
+    assert_nothing_stored(client, admin, settings)
+
+
+def test_path_in_file_name_is_refused(ds: tuple[TestClient, dict[str, str], Settings]) -> None:
+    client, admin, settings = ds
+    assert_problem(upload(client, admin, IRIS.read_bytes(), "../../etc/iris.csv"), 422, "not valid")
+    assert_nothing_stored(client, admin, settings)
+
+
+def test_not_multipart_or_no_file_is_422(ds: tuple[TestClient, dict[str, str], Settings]) -> None:
+    client, admin, settings = ds
+    assert_problem(client.post(URL, json={"file": "x"}, headers=admin), 422, "multipart/form-data")
+    assert_problem(
+        client.post(URL, data={"name": "x"}, files={"other": ("a.csv", b"a\n1\n")}, headers=admin), 422, "no file"
+    )
+    assert_nothing_stored(client, admin, settings)
+
+
+def test_oversized_upload_is_413_and_stores_nothing(store_settings: Settings) -> None:
+    settings = store_settings.model_copy(
+        update={"api": store_settings.api.model_copy(update={"max_upload_bytes": 4096})}
+    )
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        admin = {"X-API-Key": (settings.data_dir / "admin.key").read_text().strip()}
+        client.post("/api/v1/projects", json={"name": "demo"}, headers=admin)
+        big = b"a,b\n" + b"1,2\n" * 2000
+        assert_problem(upload(client, admin, big, "big.csv"), 413, "upload limit")
+        # Beyond the multipart slack the middleware cuts the body off before the route reads it.
+        huge = b"a,b\n" + b"1,2\n" * 40_000
+        assert_problem(upload(client, admin, huge, "huge.csv"), 413, "larger than")
+        assert_nothing_stored(client, admin, settings)
+        assert upload(client, admin, b"a,b\n1,2\n", "small.csv").status_code == 201
+
+
+def test_roles_and_tenancy_for_datasets(
+    ds: tuple[TestClient, dict[str, str], Settings],
+) -> None:
+    client, admin, settings = ds
+    from miniml.domain.roles import Role
+    from miniml.domain.tenancy import Caller
+    from miniml.schemas.keys import KeyCreate
+    from miniml.services import keys
+
+    client.post("/api/v1/projects", json={"name": "other"}, headers=admin)
+    with client.app.state.db.begin() as session:  # type: ignore[attr-defined]
+
+        def key(role: str, project: str) -> dict[str, str]:
+            _r, raw = keys.create_key(
+                session, Caller("t", Role.admin, None), KeyCreate(role=Role(role), projects=[project])
+            )
+            return {"X-API-Key": raw}
+
+        viewer, outsider = key("viewer", "demo"), key("engineer", "other")
+    assert_problem(upload(client, viewer, IRIS.read_bytes(), "iris.csv"), 403, "engineer")
+    assert_problem(upload(client, outsider, IRIS.read_bytes(), "iris.csv"), 404, "demo")
+    assert_nothing_stored(client, admin, settings)
+    upload(client, admin, IRIS.read_bytes(), "iris.csv")
+    for path in (
+        "",
+        "/iris",
+        "/iris/versions",
+        "/iris/versions/1",
+        "/iris/versions/1/file",
+        "/iris/versions/1/preview",
+    ):
+        assert_problem(client.get(URL + path, headers=outsider), 404)
+        assert client.get(URL + path, headers=viewer).status_code == 200
+    assert client.get("/api/v1/projects/other/datasets", headers=outsider).json() == []
+
+
+def test_delete_version_removes_row_and_object(ds: tuple[TestClient, dict[str, str], Settings]) -> None:
+    client, admin, _ = ds
+    upload(client, admin, IRIS.read_bytes(), "iris.csv")
+    assert len(stored_objects(client)) == 1
+    assert client.delete(f"{URL}/iris/versions/1", headers=admin).status_code == 204
+    assert stored_objects(client) == []
+    assert_problem(client.get(f"{URL}/iris/versions/1", headers=admin), 404, "no version 1")
+    assert_problem(client.delete(f"{URL}/iris/versions/1", headers=admin), 404)
+
+
+def test_validation_rules_report(ds: tuple[TestClient, dict[str, str], Settings]) -> None:
+    client, admin, _ = ds
+    content = b"id,score,label\n1,0.5,a\n2,,b\n2,7.5,z\n3,-1,a\n"
+    upload(client, admin, content, "scores.csv")
+    rules = {
+        "id": {"unique": True, "dtype": "numeric"},
+        "score": {"min": 0, "max": 5, "allow_nulls": False},
+        "label": {"allowed_values": ["a", "b"], "dtype": "numeric"},
+    }
+    report = client.post(f"{URL}/scores/versions/1/validate", json={"rules": rules}, headers=admin).json()
+    assert report["ok"] is False and report["rows"] == 4 and report["columns"] == 3
+    found = {(i["column"], i["rule"]): (i["count"], i["example_rows"]) for i in report["issues"]}
+    assert found == {
+        ("id", "unique"): (1, [3]),
+        ("score", "min"): (1, [4]),
+        ("score", "max"): (1, [3]),
+        ("score", "allow_nulls"): (1, [2]),
+        ("label", "allowed_values"): (1, [3]),
+        ("label", "dtype"): (1, []),
+    }
+    ok = client.post(
+        f"{URL}/scores/versions/1/validate",
+        json={"rules": {"label": {"allowed_values": ["a", "b", "z"]}}},
+        headers=admin,
+    )
+    assert ok.json()["ok"] is True
+
+
+@pytest.mark.parametrize(
+    ("rules", "needle"),
+    [
+        ({"nope": {"min": 1}}, "unknown column"),
+        ({"label": {"min": 1}}, "numeric column"),
+        ({"score": {"between": [1, 2]}}, "between"),
+        ({"score": {"dtype": "float128"}}, "dtype"),
+    ],
+)
+def test_bad_validation_rules_are_422(
+    ds: tuple[TestClient, dict[str, str], Settings], rules: dict[str, object], needle: str
+) -> None:
+    client, admin, _ = ds
+    upload(client, admin, b"score,label\n1,a\n", "scores.csv")
+    assert_problem(client.post(f"{URL}/scores/versions/1/validate", json={"rules": rules}, headers=admin), 422, needle)
+
+
+def test_seed_upload_and_validate_by_uri(ds: tuple[TestClient, dict[str, str], Settings]) -> None:
+    client, admin, _ = ds
+    up = client.post("/datasets/upload?project=demo", files={"file": ("iris.csv", IRIS.read_bytes())}, headers=admin)
+    assert up.status_code == 201
+    uri = up.json()["s3_uri"]
+    body = {"project": "demo", "dataset_s3_uri": uri, "rules": {"petal_width": {"max": 2.0}}}
+    report = client.post("/datasets/validate", json=body, headers=admin).json()
+    expected = sum(1 for r in csv.DictReader(IRIS.open()) if float(r["petal_width"]) > 2.0)
+    assert report["issues"][0]["count"] == expected
+
+
+@pytest.mark.parametrize(
+    "uri_of",
+    [
+        lambda uri: "file:///etc/passwd",
+        lambda uri: "http://169.254.169.254/latest/meta-data/",
+        lambda uri: "s3://another-bucket/" + uri.split("/", 3)[-1],
+        lambda uri: uri.rsplit("/", 1)[0] + "/../../../secret.csv",
+        lambda uri: uri.replace("/projects/1/", "/projects/2/"),
+    ],
+)
+def test_seed_validate_refuses_uris_outside_the_project(
+    ds: tuple[TestClient, dict[str, str], Settings], uri_of: Callable[[str], str]
+) -> None:
+    client, admin, _ = ds
+    uri = client.post(
+        "/datasets/upload?project=demo", files={"file": ("iris.csv", IRIS.read_bytes())}, headers=admin
+    ).json()["s3_uri"]
+    body = {"project": "demo", "dataset_s3_uri": uri_of(uri), "rules": {}}
+    assert_problem(client.post("/datasets/validate", json=body, headers=admin), 422, "not a dataset version of project")
+
+
+def test_client_disconnect_mid_upload_leaves_nothing(tmp_path: Path) -> None:
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    settings = Settings(data_dir=tmp_path / "d", api={"port": port})
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        key = (settings.data_dir / "admin.key").read_text().strip()
+        import httpx
+
+        assert (
+            httpx.post(
+                f"http://127.0.0.1:{port}/api/v1/projects", json={"name": "demo"}, headers={"X-API-Key": key}
+            ).status_code
+            == 201
+        )
+        boundary = "xyzBOUNDARY"
+        head = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="cut.csv"\r\n'
+            "Content-Type: text/csv\r\n\r\na,b\r\n"
+        ).encode()
+        total = 50 * 1024 * 1024
+        request = (
+            f"POST {URL} HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: {key}\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {total}\r\n\r\n"
+        ).encode()
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(request + head)
+            for _ in range(64):
+                sock.sendall(b"1,2\n" * 16384)  # 4 MiB in all, then hang up
+        deadline = time.monotonic() + 10
+        tmp_dir = settings.data_dir / "tmp"
+        while time.monotonic() < deadline and tmp_dir.exists() and any(tmp_dir.iterdir()):
+            time.sleep(0.1)
+        assert not tmp_dir.exists() or list(tmp_dir.iterdir()) == []
+        assert app.state.store.list_keys("projects/") == []
+        listed = httpx.get(f"http://127.0.0.1:{port}{URL}", headers={"X-API-Key": key})
+        assert listed.json() == []
+    finally:
+        server.should_exit = True
+        thread.join(10)
