@@ -39,6 +39,10 @@ def live_api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[
             time.sleep(0.1)
     key = (settings.data_dir / "admin.key").read_text().strip()
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "cfg"))
+    from miniml.cli import context
+
+    monkeypatch.setattr(context.console, "width", 250)
+    monkeypatch.setattr(context.err_console, "width", 250)
     monkeypatch.delenv("MINIML_API_KEY", raising=False)
     monkeypatch.delenv("MINIML_URL", raising=False)
     yield url, key
@@ -89,3 +93,34 @@ def test_keys_commands(live_api: tuple[str, str], monkeypatch: pytest.MonkeyPatc
     bad = runner.invoke(app, ["keys", "create", "--role", "viewer", "--project", "ghost"])
     assert bad.exit_code == 1 and "ghost" in bad.output
     assert os.environ["MINIML_URL"] == url
+
+
+def test_datasets_commands(live_api: tuple[str, str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    url, key = live_api
+    monkeypatch.setenv("MINIML_URL", url)
+    monkeypatch.setenv("MINIML_API_KEY", key)
+    iris = Path(__file__).resolve().parents[2] / "data" / "samples" / "iris.csv"
+    runner.invoke(app, ["projects", "create", "demo"])
+    up = runner.invoke(app, ["datasets", "upload", "demo", str(iris)])
+    assert up.exit_code == 0, up.output
+    assert "iris" in up.output and "150" in up.output
+    listed = json.loads(runner.invoke(app, ["datasets", "list", "demo", "--json"]).output)
+    assert listed[0]["name"] == "iris" and listed[0]["latest_version"] == 1
+    shown = runner.invoke(app, ["datasets", "show", "demo", "iris", "1"])
+    assert "petal_length" in shown.output and "categorical" in shown.output
+    preview = json.loads(
+        runner.invoke(app, ["datasets", "preview", "demo", "iris", "1", "--rows", "2", "--json"]).output
+    )
+    assert len(preview) == 2
+    rules = tmp_path / "rules.json"
+    rules.write_text(json.dumps({"petal_width": {"max": 1.0}}))
+    failed = runner.invoke(app, ["datasets", "validate", "demo", "iris", "1", "--rules", str(rules)])
+    assert failed.exit_code == 1 and "FAILED" in failed.output
+    dest = tmp_path / "copy.csv"
+    assert runner.invoke(app, ["datasets", "download", "demo", "iris", "1", str(dest)]).exit_code == 0
+    assert dest.read_bytes() == iris.read_bytes()
+    bad = tmp_path / "bad.csv"
+    bad.write_bytes(b"a,b\n1,2,3\n")
+    refused = runner.invoke(app, ["datasets", "upload", "demo", str(bad)])
+    assert refused.exit_code == 1 and "Row 2" in refused.output
+    assert runner.invoke(app, ["datasets", "delete", "demo", "iris", "1", "--yes"]).exit_code == 0

@@ -8,13 +8,14 @@ from typing import Any
 
 import typer
 
-from miniml.cli import keys, projects
+from miniml.cli import datasets, keys, projects
 from miniml.cli.context import client, console, err_console, fail, save_login
 from miniml.errors import MiniMLError
 
 app = typer.Typer(help="miniml: a small, honest ML platform.", no_args_is_help=True, pretty_exceptions_enable=False)
 app.add_typer(projects.app, name="projects")
 app.add_typer(keys.app, name="keys")
+app.add_typer(datasets.app, name="datasets")
 
 
 @app.command()

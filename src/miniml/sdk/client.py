@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -45,11 +47,13 @@ class Client:
         # Sent with each request, so two clients may share one httpx.Client (tests do).
         self.headers = {"X-API-Key": api_key} if api_key else {}
         self.http = http or httpx.Client(base_url=url.rstrip("/"), timeout=timeout)
+        from miniml.sdk.datasets import Datasets
         from miniml.sdk.keys import Keys
         from miniml.sdk.projects import Projects
 
         self.projects = Projects(self)
         self.keys = Keys(self)
+        self.datasets = Datasets(self)
 
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
@@ -59,6 +63,19 @@ class Client:
             raise UpstreamUnavailable(f"Cannot reach the miniml api at {self.http.base_url}: {exc}.") from exc
         raise_for_problem(response)
         return response
+
+    @contextmanager
+    def stream(self, method: str, path: str, **kwargs: Any) -> Iterator[httpx.Response]:
+        """A streamed response (downloads); errors raise like ``request``."""
+        headers = self.headers | kwargs.pop("headers", {})
+        try:
+            with self.http.stream(method, path, headers=headers, **kwargs) as response:
+                if not response.is_success:
+                    response.read()
+                    raise_for_problem(response)
+                yield response
+        except httpx.TransportError as exc:
+            raise UpstreamUnavailable(f"Cannot reach the miniml api at {self.http.base_url}: {exc}.") from exc
 
     def close(self) -> None:
         self.http.close()
