@@ -8,5 +8,12 @@ config = context.config
 engine = config.attributes["engine"]
 
 with engine.begin() as connection:
-    context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True)
+    # Our own version table: Optuna's RDB storage shares this DB and keeps its own "alembic_version".
+    context.configure(
+        connection=connection,
+        target_metadata=Base.metadata,
+        render_as_batch=True,
+        version_table="miniml_alembic_version",
+        include_name=lambda name, type_, _parent: type_ != "table" or name in Base.metadata.tables,
+    )
     context.run_migrations()
