@@ -88,6 +88,28 @@ class PrefectSettings(BaseModel):
     api_url: str | None = Field(default=None, description="Prefect API URL; default http://127.0.0.1:<port>/api.")
 
 
+class WorkerSettings(BaseModel):
+    api_key: str | None = Field(
+        default=None,
+        description="Key (engineer or admin) the worker uses to report to the api. Unset in dev mode: "
+        "the bootstrap admin key in <data_dir>/admin.key.",
+    )
+    concurrency: int = Field(default=2, ge=1, description="Jobs one worker process runs at once.")
+    trial_threads: int = Field(
+        default=0, ge=0, description="Parallel trials inside one job; 0 = the number of CPU cores."
+    )
+    heartbeat_s: float = Field(default=5.0, gt=0, description="Seconds between a running job's heartbeats.")
+
+
+class JobSettings(BaseModel):
+    heartbeat_timeout_s: float = Field(
+        default=60.0, gt=0, description="A running job with no heartbeat for this long is marked failed."
+    )
+    loop_interval_s: float = Field(
+        default=5.0, gt=0, description="How often the api retries submissions and checks heartbeats."
+    )
+
+
 class InferenceSettings(BaseModel):
     host: str = Field(default="127.0.0.1", description="Interface the inference service binds.")
     port: int = Field(default=8080, ge=1, le=65535, description="Port of the inference service.")
@@ -112,6 +134,8 @@ class Settings(BaseSettings):
     mlflow: MlflowSettings = Field(default_factory=MlflowSettings, description="MLflow server.")
     prefect: PrefectSettings = Field(default_factory=PrefectSettings, description="Prefect server.")
     inference: InferenceSettings = Field(default_factory=InferenceSettings, description="Data plane.")
+    worker: WorkerSettings = Field(default_factory=WorkerSettings, description="Training workers.")
+    jobs: JobSettings = Field(default_factory=JobSettings, description="Job supervision.")
 
     @model_validator(mode="after")
     def _refuse_unsafe_production(self) -> Settings:
@@ -150,6 +174,10 @@ class Settings(BaseSettings):
     @property
     def mlflow_uri(self) -> str:
         return self.mlflow.tracking_uri or f"http://127.0.0.1:{self.mlflow.port}"
+
+    @property
+    def mlflow_public_url(self) -> str:
+        return self.mlflow.public_url or self.mlflow_uri
 
     @property
     def prefect_api_url(self) -> str:

@@ -35,6 +35,8 @@ class Service:
     # Prefect's worker ignores SIGTERM; SIGINT stops it.
     stop_signal: signal.Signals = signal.SIGTERM
     ready_timeout_s: float = 120.0
+    # Services of one phase start together; the next phase starts once they all answer.
+    phase: int = 0
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
@@ -112,6 +114,14 @@ def embedded_services(settings: Settings) -> list[Service]:
             port=settings.api.port,
             health_url=f"{settings.api_url}/healthz",
         ),
+        Service(
+            name="worker",
+            argv=[py, "-m", "miniml", "worker"],
+            port=None,
+            health_url=None,
+            stop_signal=signal.SIGINT,
+            phase=1,
+        ),
     ]
 
 
@@ -165,10 +175,18 @@ class Supervisor:
         return time.monotonic() - start
 
     def start_all(self) -> dict[str, float]:
+        """Start phase by phase; return how long each service took to answer."""
         self.check_ports()
-        for svc in self.services:
-            self.start(svc)
-        return {svc.name: self.wait_ready(svc) for svc in self.services}
+        timings: dict[str, float] = {}
+        for phase in sorted({svc.phase for svc in self.services}):
+            batch = [svc for svc in self.services if svc.phase == phase]
+            start = time.monotonic()
+            for svc in batch:
+                self.start(svc)
+            for svc in batch:
+                self.wait_ready(svc)
+                timings[svc.name] = time.monotonic() - start
+        return timings
 
     def dead(self) -> list[str]:
         return [name for name, proc in self.procs.items() if proc.poll() is not None]

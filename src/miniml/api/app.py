@@ -10,13 +10,17 @@ from pathlib import Path
 
 import anyio
 from fastapi import FastAPI
+from sqlalchemy.orm import Session, sessionmaker
 
 from miniml import logs
 from miniml.api import errors
 from miniml.api.middleware import ApiMetrics, RequestMiddleware
-from miniml.api.routes import audit, auth, datasets, health, keys, projects, seed
+from miniml.api.routes import audit, auth, datasets, health, jobs, keys, projects, seed
 from miniml.config import Settings
 from miniml.db.engine import make_engine, make_sessionmaker, upgrade
+from miniml.errors import MiniMLError
+from miniml.orchestration.submit import Orchestrator
+from miniml.services import jobs as job_service
 from miniml.services import keys as key_service
 from miniml.services import secrets
 from miniml.storage import make_store
@@ -33,6 +37,26 @@ def write_admin_key(data_dir: Path, raw: str) -> Path:
         fh.write(raw + "\n")
     os.chmod(path, 0o600)
     return path
+
+
+async def supervise_jobs(settings: Settings, db: sessionmaker[Session], orchestrator: Orchestrator) -> None:
+    """Retry submissions Prefect could not take, and fail jobs whose worker went silent."""
+
+    def tick() -> None:
+        with db.begin() as session:
+            for job_id in job_service.reap_stale_jobs(session, timeout_s=settings.jobs.heartbeat_timeout_s):
+                log.warning("job failed: no heartbeat", extra={"job_id": job_id})
+        try:
+            orchestrator.submit_pending()
+        except MiniMLError as exc:
+            log.info("submission deferred", extra={"error": exc.detail[:300]})
+
+    while True:
+        try:
+            await anyio.to_thread.run_sync(tick)
+        except Exception:  # the DB may be down for a while; the loop must outlive that
+            log.warning("job supervision tick failed", exc_info=True)
+        await anyio.sleep(settings.jobs.loop_interval_s)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -53,7 +77,10 @@ def create_app(settings: Settings) -> FastAPI:
             path = write_admin_key(settings.data_dir, raw)
             # Printed once, on the start that created it; afterwards it is only in the file.
             print(f"miniml: created the first admin key (saved to {path}):\n  {raw}", flush=True)
-        yield
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(supervise_jobs, settings, db, app.state.orchestrator)
+            yield
+            tasks.cancel_scope.cancel()
         engine.dispose()
 
     app = FastAPI(
@@ -66,9 +93,10 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.engine = engine
     app.state.db = db
     app.state.store = store
+    app.state.orchestrator = Orchestrator(settings, db)
     app.state.metrics = ApiMetrics()
     errors.install(app)
-    for module in (health, auth, keys, projects, datasets, audit, seed):
+    for module in (health, auth, keys, projects, datasets, jobs, audit, seed):
         app.include_router(module.router)
     app.add_middleware(
         RequestMiddleware,  # type: ignore[arg-type]

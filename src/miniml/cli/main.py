@@ -84,6 +84,22 @@ def api() -> None:
 
 
 @app.command()
+def worker() -> None:
+    """Run a training worker: serves the Prefect deployment that runs jobs."""
+    import os
+
+    from miniml.config import Settings
+    from miniml.orchestration.flows import serve
+
+    settings = Settings()
+    os.environ.setdefault("PREFECT_API_URL", settings.prefect_api_url)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Poll often: a submitted job starts within a few seconds instead of ~10.
+    os.environ.setdefault("PREFECT_RUNNER_POLL_FREQUENCY", "2")
+    serve(settings)
+
+
+@app.command()
 def login(
     url: str = typer.Option("http://127.0.0.1:8000", help="The api's URL."),
     api_key: str = typer.Option(..., prompt=True, hide_input=True, help="Your API key."),

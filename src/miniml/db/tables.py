@@ -133,12 +133,74 @@ class DatasetVersion(Base):
     dataset: Mapped[Dataset] = relationship(lazy="joined")
 
 
+class Job(Base):
+    __tablename__ = "job"
+    __table_args__ = (UniqueConstraint("project_id", "idempotency_key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("project.id", ondelete="CASCADE"), index=True)
+    dataset_version_id: Mapped[int] = mapped_column(ForeignKey("dataset_version.id"), index=True)
+    spec: Mapped[dict[str, Any]] = mapped_column()
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    reason: Mapped[str | None] = mapped_column(Text)
+    idempotency_key: Mapped[str | None] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_by: Mapped[str | None] = mapped_column(String(32))
+    submitted_at: Mapped[datetime | None] = mapped_column()
+    flow_run_id: Mapped[str | None] = mapped_column(String(64))
+    started_at: Mapped[datetime | None] = mapped_column()
+    finished_at: Mapped[datetime | None] = mapped_column()
+    heartbeat_at: Mapped[datetime | None] = mapped_column()
+    worker: Mapped[str | None] = mapped_column(String(128))
+    # The one worker (of several sharing the study) that refits and registers the best model.
+    finalizer: Mapped[str | None] = mapped_column(String(128))
+    cancel_requested: Mapped[bool] = mapped_column(default=False)
+    trials_claimed: Mapped[int] = mapped_column(Integer, default=0)
+    trials_done: Mapped[int] = mapped_column(Integer, default=0)
+    best_score: Mapped[float | None] = mapped_column()
+    best_family: Mapped[str | None] = mapped_column(String(64))
+    test_metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    mlflow_run_id: Mapped[str | None] = mapped_column(String(64))
+    model_name: Mapped[str | None] = mapped_column(String(200))
+    model_version: Mapped[str | None] = mapped_column(String(32))
+    project: Mapped[Project] = relationship(lazy="joined")
+    dataset_version: Mapped[DatasetVersion] = relationship(lazy="joined")
+
+
+class JobTrial(Base):
+    __tablename__ = "job_trial"
+
+    job_id: Mapped[int] = mapped_column(ForeignKey("job.id", ondelete="CASCADE"), primary_key=True)
+    number: Mapped[int] = mapped_column(Integer, primary_key=True)
+    family: Mapped[str] = mapped_column(String(64))
+    params: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    score: Mapped[float | None] = mapped_column()
+    duration_s: Mapped[float] = mapped_column(default=0.0)
+    state: Mapped[str] = mapped_column(String(16))
+    worker: Mapped[str] = mapped_column(String(128), default="")
+    error: Mapped[str | None] = mapped_column(Text)
+    finished_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class JobLog(Base):
+    __tablename__ = "job_log"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("job.id", ondelete="CASCADE"), index=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    level: Mapped[str] = mapped_column(String(8), default="info")
+    message: Mapped[str] = mapped_column(Text)
+
+
 __all__ = [
     "ApiKey",
     "AuditEvent",
     "Base",
     "Dataset",
     "DatasetVersion",
+    "Job",
+    "JobLog",
+    "JobTrial",
     "KeyGrant",
     "PlatformSecret",
     "Project",

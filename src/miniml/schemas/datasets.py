@@ -22,6 +22,7 @@ class DatasetVersionRead(ReadModel):
     sha256: str
     size_bytes: int
     format: str
+    delimiter: str
     filename: str
     rows: int
     columns: list[ColumnSchema]

@@ -48,12 +48,15 @@ class Client:
         self.headers = {"X-API-Key": api_key} if api_key else {}
         self.http = http or httpx.Client(base_url=url.rstrip("/"), timeout=timeout)
         from miniml.sdk.datasets import Datasets
+        from miniml.sdk.jobs import JobReports, Jobs
         from miniml.sdk.keys import Keys
         from miniml.sdk.projects import Projects
 
         self.projects = Projects(self)
         self.keys = Keys(self)
         self.datasets = Datasets(self)
+        self.jobs = Jobs(self)
+        self.job_reports = JobReports(self)
 
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:

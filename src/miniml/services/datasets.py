@@ -191,7 +191,8 @@ def create_version(
 def references(session: Session, version: tables.DatasetVersion) -> list[str]:
     """What still uses a version (jobs, model versions); deleting it is refused while any does."""
     # Add new referencing resources here.
-    return []
+    jobs = session.scalars(select(tables.Job.id).where(tables.Job.dataset_version_id == version.id)).all()
+    return [f"job {j}" for j in jobs]
 
 
 def delete_version(session: Session, caller: Caller, project: str, name: str, version: int) -> str:
@@ -220,6 +221,7 @@ def to_read(row: tables.DatasetVersion, store: ObjectStore) -> DatasetVersionRea
         sha256=row.sha256,
         size_bytes=row.size_bytes,
         format=row.format,
+        delimiter=row.delimiter,
         filename=row.filename,
         rows=row.row_count,
         columns=[ColumnSchema.model_validate(c) for c in schema_of(row.profile)],

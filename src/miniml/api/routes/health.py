@@ -40,11 +40,13 @@ async def _check_http(name: str, url: str) -> dict[str, Any]:
 
 @router.get("/readyz")
 async def readyz(request: Request) -> Response:
-    """Ready when the metadata DB, MLflow and Prefect answer; lists each check."""
+    """Ready when the metadata DB, MLflow, Prefect and a training worker answer; lists each check."""
     settings = request.app.state.settings
     checks = [await anyio.to_thread.run_sync(_check_db, request)]
     checks.append(await _check_http("mlflow", settings.mlflow_uri.rstrip("/") + "/health"))
     checks.append(await _check_http("prefect", settings.prefect_api_url.rstrip("/") + "/health"))
+    ok, detail = await anyio.to_thread.run_sync(request.app.state.orchestrator.worker_status)
+    checks.append({"name": "worker", "ok": ok, "detail": detail})
     ready = all(c["ok"] for c in checks)
     return JSONResponse(
         {"status": "ready" if ready else "not ready", "checks": checks},

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Request, Response
 
 from miniml.api.deps import AdminDep, DbDep, EngineerDep, SettingsDep, StoreDep, ViewerDep
+from miniml.api.routes import jobs as jobs_routes
 from miniml.api.routes.datasets import upload_dataset_version
 from miniml.errors import InvalidInput
 from miniml.schemas.datasets import DatasetVersionRead, SeedValidationRequest, ValidationReport
+from miniml.schemas.jobs import JobCreate, JobRead, SeedTrainRequest
 from miniml.schemas.projects import ProjectCreate, ProjectRead
 from miniml.services import datasets, projects
 
@@ -34,6 +38,27 @@ async def upload_dataset_seed(
 ) -> DatasetVersionRead:
     """Upload a dataset (seed route: `?project=demo`, form field `file`); returns `s3_uri`."""
     return await upload_dataset_version(request, response, db, store, settings, caller, project, name)
+
+
+@router.post("/experiments/train", status_code=202)
+async def train_seed(
+    body: SeedTrainRequest,
+    request: Request,
+    response: Response,
+    db: DbDep,
+    store: StoreDep,
+    caller: EngineerDep,
+    idempotency_key: Annotated[str | None, Header(max_length=128)] = None,
+) -> JobRead:
+    """Queue a training job (seed route); the answer carries the job id at once."""
+    spec = JobCreate(
+        dataset_uri=body.dataset_s3_uri,
+        target=body.target,
+        model_name=body.model_name,
+        test_size=body.test_size,
+        max_trials=body.max_trials,
+    )
+    return await jobs_routes.create_job(body.project, spec, request, response, db, store, caller, idempotency_key)
 
 
 @router.post("/datasets/validate")

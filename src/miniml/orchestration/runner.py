@@ -1,0 +1,260 @@
+"""Runs one training job (or one shard of it) for a worker, reporting everything through the api.
+
+The runner talks to three things: the api (through the SDK) for the job, its data and its state;
+Optuna's storage (the metadata DB) for the shared study; MLflow (through ``tracking``) for runs
+and the registry. It holds no state of its own: a restarted worker starts from the api's view.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pyarrow as pa
+
+from miniml.config import Settings
+from miniml.data.formats import FileFormat, TableFile
+from miniml.domain.tasks import Task
+from miniml.errors import Conflict, MiniMLError
+from miniml.schemas.jobs import JobFinish, JobRead, TrialReport
+from miniml.sdk.client import Client
+from miniml.tracking.runs import Tracker, registered_name
+from miniml.training import plots
+from miniml.training.data import features_from_profile, load_frame, split
+from miniml.training.search import (
+    SearchControl,
+    SearchSpec,
+    TrialResult,
+    best_trial,
+    make_storage,
+    refit,
+    run_search,
+    test_metrics,
+)
+
+log = logging.getLogger("miniml.worker")
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class Heartbeat:
+    """Tells the api the job is alive every few seconds, and learns about cancel requests."""
+
+    def __init__(self, client: Client, project: str, job_id: int, every_s: float) -> None:
+        self.client, self.project, self.job_id, self.every_s = client, project, job_id, every_s
+        self.cancelled = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id}", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                if self.client.job_reports.heartbeat(self.project, self.job_id).cancel_requested:
+                    self.cancelled.set()
+            except MiniMLError as exc:
+                log.warning("heartbeat failed", extra={"job_id": self.job_id, "error": exc.detail})
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def _table(job_file: Path, version: Any) -> TableFile:
+    types: dict[str, pa.DataType] = {}
+    for col in version.profile["columns"]:
+        try:
+            types[col["name"]] = pa.type_for_alias(col["arrow_type"])
+        except ValueError:
+            continue  # Arrow infers it again (e.g. timestamps)
+    return TableFile(path=job_file, format=FileFormat(version.format), delimiter=version.delimiter, column_types=types)
+
+
+def run_job(client: Client, settings: Settings, job_id: int, project: str, *, shard: int = 0) -> JobRead | None:
+    """Run a job to its end; return the final job, or None when another worker has it."""
+    reports = client.job_reports
+    worker = worker_name()
+    try:
+        reports.start(project, job_id, worker, shard=shard)
+    except Conflict as exc:
+        log.info("job taken or ended elsewhere", extra={"job_id": job_id, "detail": exc.detail})
+        return None
+    tracker = Tracker(settings.mlflow_uri)
+    run_id: str | None = None
+    with Heartbeat(client, project, job_id, settings.worker.heartbeat_s) as beat:
+        try:
+            job = client.jobs.get(project, job_id)
+            run_id = _ensure_run(client, tracker, job, shard)
+            return _train(client, settings, tracker, job, run_id, worker, beat, shard)
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {getattr(exc, 'detail', None) or exc}"
+            log.error("job failed", extra={"job_id": job_id, "trace": traceback.format_exc()[-2000:]})
+            try:
+                reports.log(project, job_id, *traceback.format_exc().splitlines()[-15:], level="error")
+                if run_id:
+                    tracker.finish(run_id, "FAILED")
+                return reports.finish(project, job_id, JobFinish(state="failed", reason=reason[:3900]))
+            except (MiniMLError, Conflict):
+                return None
+
+
+def _ensure_run(client: Client, tracker: Tracker, job: JobRead, shard: int) -> str:
+    """Shard 0 opens the job's MLflow parent run; other shards wait for it to appear."""
+    if job.mlflow_run_id:
+        return job.mlflow_run_id
+    if shard == 0:
+        version = client.datasets.version(job.project, job.dataset, job.dataset_version)
+        run_id = tracker.start_job_run(
+            job.project,
+            job.id,
+            {
+                "miniml.dataset": job.dataset,
+                "miniml.dataset_version": str(job.dataset_version),
+                "miniml.dataset_sha256": version.sha256,
+                "miniml.target": str(job.spec["target"]),
+            },
+        )
+        client.job_reports.set_run(job.project, job.id, run_id)
+        return run_id
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        time.sleep(1)
+        current = client.jobs.get(job.project, job.id)
+        if current.mlflow_run_id:
+            return current.mlflow_run_id
+    raise TimeoutError("the job's first shard never opened its MLflow run")
+
+
+def _train(
+    client: Client,
+    settings: Settings,
+    tracker: Tracker,
+    job: JobRead,
+    run_id: str,
+    worker: str,
+    beat: Heartbeat,
+    shard: int,
+) -> JobRead | None:
+    project, job_id, spec = job.project, job.id, job.spec
+    reports = client.job_reports
+    version = client.datasets.version(project, job.dataset, job.dataset_version)
+    with tempfile.TemporaryDirectory(prefix=f"miniml-job-{job_id}-") as tmp:
+        path = client.datasets.download(project, job.dataset, job.dataset_version, Path(tmp) / f"data.{version.format}")
+        frame = load_frame(_table(path, version))
+    task = Task(spec["task"])
+    features = features_from_profile(version.profile, spec["target"])
+    data = split(frame, features, spec["target"], task, test_size=spec["test_size"], seed=spec["seed"])
+    for name, why in features.dropped.items():
+        reports.log(project, job_id, f"column {name!r} left out: {why}")
+    reports.log(
+        project,
+        job_id,
+        f"shard {shard} on {worker}: {len(data.x_train)} training rows, {len(data.x_test)} held out, "
+        f"{len(features.columns)} features, families {', '.join(spec['families'])}",
+    )
+    threads = settings.worker.trial_threads or os.cpu_count() or 1
+    search = SearchSpec(
+        task=task,
+        metric=spec["metric"],
+        families=spec["families"],
+        cv_folds=spec["cv_folds"],
+        seed=spec["seed"],
+        max_trials=spec.get("max_trials"),
+        timeout_s=spec.get("timeout_s"),
+        n_jobs=threads,
+    )
+    experiment = tracker.experiment_id(project)
+
+    def on_trial(result: TrialResult) -> None:
+        status = reports.trial(project, job_id, TrialReport(**result.__dict__))
+        if status.cancel_requested:
+            beat.cancelled.set()
+        try:
+            tracker.log_trial(run_id, experiment, result, spec["metric"])
+        except Exception as exc:  # a trial's MLflow record must not end the search
+            log.warning("trial not logged to MLflow", extra={"job_id": job_id, "error": str(exc)[:200]})
+
+    control = SearchControl(
+        claim=lambda: not beat.cancelled.is_set() and reports.claim_trial(project, job_id),
+        on_trial=on_trial,
+        should_stop=beat.cancelled.is_set,
+        worker=worker,
+    )
+    storage = make_storage(settings.db_url)
+    study_name = f"miniml-job-{job_id}"
+    run_search(storage, study_name, data, features, search, control)
+    _wait_for_other_shards(client, project, job_id, spec)
+    if not reports.finalize(project, job_id, worker):
+        return None  # another shard refits and registers
+    if beat.cancelled.is_set() or client.job_reports.heartbeat(project, job_id).cancel_requested:
+        tracker.finish(run_id, "KILLED")
+        return reports.finish(project, job_id, JobFinish(state="cancelled", reason="cancelled by request"))
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    best = best_trial(study)
+    if best is None:
+        errors = sorted({str(t.user_attrs.get("error")) for t in study.trials if t.user_attrs.get("error")})
+        raise RuntimeError("no trial completed" + (f"; errors: {'; '.join(errors)[:1500]}" if errors else ""))
+    reports.log(
+        project,
+        job_id,
+        f"best: trial {best.number} ({best.params['family']}), CV {spec['metric']} {best.value:.4f}; refitting",
+    )
+    pipe, family = refit(best, data, features, search)
+    metrics = test_metrics(pipe, data, task)
+    predictions = pipe.predict(data.x_test)
+    figures = {
+        "optimisation_history": plots.optimisation_history(study, spec["maximise"]),
+        "parameter_importances": plots.parameter_importances(study),
+        "feature_importances": plots.feature_importances(pipe),
+        "confusion_matrix" if task is Task.classification else "residuals": (
+            plots.confusion(data.y_test, predictions)
+            if task is Task.classification
+            else plots.residuals(data.y_test, predictions)
+        ),
+    }
+    tracker.log_figures(run_id, figures)
+    registered = registered_name(project, spec["model_name"])
+    model_version = tracker.log_model(
+        run_id,
+        pipe,
+        family,
+        data.x_test.head(5),
+        registered=registered,
+        params={"family": family.name, **best.params},
+        metrics=metrics,
+    )
+    if spec["promote_to"] != "none":
+        tracker.set_alias(registered, spec["promote_to"], model_version)
+    tracker.finish(run_id, "FINISHED")
+    reports.log(project, job_id, f"registered {registered} version {model_version}; test {metrics}")
+    return reports.finish(
+        project,
+        job_id,
+        JobFinish(state="succeeded", test_metrics=metrics, model_name=registered, model_version=model_version),
+    )
+
+
+def _wait_for_other_shards(client: Client, project: str, job_id: int, spec: dict[str, Any]) -> None:
+    """With several shards, refit only once every claimed trial has reported."""
+    if int(spec.get("parallelism", 1)) <= 1:
+        return
+    deadline = time.monotonic() + 3600
+    while time.monotonic() < deadline:
+        job = client.jobs.get(project, job_id)
+        if job.state.terminal or job.progress.trials_done >= job.progress.trials_claimed or job.cancel_requested:
+            return
+        time.sleep(1)

@@ -1,0 +1,129 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import Field
+
+from miniml.domain.jobs import JobState
+from miniml.domain.tasks import Task
+from miniml.schemas.common import ReadModel, StrictModel
+
+
+class JobCreate(StrictModel):
+    dataset: str | None = Field(default=None, description="Dataset name (with `version`, default the latest).")
+    version: int | None = Field(default=None, ge=1)
+    dataset_uri: str | None = Field(default=None, description="Or the `uri` an upload returned.")
+    target: str = Field(description="The column to predict.")
+    task: Task = Task.auto
+    metric: str | None = Field(default=None, description="Default f1_macro (classification) or rmse (regression).")
+    families: list[str] | None = Field(default=None, description="Model families to search; default all.")
+    max_trials: int | None = Field(default=None, description="Trial budget; default 20 when no timeout is set.")
+    timeout_s: float | None = Field(default=None, gt=0, le=7 * 86400, description="Time budget in seconds.")
+    test_size: float = Field(default=0.2, gt=0.0, lt=0.9)
+    cv_folds: int = Field(default=3, ge=2, le=20)
+    seed: int = 0
+    promote_to: Literal["staging", "production", "none"] = "staging"
+    model_name: str | None = Field(default=None, description="Registered model name; default the dataset's name.")
+    parallelism: int = Field(default=1, ge=1, le=32, description="Worker processes sharing the study.")
+
+
+class SeedTrainRequest(StrictModel):
+    project: str
+    dataset_s3_uri: str
+    target: str
+    model_name: str
+    test_size: float = Field(default=0.2, gt=0.0, lt=0.9)
+    max_trials: int | None = 20
+
+
+class TrialRead(ReadModel):
+    number: int
+    family: str
+    params: dict[str, Any]
+    score: float | None
+    duration_s: float
+    state: str
+    worker: str
+    error: str | None = None
+
+
+class Progress(ReadModel):
+    trials_done: int
+    trials_claimed: int
+    trials_total: int | None
+    best_score: float | None
+    best_family: str | None
+    elapsed_s: float | None
+
+
+class JobRead(ReadModel):
+    id: int
+    project: str
+    state: JobState
+    reason: str | None
+    dataset: str
+    dataset_version: int
+    spec: dict[str, Any]
+    progress: Progress
+    leaderboard: list[TrialRead] = Field(default_factory=list, description="Trials, best first.")
+    test_metrics: dict[str, float]
+    mlflow_run_id: str | None
+    mlflow_run_url: str | None
+    model_name: str | None
+    model_version: str | None
+    worker: str | None
+    flow_run_id: str | None
+    cancel_requested: bool
+    created_at: datetime
+    created_by: str | None
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class JobLogRead(ReadModel):
+    at: datetime
+    level: str
+    message: str
+
+
+# What workers send back (engineer role): the api owns the job's state.
+class WorkerHello(StrictModel):
+    worker: str = Field(max_length=128)
+
+
+class WorkerStatus(ReadModel):
+    state: JobState
+    cancel_requested: bool
+
+
+class TrialClaim(ReadModel):
+    granted: bool
+
+
+class TrialReport(StrictModel):
+    number: int
+    family: str
+    params: dict[str, Any]
+    score: float | None
+    duration_s: float
+    state: Literal["complete", "pruned", "fail"]
+    worker: str = ""
+    error: str | None = None
+
+
+class LogLines(StrictModel):
+    lines: list[str] = Field(max_length=1000)
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class RunReport(StrictModel):
+    mlflow_run_id: str = Field(max_length=64)
+
+
+class JobFinish(StrictModel):
+    state: Literal["succeeded", "failed", "cancelled"]
+    reason: str | None = Field(default=None, max_length=4000)
+    test_metrics: dict[str, float] = Field(default_factory=dict)
+    model_name: str | None = None
+    model_version: str | None = None

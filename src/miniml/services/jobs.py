@@ -1,0 +1,380 @@
+"""Training jobs: validated at submit time against the dataset's stored profile, run by workers."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from miniml.db import tables
+from miniml.db.tables import utcnow
+from miniml.domain.jobs import JobState, check_transition
+from miniml.domain.names import check_name
+from miniml.domain.roles import Role
+from miniml.domain.tasks import DEFAULT_METRIC, METRICS, Task, detect_task, maximise
+from miniml.domain.tenancy import Caller
+from miniml.errors import Conflict, Forbidden, InvalidInput, NotFound
+from miniml.schemas.jobs import JobCreate, JobFinish, JobRead, Progress, TrialRead, TrialReport
+from miniml.services import datasets
+from miniml.services.projects import read_project
+from miniml.storage import ObjectStore
+
+ALL_FAMILIES = ["linear", "random_forest", "hist_gradient_boosting", "lightgbm", "xgboost", "torch_mlp"]
+DEFAULT_MAX_TRIALS = 20
+
+
+def _resolve_dataset(
+    session: Session, store: ObjectStore, caller: Caller, project: str, body: JobCreate
+) -> tables.DatasetVersion:
+    if body.dataset_uri:
+        return datasets.read_version_by_uri(session, store, caller, project, body.dataset_uri)
+    if not body.dataset:
+        raise InvalidInput("Name the training data: 'dataset' (and optionally 'version'), or 'dataset_uri'.")
+    try:
+        if body.version is None:
+            versions = datasets.list_versions(session, caller, project, body.dataset)
+            if not versions:
+                raise NotFound(f"Dataset {body.dataset!r} has no versions.")
+            return versions[-1]
+        return datasets.read_version(session, caller, project, body.dataset, body.version)
+    except NotFound as exc:
+        raise InvalidInput(f"{exc.detail} Upload it first, or pick an existing dataset version.") from None
+
+
+def resolve_spec(version: tables.DatasetVersion, body: JobCreate) -> dict[str, Any]:
+    """Check the request against the dataset's profile; return the full spec the worker runs."""
+    profile = version.profile
+    columns = {c["name"]: c for c in profile["columns"]}
+    if body.target not in columns:
+        raise InvalidInput(
+            f"Target column {body.target!r} is not in {version.dataset.name} v{version.version}; "
+            f"the columns are {', '.join(columns)}."
+        )
+    target = columns[body.target]
+    rows = int(profile["rows"]) - int(target["null_count"])
+    task = detect_task(target, rows) if body.task is Task.auto else body.task
+    if task is Task.regression and target["kind"] != "numeric":
+        raise InvalidInput(f"Target {body.target!r} is {target['kind']}, not numeric; regression needs numbers.")
+    if target["kind"] in ("text", "datetime"):
+        raise InvalidInput(
+            f"Target {body.target!r} is a {target['kind']} column with {target['distinct_count']} distinct values; "
+            "pick a categorical or numeric target."
+        )
+    train_rows = int(rows * (1 - body.test_size))
+    if train_rows < body.cv_folds * 2:
+        raise InvalidInput(
+            f"Too few rows: {rows} rows with a target leave {train_rows} for training, fewer than "
+            f"{body.cv_folds * 2} needed for {body.cv_folds}-fold cross-validation. Add rows or lower cv_folds."
+        )
+    if task is Task.classification:
+        if int(target["distinct_count"]) < 2:
+            raise InvalidInput(f"Target {body.target!r} has only one class; classification needs at least two.")
+        counts = {str(t["value"]): int(t["count"]) for t in target.get("top", [])}
+        if counts and len(counts) == int(target["distinct_count"]):
+            label, smallest = min(counts.items(), key=lambda kv: kv[1])
+            if int(smallest * (1 - body.test_size)) < body.cv_folds:
+                raise InvalidInput(
+                    f"Class {label!r} has only {smallest} rows; each class needs at least "
+                    f"{int(body.cv_folds / (1 - body.test_size)) + 1} for {body.cv_folds}-fold cross-validation."
+                )
+    metric = body.metric or DEFAULT_METRIC[task]
+    if metric not in METRICS:
+        raise InvalidInput(f"Unknown metric {metric!r}; choose one of {', '.join(METRICS)}.")
+    if METRICS[metric][0] is not task:
+        fitting = [m for m, (t, _) in METRICS.items() if t is task]
+        raise InvalidInput(
+            f"Metric {metric!r} is for {METRICS[metric][0].value}; for {task.value} use {', '.join(fitting)}."
+        )
+    families = body.families if body.families is not None else ALL_FAMILIES
+    unknown = [f for f in families if f not in ALL_FAMILIES]
+    if unknown or not families:
+        raise InvalidInput(f"Unknown model families {unknown or '[] (empty)'}; choose from {', '.join(ALL_FAMILIES)}.")
+    if body.max_trials is not None and body.max_trials <= 0:
+        if body.timeout_s is None:
+            raise InvalidInput("max_trials must be at least 1, or leave it out and set timeout_s.")
+        max_trials = None
+    else:
+        max_trials = (
+            body.max_trials if body.max_trials is not None else (None if body.timeout_s else DEFAULT_MAX_TRIALS)
+        )
+    model_name = check_name(body.model_name or version.dataset.name, what="Model")
+    return {
+        "target": body.target,
+        "task": task.value,
+        "metric": metric,
+        "maximise": maximise(metric),
+        "families": list(dict.fromkeys(families)),
+        "max_trials": max_trials,
+        "timeout_s": body.timeout_s,
+        "test_size": body.test_size,
+        "cv_folds": body.cv_folds,
+        "seed": body.seed,
+        "promote_to": body.promote_to,
+        "model_name": model_name,
+        "parallelism": body.parallelism,
+    }
+
+
+def create_job(
+    session: Session,
+    store: ObjectStore,
+    caller: Caller,
+    project: str,
+    body: JobCreate,
+    *,
+    idempotency_key: str | None = None,
+) -> tuple[tables.Job, bool]:
+    proj = read_project(session, caller, project)
+    if idempotency_key:
+        same = session.scalar(
+            select(tables.Job).where(tables.Job.project_id == proj.id, tables.Job.idempotency_key == idempotency_key)
+        )
+        if same is not None:
+            return same, False
+    if body.promote_to == "production" and not caller.role.allows(Role.admin):
+        raise Forbidden("Only an admin may promote to production; use promote_to 'staging' or 'none'.")
+    version = _resolve_dataset(session, store, caller, project, body)
+    spec = resolve_spec(version, body)
+    job = tables.Job(
+        project_id=proj.id,
+        dataset_version_id=version.id,
+        spec=spec,
+        state=JobState.queued.value,
+        idempotency_key=idempotency_key,
+        created_by=caller.key_id,
+    )
+    try:
+        with session.begin_nested():
+            session.add(job)
+            session.flush()
+    except IntegrityError:  # the same key raced in from a retry
+        again = session.scalar(
+            select(tables.Job).where(tables.Job.project_id == proj.id, tables.Job.idempotency_key == idempotency_key)
+        )
+        if again is None:
+            raise
+        return again, False
+    log(
+        session, job.id, f"queued: {spec['task']} on {version.dataset.name} v{version.version}, target {spec['target']}"
+    )
+    return job, True
+
+
+def read_job(session: Session, caller: Caller, project: str, job_id: int) -> tables.Job:
+    proj = read_project(session, caller, project)
+    job = session.get(tables.Job, job_id)
+    if job is None or job.project_id != proj.id:
+        raise NotFound(f"Job {job_id} does not exist in project {project!r}.")
+    return job
+
+
+def list_jobs(session: Session, caller: Caller, project: str, *, state: JobState | None = None) -> list[tables.Job]:
+    proj = read_project(session, caller, project)
+    query = select(tables.Job).where(tables.Job.project_id == proj.id).order_by(tables.Job.id.desc())
+    if state is not None:
+        query = query.where(tables.Job.state == state.value)
+    return list(session.scalars(query))
+
+
+def trials_of(session: Session, job: tables.Job) -> list[tables.JobTrial]:
+    return list(session.scalars(select(tables.JobTrial).where(tables.JobTrial.job_id == job.id)))
+
+
+def to_read(session: Session, job: tables.Job, *, mlflow_ui: str | None = None, leaderboard: bool = True) -> JobRead:
+    trials = trials_of(session, job) if leaderboard else []
+    sign = -1.0 if job.spec.get("maximise", True) else 1.0
+    ranked = sorted(trials, key=lambda t: (t.score is None, sign * (t.score or 0.0), t.number))
+    end = job.finished_at or utcnow()
+    url = None
+    if job.mlflow_run_id and mlflow_ui:
+        url = f"{mlflow_ui.rstrip('/')}/#/runs/{job.mlflow_run_id}"
+    return JobRead(
+        id=job.id,
+        project=job.project.name,
+        state=JobState(job.state),
+        reason=job.reason,
+        dataset=job.dataset_version.dataset.name,
+        dataset_version=job.dataset_version.version,
+        spec=job.spec,
+        progress=Progress(
+            trials_done=job.trials_done,
+            trials_claimed=job.trials_claimed,
+            trials_total=job.spec.get("max_trials"),
+            best_score=job.best_score,
+            best_family=job.best_family,
+            elapsed_s=(end - job.started_at).total_seconds() if job.started_at else None,
+        ),
+        leaderboard=[TrialRead.model_validate(t) for t in ranked],
+        test_metrics=job.test_metrics,
+        mlflow_run_id=job.mlflow_run_id,
+        mlflow_run_url=url,
+        model_name=job.model_name,
+        model_version=job.model_version,
+        worker=job.worker,
+        flow_run_id=job.flow_run_id,
+        cancel_requested=job.cancel_requested,
+        created_at=job.created_at,
+        created_by=job.created_by,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+    )
+
+
+def log(session: Session, job_id: int, message: str, level: str = "info") -> None:
+    session.add(tables.JobLog(job_id=job_id, message=message[:4000], level=level))
+
+
+def list_logs(session: Session, job: tables.Job, *, after: int = 0) -> list[tables.JobLog]:
+    query = select(tables.JobLog).where(tables.JobLog.job_id == job.id, tables.JobLog.id > after)
+    return list(session.scalars(query.order_by(tables.JobLog.id)))
+
+
+def _move(session: Session, job: tables.Job, new: JobState, reason: str | None = None) -> None:
+    check_transition(job.id, JobState(job.state), new)
+    job.state = new.value
+    if reason:
+        job.reason = reason
+    if new is JobState.running:
+        job.started_at = utcnow()
+        job.heartbeat_at = job.started_at
+    if new.terminal:
+        job.finished_at = utcnow()
+    log(
+        session,
+        job.id,
+        f"{new.value}" + (f": {reason}" if reason else ""),
+        "error" if new is JobState.failed else "info",
+    )
+    session.flush()
+
+
+def cancel_job(session: Session, job: tables.Job) -> tables.Job:
+    state = JobState(job.state)
+    if state.terminal:
+        raise Conflict(f"Job {job.id} already {state.value}; there is nothing to cancel.")
+    job.cancel_requested = True
+    if state is JobState.queued:
+        _move(session, job, JobState.cancelled, "cancelled before it started")
+    else:
+        log(session, job.id, "cancel requested; stopping at the next trial boundary")
+    session.flush()
+    return job
+
+
+def start_job(session: Session, job: tables.Job, worker: str, *, shard: int = 0) -> tables.Job:
+    """A worker takes the job. Shard 0 starts it once (a second start is a 409: no job runs twice);
+    further shards of a parallel job join it while it runs."""
+    if job.state == JobState.running.value and (job.worker == worker or (shard > 0 and not job.cancel_requested)):
+        log(session, job.id, f"shard {shard} joined on {worker}")
+        return job
+    # Conditional update: two workers racing for one queued job cannot both win.
+    result = session.execute(
+        update(tables.Job)
+        .where(tables.Job.id == job.id, tables.Job.state == JobState.queued.value)
+        .values(state=JobState.running.value, worker=worker, started_at=utcnow(), heartbeat_at=utcnow())
+    )
+    session.refresh(job)
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        raise Conflict(f"Job {job.id} is {job.state}; it cannot be started again.")
+    log(session, job.id, f"running on {worker}")
+    return job
+
+
+def heartbeat(session: Session, job: tables.Job) -> tables.Job:
+    if job.state == JobState.running.value:
+        job.heartbeat_at = utcnow()
+        session.flush()
+    return job
+
+
+def claim_trial(session: Session, job: tables.Job) -> bool:
+    """Reserve one trial of the budget, atomically across every worker of the job."""
+    if job.state != JobState.running.value or job.cancel_requested:
+        return False
+    budget = job.spec.get("max_trials")
+    query = update(tables.Job).where(tables.Job.id == job.id, tables.Job.state == JobState.running.value)
+    if budget is not None:
+        query = query.where(tables.Job.trials_claimed < budget)
+    result = session.execute(query.values(trials_claimed=tables.Job.trials_claimed + 1, heartbeat_at=utcnow()))
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+
+def record_trial(session: Session, job: tables.Job, report: TrialReport) -> tables.Job:
+    if session.get(tables.JobTrial, (job.id, report.number)) is None:
+        session.add(tables.JobTrial(job_id=job.id, **report.model_dump()))
+        session.flush()
+    done = session.scalar(select(func.count()).select_from(tables.JobTrial).where(tables.JobTrial.job_id == job.id))
+    job.trials_done = int(done or 0)
+    better = job.best_score is None or (
+        report.score is not None
+        and (report.score > job.best_score if job.spec["maximise"] else report.score < job.best_score)
+    )
+    if report.state == "complete" and report.score is not None and better:
+        job.best_score, job.best_family = report.score, report.family
+    job.heartbeat_at = utcnow()
+    session.flush()
+    return job
+
+
+def claim_finalize(session: Session, job: tables.Job, worker: str) -> bool:
+    """Exactly one worker of a job refits and registers the best model."""
+    if job.finalizer == worker:
+        return True
+    result = session.execute(
+        update(tables.Job).where(tables.Job.id == job.id, tables.Job.finalizer.is_(None)).values(finalizer=worker)
+    )
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+
+def set_run(session: Session, job: tables.Job, run_id: str) -> tables.Job:
+    job.mlflow_run_id = run_id
+    session.flush()
+    return job
+
+
+def finish_job(session: Session, job: tables.Job, body: JobFinish) -> tables.Job:
+    if job.state == body.state:  # a retried report
+        return job
+    job.test_metrics = body.test_metrics
+    job.model_name = body.model_name
+    job.model_version = body.model_version
+    _move(session, job, JobState(body.state), body.reason)
+    return job
+
+
+def reap_stale_jobs(session: Session, *, timeout_s: float) -> list[int]:
+    """Fail running jobs whose worker stopped sending heartbeats (killed, lost, out of memory)."""
+    cutoff = utcnow() - timedelta(seconds=timeout_s)
+    stale = list(
+        session.scalars(
+            select(tables.Job).where(tables.Job.state == JobState.running.value, tables.Job.heartbeat_at < cutoff)
+        )
+    )
+    for job in stale:
+        _move(
+            session,
+            job,
+            JobState.failed,
+            f"worker {job.worker} sent no heartbeat for {timeout_s:.0f}s (it died or was killed)",
+        )
+    return [j.id for j in stale]
+
+
+def unsubmitted_jobs(session: Session) -> list[tables.Job]:
+    return list(
+        session.scalars(
+            select(tables.Job).where(tables.Job.state == JobState.queued.value, tables.Job.flow_run_id.is_(None))
+        )
+    )
+
+
+def mark_submitted(session: Session, job_id: int, flow_run_id: str) -> None:
+    job = session.get(tables.Job, job_id)
+    if job is not None:
+        job.flow_run_id = flow_run_id
+        job.submitted_at = utcnow()
+        log(session, job_id, f"submitted to Prefect as flow run {flow_run_id}")
+        session.flush()

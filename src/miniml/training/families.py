@@ -1,0 +1,148 @@
+"""Model families and their Optuna search spaces.
+
+Each family builds an estimator from a trial; the family itself is the search's first choice.
+Parameter names carry the family's prefix so every family keeps its own dimensions in TPE.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+
+from miniml.domain.tasks import Task
+
+Builder = Callable[[optuna.Trial | optuna.trial.FixedTrial, Task, int], Any]
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    build: Builder
+    scale_numeric: bool
+    # MLflow serialisation: skops with an explicit allowlist where every type is scikit-learn's;
+    # cloudpickle where skops cannot describe the model (LightGBM/XGBoost boosters, torch modules).
+    serialization: str
+    trusted_types: tuple[str, ...] = ()
+    pip: tuple[str, ...] = ()
+
+
+def _linear(trial: optuna.Trial | optuna.trial.FixedTrial, task: Task, seed: int) -> Any:
+    from sklearn.linear_model import LogisticRegression, Ridge
+
+    if task is Task.classification:
+        return LogisticRegression(C=trial.suggest_float("linear.C", 1e-3, 1e2, log=True), max_iter=2000)
+    return Ridge(alpha=trial.suggest_float("linear.alpha", 1e-3, 1e2, log=True), random_state=seed)
+
+
+def _random_forest(trial: optuna.Trial | optuna.trial.FixedTrial, task: Task, seed: int) -> Any:
+    from sklearn.ensemble import RandomForestClassifier, RandomForestRegressor
+
+    cls = RandomForestClassifier if task is Task.classification else RandomForestRegressor
+    return cls(
+        n_estimators=trial.suggest_int("random_forest.n_estimators", 50, 300, step=50),
+        max_depth=trial.suggest_int("random_forest.max_depth", 2, 20),
+        min_samples_leaf=trial.suggest_int("random_forest.min_samples_leaf", 1, 10),
+        max_features=trial.suggest_categorical("random_forest.max_features", ["sqrt", 0.5, 1.0]),
+        n_jobs=1,
+        random_state=seed,
+    )
+
+
+def _hist_gradient_boosting(trial: optuna.Trial | optuna.trial.FixedTrial, task: Task, seed: int) -> Any:
+    from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
+
+    cls = HistGradientBoostingClassifier if task is Task.classification else HistGradientBoostingRegressor
+    return cls(
+        learning_rate=trial.suggest_float("hist_gradient_boosting.learning_rate", 0.01, 0.3, log=True),
+        max_iter=trial.suggest_int("hist_gradient_boosting.max_iter", 50, 300, step=50),
+        max_leaf_nodes=trial.suggest_int("hist_gradient_boosting.max_leaf_nodes", 8, 64, log=True),
+        l2_regularization=trial.suggest_float("hist_gradient_boosting.l2_regularization", 1e-6, 1.0, log=True),
+        random_state=seed,
+    )
+
+
+def _lightgbm(trial: optuna.Trial | optuna.trial.FixedTrial, task: Task, seed: int) -> Any:
+    import lightgbm as lgb
+
+    cls = lgb.LGBMClassifier if task is Task.classification else lgb.LGBMRegressor
+    return cls(
+        n_estimators=trial.suggest_int("lightgbm.n_estimators", 50, 300, step=50),
+        learning_rate=trial.suggest_float("lightgbm.learning_rate", 0.01, 0.3, log=True),
+        num_leaves=trial.suggest_int("lightgbm.num_leaves", 8, 64, log=True),
+        min_child_samples=trial.suggest_int("lightgbm.min_child_samples", 2, 30),
+        subsample=trial.suggest_float("lightgbm.subsample", 0.6, 1.0),
+        subsample_freq=1,
+        colsample_bytree=trial.suggest_float("lightgbm.colsample_bytree", 0.6, 1.0),
+        n_jobs=1,
+        verbose=-1,
+        random_state=seed,
+    )
+
+
+def _xgboost(trial: optuna.Trial | optuna.trial.FixedTrial, task: Task, seed: int) -> Any:
+    import xgboost as xgb
+
+    from miniml.training.estimators import LabelEncodedClassifier
+
+    params: dict[str, Any] = {
+        "n_estimators": trial.suggest_int("xgboost.n_estimators", 50, 300, step=50),
+        "max_depth": trial.suggest_int("xgboost.max_depth", 2, 8),
+        "learning_rate": trial.suggest_float("xgboost.learning_rate", 0.01, 0.3, log=True),
+        "subsample": trial.suggest_float("xgboost.subsample", 0.6, 1.0),
+        "colsample_bytree": trial.suggest_float("xgboost.colsample_bytree", 0.6, 1.0),
+        "tree_method": "hist",
+        "n_jobs": 1,
+        "random_state": seed,
+    }
+    if task is Task.classification:
+        return LabelEncodedClassifier(xgb.XGBClassifier(**params))
+    return xgb.XGBRegressor(**params)
+
+
+def _torch_mlp(trial: optuna.Trial | optuna.trial.FixedTrial, task: Task, seed: int) -> Any:
+    from miniml.training.estimators import LabelEncodedClassifier, TorchMLPClassifier, TorchMLPRegressor
+
+    params: dict[str, Any] = {
+        "hidden": trial.suggest_int("torch_mlp.hidden", 16, 128, log=True),
+        "layers": trial.suggest_int("torch_mlp.layers", 1, 3),
+        "dropout": trial.suggest_float("torch_mlp.dropout", 0.0, 0.3),
+        "lr": trial.suggest_float("torch_mlp.lr", 1e-4, 3e-2, log=True),
+        "weight_decay": trial.suggest_float("torch_mlp.weight_decay", 1e-6, 1e-2, log=True),
+        "epochs": trial.suggest_int("torch_mlp.epochs", 20, 120, step=20),
+        "batch_size": trial.suggest_categorical("torch_mlp.batch_size", [32, 64, 128]),
+        "seed": seed,
+    }
+    if task is Task.classification:
+        return LabelEncodedClassifier(TorchMLPClassifier(task="classification", **params))
+    return TorchMLPRegressor(task="regression", **params)
+
+
+_SKLEARN_TRUSTED = ("numpy.dtype",)
+
+# Add new model families here.
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family("linear", _linear, scale_numeric=True, serialization="skops", trusted_types=_SKLEARN_TRUSTED),
+        Family(
+            "random_forest",
+            _random_forest,
+            scale_numeric=False,
+            serialization="skops",
+            trusted_types=(*_SKLEARN_TRUSTED, "sklearn.tree._tree.Tree"),
+        ),
+        Family(
+            "hist_gradient_boosting",
+            _hist_gradient_boosting,
+            scale_numeric=False,
+            serialization="skops",
+            trusted_types=(*_SKLEARN_TRUSTED, "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor"),
+        ),
+        Family("lightgbm", _lightgbm, scale_numeric=False, serialization="cloudpickle", pip=("lightgbm",)),
+        Family("xgboost", _xgboost, scale_numeric=False, serialization="cloudpickle", pip=("xgboost-cpu",)),
+        Family("torch_mlp", _torch_mlp, scale_numeric=True, serialization="cloudpickle", pip=("torch",)),
+    )
+}

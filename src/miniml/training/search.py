@@ -1,0 +1,280 @@
+"""The Optuna search: family first, its parameters next, cross-validated, pruned per fold.
+
+Trials are claimed one at a time from a budget the caller owns (the api, through the job), so
+several threads and several worker processes can share one study and the total number of
+trials is exactly the budget.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import optuna
+from sklearn.compose import ColumnTransformer
+from sklearn.impute import SimpleImputer
+from sklearn.metrics import (
+    accuracy_score,
+    f1_score,
+    log_loss,
+    mean_absolute_error,
+    mean_squared_error,
+    r2_score,
+    roc_auc_score,
+)
+from sklearn.model_selection import KFold, StratifiedKFold
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+from miniml.domain.tasks import Task, maximise
+from miniml.training.data import Features, Split
+from miniml.training.families import FAMILIES, Family
+
+# Categories seen in under 1% of rows (and beyond the 50 most frequent) share one "infrequent" column.
+RARE_CATEGORY_FRACTION = 0.01
+MAX_CATEGORIES = 50
+
+
+@dataclass
+class SearchSpec:
+    task: Task
+    metric: str
+    families: list[str]
+    cv_folds: int = 3
+    seed: int = 0
+    max_trials: int | None = None
+    timeout_s: float | None = None
+    n_jobs: int = 1
+
+
+@dataclass
+class TrialResult:
+    number: int
+    family: str
+    params: dict[str, Any]
+    score: float | None
+    duration_s: float
+    state: str
+    worker: str
+    error: str | None = None
+
+
+@dataclass
+class SearchControl:
+    """How the search asks for budget and reports back; the job runner fills these in."""
+
+    claim: Callable[[], bool]
+    on_trial: Callable[[TrialResult], None]
+    should_stop: Callable[[], bool] = lambda: False
+    worker: str = "local"
+    errors: list[str] = field(default_factory=list)
+
+
+def build_pipeline(features: Features, family: Family, estimator: Any) -> Pipeline:
+    numeric_steps: list[tuple[str, Any]] = [("impute", SimpleImputer(strategy="median", keep_empty_features=True))]
+    if family.scale_numeric:
+        numeric_steps.append(("scale", StandardScaler()))
+    categorical = Pipeline(
+        [
+            ("impute", SimpleImputer(strategy="constant", fill_value="__missing__", keep_empty_features=True)),
+            (
+                "onehot",
+                OneHotEncoder(
+                    handle_unknown="infrequent_if_exist",
+                    min_frequency=RARE_CATEGORY_FRACTION,
+                    max_categories=MAX_CATEGORIES,
+                    sparse_output=False,
+                ),
+            ),
+        ]
+    )
+    transformers: list[tuple[str, Any, list[str]]] = []
+    if features.numeric:
+        transformers.append(("numeric", Pipeline(numeric_steps), features.numeric))
+    if features.categorical:
+        transformers.append(("categorical", categorical, features.categorical))
+    pre = ColumnTransformer(transformers, remainder="drop", verbose_feature_names_out=True)
+    return Pipeline([("preprocess", pre), ("model", estimator)])
+
+
+def score(metric: str, model: Any, x: Any, y: np.ndarray) -> float:
+    if metric in ("roc_auc", "log_loss"):
+        proba = model.predict_proba(x)
+        classes = list(model.classes_)
+        if metric == "log_loss":
+            return float(log_loss(y, proba, labels=classes))
+        if len(classes) == 2:
+            return float(roc_auc_score(y, proba[:, 1]))
+        return float(roc_auc_score(y, proba, multi_class="ovr", labels=classes))
+    pred = model.predict(x)
+    match metric:
+        case "f1_macro":
+            return float(f1_score(y, pred, average="macro"))
+        case "accuracy":
+            return float(accuracy_score(y, pred))
+        case "rmse":
+            return float(math.sqrt(mean_squared_error(y, pred)))
+        case "mae":
+            return float(mean_absolute_error(y, pred))
+        case "r2":
+            return float(r2_score(y, pred))
+    raise ValueError(f"unknown metric {metric}")
+
+
+class Cancelled(Exception):
+    pass
+
+
+def make_objective(data: Split, features: Features, spec: SearchSpec, control: SearchControl) -> Callable[..., float]:
+    if spec.task is Task.classification:
+        folds: Any = StratifiedKFold(n_splits=spec.cv_folds, shuffle=True, random_state=spec.seed)
+    else:
+        folds = KFold(n_splits=spec.cv_folds, shuffle=True, random_state=spec.seed)
+    splits = list(folds.split(data.x_train, data.y_train))
+
+    def objective(trial: optuna.Trial) -> float:
+        trial.set_user_attr("worker", control.worker)
+        name = trial.suggest_categorical("family", spec.families)
+        family = FAMILIES[str(name)]
+        scores: list[float] = []
+        for step, (train_idx, valid_idx) in enumerate(splits):
+            if control.should_stop():
+                raise Cancelled
+            pipe = build_pipeline(features, family, family.build(trial, spec.task, spec.seed))
+            pipe.fit(data.x_train.iloc[train_idx], data.y_train[train_idx])
+            scores.append(score(spec.metric, pipe, data.x_train.iloc[valid_idx], data.y_train[valid_idx]))
+            trial.report(float(np.mean(scores)), step)
+            if trial.should_prune():
+                raise optuna.TrialPruned
+        return float(np.mean(scores))
+
+    return objective
+
+
+def make_storage(url: str) -> optuna.storages.RDBStorage:
+    """Optuna's RDB storage on the metadata DB; the heartbeat fails trials of a worker that died."""
+    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if url.startswith("sqlite"):
+        kwargs["connect_args"] = {"timeout": 60}  # writers queue instead of "database is locked"
+    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=10, grace_period=60)
+
+
+def new_study(storage: optuna.storages.BaseStorage, name: str, spec: SearchSpec) -> optuna.Study:
+    return optuna.create_study(
+        study_name=name,
+        storage=storage,
+        direction="maximize" if maximise(spec.metric) else "minimize",
+        sampler=optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=max(5, len(spec.families))),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=0),
+        load_if_exists=True,
+    )
+
+
+def _result(trial: optuna.trial.FrozenTrial) -> TrialResult:
+    params = {k: v for k, v in trial.params.items() if k != "family"}
+    duration = trial.duration.total_seconds() if trial.duration else 0.0
+    value = trial.value if trial.state == optuna.trial.TrialState.COMPLETE else None
+    return TrialResult(
+        number=trial.number,
+        family=str(trial.params.get("family", "")),
+        params=params,
+        score=value,
+        duration_s=duration,
+        state=trial.state.name.lower(),
+        worker=str(trial.user_attrs.get("worker", "")),
+        error=trial.user_attrs.get("error"),
+    )
+
+
+def run_search(
+    storage: optuna.storages.BaseStorage,
+    study_name: str,
+    data: Split,
+    features: Features,
+    spec: SearchSpec,
+    control: SearchControl,
+) -> None:
+    """Run trials on ``spec.n_jobs`` threads until the budget, the time limit or a stop request ends it."""
+    deadline = time.monotonic() + spec.timeout_s if spec.timeout_s else None
+    objective = make_objective(data, features, spec, control)
+    failures: list[BaseException] = []
+    new_study(storage, study_name, spec)  # create once, before the threads race to
+
+    def loop() -> None:
+        study = new_study(storage, study_name, spec)
+
+        def record(_study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+            control.on_trial(_result(trial))
+
+        while not control.should_stop() and (deadline is None or time.monotonic() < deadline):
+            if not control.claim():
+                return
+            try:
+                study.optimize(
+                    _guard(objective), n_trials=1, callbacks=[record], catch=(Exception,), gc_after_trial=False
+                )
+            except Cancelled:
+                return
+            except BaseException as exc:
+                failures.append(exc)
+                return
+
+    threads = [threading.Thread(target=loop, name=f"trials-{i}", daemon=True) for i in range(max(1, spec.n_jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if failures:
+        raise failures[0]
+
+
+def _guard(objective: Callable[[optuna.Trial], float]) -> Callable[[optuna.Trial], float]:
+    """Keep a failed trial's reason on the trial, and turn a cancel into a pruned trial."""
+
+    def run(trial: optuna.Trial) -> float:
+        try:
+            return objective(trial)
+        except Cancelled:
+            trial.set_user_attr("error", "cancelled")
+            raise optuna.TrialPruned from None
+        except optuna.TrialPruned:
+            raise
+        except Exception as exc:
+            trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:500])
+            raise
+
+    return run
+
+
+def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not complete:
+        return None
+    return study.best_trial
+
+
+def refit(
+    trial: optuna.trial.FrozenTrial, data: Split, features: Features, spec: SearchSpec
+) -> tuple[Pipeline, Family]:
+    """Rebuild the best configuration and fit it on the whole training split."""
+    family = FAMILIES[str(trial.params["family"])]
+    fixed = optuna.trial.FixedTrial(trial.params)
+    pipe = build_pipeline(features, family, family.build(fixed, spec.task, spec.seed))
+    pipe.fit(data.x_train, data.y_train)
+    return pipe, family
+
+
+def test_metrics(pipe: Pipeline, data: Split, task: Task) -> dict[str, float]:
+    metrics = ["f1_macro", "accuracy", "roc_auc", "log_loss"] if task is Task.classification else ["rmse", "mae", "r2"]
+    out = {}
+    for m in metrics:
+        try:
+            out[m] = score(m, pipe, data.x_test, data.y_test)
+        except (ValueError, AttributeError):  # e.g. roc_auc with one class in the test split
+            continue
+    return out
