@@ -162,3 +162,34 @@ def store_settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
     return Settings(
         data_dir=tmp_path / "data", storage=storage, mlflow={"port": free_port()}, prefect={"port": free_port()}
     )
+
+
+def _supervised(tmp_path_factory: pytest.TempPathFactory, names: set[str], **ports: int) -> Iterator[Settings]:
+    from miniml.processes import Supervisor, embedded_services
+
+    settings = Settings(
+        data_dir=tmp_path_factory.mktemp("services"),
+        mlflow={"port": ports.get("mlflow", free_port())},
+        prefect={"port": ports.get("prefect", free_port())},
+        api={"port": free_port()},
+    )
+    sup = Supervisor(settings, [s for s in embedded_services(settings) if s.name in names])
+    try:
+        sup.start_all()
+        yield settings
+    finally:
+        sup.stop_all()
+
+
+@pytest.fixture(scope="session")
+def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real MLflow server (SQLite backend, proxied artifacts) for the whole session."""
+    for settings in _supervised(tmp_path_factory, {"mlflow"}):
+        yield settings.mlflow_uri
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Prefect server for the whole session."""
+    for settings in _supervised(tmp_path_factory, {"prefect"}):
+        yield settings.prefect_api_url

@@ -34,10 +34,10 @@ from miniml.training.search import (
     SearchSpec,
     TrialResult,
     best_trial,
+    holdout_metrics,
     make_storage,
     refit,
     run_search,
-    test_metrics,
 )
 
 log = logging.getLogger("miniml.worker")
@@ -214,7 +214,7 @@ def _train(
         f"best: trial {best.number} ({best.params['family']}), CV {spec['metric']} {best.value:.4f}; refitting",
     )
     pipe, family = refit(best, data, features, search)
-    metrics = test_metrics(pipe, data, task)
+    metrics = holdout_metrics(pipe, data, task)
     predictions = pipe.predict(data.x_test)
     figures = {
         "optimisation_history": plots.optimisation_history(study, spec["maximise"]),

@@ -269,7 +269,7 @@ def refit(
     return pipe, family
 
 
-def test_metrics(pipe: Pipeline, data: Split, task: Task) -> dict[str, float]:
+def holdout_metrics(pipe: Pipeline, data: Split, task: Task) -> dict[str, float]:
     metrics = ["f1_macro", "accuracy", "roc_auc", "log_loss"] if task is Task.classification else ["rmse", "mae", "r2"]
     out = {}
     for m in metrics:
