@@ -193,3 +193,17 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real Prefect server for the whole session."""
     for settings in _supervised(tmp_path_factory, {"prefect"}):
         yield settings.prefect_api_url
+
+
+@pytest.fixture
+def make_key_for() -> Callable[..., dict[str, str]]:
+    """Headers for a new key on any app client (through the service layer)."""
+
+    def make(client: TestClient, role: str, *projects_: str) -> dict[str, str]:
+        with client.app.state.db.begin() as session:  # type: ignore[attr-defined]
+            _read, raw = keys.create_key(
+                session, Caller("test", Role.admin, None), KeyCreate(role=Role(role), projects=list(projects_))
+            )
+        return {"X-API-Key": raw}
+
+    return make

@@ -1,0 +1,249 @@
+"""Jobs API: submit-time validation, idempotency, the worker protocol, cancel, heartbeats."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from miniml.api.app import create_app
+from miniml.config import Settings
+from tests.conftest import assert_problem, free_port
+
+IRIS = Path(__file__).resolve().parents[2] / "data" / "samples" / "iris.csv"
+JOBS = "/api/v1/projects/demo/jobs"
+
+
+@pytest.fixture
+def jc(tmp_path: Path) -> Iterator[tuple[TestClient, dict[str, str]]]:
+    settings = Settings(
+        data_dir=tmp_path / "d",
+        prefect={"port": free_port()},
+        mlflow={"port": free_port()},
+        jobs={"heartbeat_timeout_s": 1.0, "loop_interval_s": 0.2},
+    )
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        admin = {"X-API-Key": (settings.data_dir / "admin.key").read_text().strip()}
+        client.post("/api/v1/projects", json={"name": "demo"}, headers=admin)
+        for name, content in (
+            ("iris.csv", IRIS.read_bytes()),
+            ("one.csv", b"x,y\n" + b"".join(f"{i},a\n".encode() for i in range(30))),
+            ("tiny.csv", b"x,y\n1,a\n2,b\n3,a\n"),
+            ("skew.csv", b"x,y\n" + b"".join(f"{i},a\n".encode() for i in range(30)) + b"31,b\n"),
+            ("texty.csv", b"x,t\n" + b"".join(f"{i},word{i}\n".encode() for i in range(100))),
+        ):
+            assert (
+                client.post(
+                    "/api/v1/projects/demo/datasets", files={"file": (name, content)}, headers=admin
+                ).status_code
+                == 201
+            )
+        yield client, admin
+
+
+def job_count(client: TestClient, admin: dict[str, str]) -> int:
+    return len(client.get(JOBS, headers=admin).json())
+
+
+def test_submit_answers_202_at_once_with_a_queued_job(jc: tuple[TestClient, dict[str, str]]) -> None:
+    client, admin = jc
+    start = time.monotonic()
+    response = client.post(JOBS, json={"dataset": "iris", "target": "target", "max_trials": 3}, headers=admin)
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert time.monotonic() - start < 10
+    assert job["state"] == "queued" and job["spec"]["task"] == "classification" and job["spec"]["metric"] == "f1_macro"
+    assert job["spec"]["families"] == [
+        "linear",
+        "random_forest",
+        "hist_gradient_boosting",
+        "lightgbm",
+        "xgboost",
+        "torch_mlp",
+    ]
+    assert job["spec"]["promote_to"] == "staging" and job["spec"]["model_name"] == "iris"
+    assert client.get(f"{JOBS}/{job['id']}", headers=admin).json()["state"] == "queued"
+    logs = client.get(f"{JOBS}/{job['id']}/logs", headers=admin).json()
+    assert logs and "queued" in logs[0]["message"]
+
+
+def test_seed_train_route(jc: tuple[TestClient, dict[str, str]]) -> None:
+    client, admin = jc
+    uri = client.get("/api/v1/projects/demo/datasets/iris/versions/1", headers=admin).json()["s3_uri"]
+    body = {
+        "project": "demo",
+        "dataset_s3_uri": uri,
+        "target": "target",
+        "model_name": "iris-clf",
+        "test_size": 0.3,
+        "max_trials": 4,
+    }
+    response = client.post("/experiments/train", json=body, headers=admin)
+    assert response.status_code == 202
+    assert response.json()["spec"]["model_name"] == "iris-clf" and response.json()["spec"]["max_trials"] == 4
+
+
+@pytest.mark.parametrize(
+    ("body", "needles"),
+    [
+        ({"dataset": "nope", "target": "target"}, ["nope", "upload it first"]),
+        ({"dataset": "iris", "version": 9, "target": "target"}, ["no version 9"]),
+        ({"dataset_uri": "file:///etc/passwd", "target": "target"}, ["not a dataset version of project"]),
+        ({"dataset_uri": "http://169.254.169.254/latest/meta-data", "target": "target"}, ["not a dataset version"]),
+        (
+            {"dataset_uri": "s3://other-bucket/projects/1/datasets/1/x.csv", "target": "target"},
+            ["not a dataset version"],
+        ),
+        ({"target": "target"}, ["name the training data"]),
+        ({"dataset": "iris", "target": "species"}, ["species", "sepal_length"]),
+        ({"dataset": "one", "target": "y"}, ["only one class"]),
+        ({"dataset": "tiny", "target": "y"}, ["too few rows"]),
+        ({"dataset": "skew", "target": "y"}, ["class 'b'", "only 1 rows"]),
+        ({"dataset": "texty", "target": "t"}, ["text column"]),
+        ({"dataset": "iris", "target": "target", "families": ["svm"]}, ["svm", "random_forest"]),
+        ({"dataset": "iris", "target": "target", "families": []}, ["empty"]),
+        ({"dataset": "iris", "target": "target", "metric": "auc_pr"}, ["auc_pr", "f1_macro"]),
+        ({"dataset": "iris", "target": "target", "metric": "rmse"}, ["rmse", "is for regression"]),
+        (
+            {"dataset": "iris", "target": "petal_width", "task": "regression", "metric": "accuracy"},
+            ["is for classification"],
+        ),
+        ({"dataset": "iris", "target": "target", "task": "regression"}, ["not numeric"]),
+        ({"dataset": "iris", "target": "target", "max_trials": 0}, ["max_trials must be at least 1"]),
+        ({"dataset": "iris", "target": "target", "max_trials": -3}, ["max_trials"]),
+        ({"dataset": "iris", "target": "target", "model_name": "../evil"}, ["not valid"]),
+        ({"dataset": "iris", "target": "target", "cv_folds": 1}, ["cv_folds"]),
+        ({"dataset": "iris", "target": "target", "state": "succeeded"}, ["state", "not a known field"]),
+    ],
+)
+def test_bad_job_requests_are_422_and_create_nothing(
+    jc: tuple[TestClient, dict[str, str]], body: dict[str, object], needles: list[str]
+) -> None:
+    client, admin = jc
+    assert_problem(client.post(JOBS, json=body, headers=admin), 422, *needles)
+    assert job_count(client, admin) == 0
+
+
+def test_foreign_project_uri_is_refused(jc: tuple[TestClient, dict[str, str]]) -> None:
+    client, admin = jc
+    client.post("/api/v1/projects", json={"name": "other"}, headers=admin)
+    up = client.post("/api/v1/projects/other/datasets", files={"file": ("iris.csv", IRIS.read_bytes())}, headers=admin)
+    body = {"dataset_uri": up.json()["uri"], "target": "target"}
+    assert_problem(client.post(JOBS, json=body, headers=admin), 422, "not a dataset version of project 'demo'")
+    assert job_count(client, admin) == 0
+
+
+def test_production_promotion_needs_admin(
+    jc: tuple[TestClient, dict[str, str]], make_key_for: Callable[..., dict[str, str]]
+) -> None:
+    client, admin = jc
+    engineer = make_key_for(client, "engineer", "demo")
+    body = {"dataset": "iris", "target": "target", "promote_to": "production"}
+    assert_problem(client.post(JOBS, json=body, headers=engineer), 403, "admin")
+    assert client.post(JOBS, json={**body, "promote_to": "staging"}, headers=engineer).status_code == 202
+    assert client.post(JOBS, json=body, headers=admin).status_code == 202
+
+
+def test_idempotency_key_replays_the_first_job(jc: tuple[TestClient, dict[str, str]]) -> None:
+    client, admin = jc
+    body = {"dataset": "iris", "target": "target", "max_trials": 2}
+    headers = {**admin, "Idempotency-Key": "retry-123"}
+    first = client.post(JOBS, json=body, headers=headers)
+    again = client.post(JOBS, json=body, headers=headers)
+    assert first.status_code == 202 and again.status_code == 200
+    assert first.json()["id"] == again.json()["id"]
+    assert job_count(client, admin) == 1
+    assert (
+        client.post(JOBS, json=body, headers={**admin, "Idempotency-Key": "other"}).json()["id"] != first.json()["id"]
+    )
+
+
+def test_worker_protocol_and_state_machine(jc: tuple[TestClient, dict[str, str]]) -> None:
+    client, admin = jc
+    job = client.post(JOBS, json={"dataset": "iris", "target": "target", "max_trials": 3}, headers=admin).json()
+    url = f"{JOBS}/{job['id']}"
+    assert client.post(f"{url}/trials/claim", headers=admin).json() == {"granted": False}  # not running yet
+    assert client.post(f"{url}/start", json={"worker": "w1"}, headers=admin).json()["state"] == "running"
+    assert_problem(client.post(f"{url}/start", json={"worker": "w2"}, headers=admin), 409, "cannot be started again")
+    grants = [client.post(f"{url}/trials/claim", headers=admin).json()["granted"] for _ in range(5)]
+    assert grants == [True, True, True, False, False]
+    for number, score in enumerate([0.8, 0.95, None]):
+        report = {
+            "number": number,
+            "family": "linear",
+            "params": {"linear.C": 1.0},
+            "score": score,
+            "duration_s": 0.1,
+            "state": "complete" if score else "pruned",
+            "worker": "w1",
+        }
+        client.post(f"{url}/trials", json=report, headers=admin)
+    read = client.get(url, headers=admin).json()
+    assert read["progress"]["trials_done"] == 3 and read["progress"]["best_score"] == 0.95
+    assert [t["number"] for t in read["leaderboard"]] == [1, 0, 2]
+    assert client.post(f"{url}/finalize", json={"worker": "w1"}, headers=admin).json()["granted"] is True
+    assert client.post(f"{url}/finalize", json={"worker": "w2"}, headers=admin).json()["granted"] is False
+    done = client.post(f"{url}/finish", json={"state": "succeeded", "test_metrics": {"f1_macro": 0.9}}, headers=admin)
+    assert done.json()["state"] == "succeeded" and done.json()["finished_at"]
+    assert_problem(
+        client.post(f"{url}/finish", json={"state": "failed", "reason": "x"}, headers=admin), 409, "succeeded"
+    )
+    assert_problem(client.post(f"{url}/cancel", headers=admin), 409, "already succeeded")
+
+
+def test_cancel_a_queued_job(jc: tuple[TestClient, dict[str, str]]) -> None:
+    client, admin = jc
+    job = client.post(JOBS, json={"dataset": "iris", "target": "target"}, headers=admin).json()
+    cancelled = client.post(f"{JOBS}/{job['id']}/cancel", headers=admin).json()
+    assert cancelled["state"] == "cancelled" and cancelled["cancel_requested"]
+    assert_problem(client.post(f"{JOBS}/{job['id']}/start", json={"worker": "w"}, headers=admin), 409, "cancelled")
+
+
+def test_cancel_a_running_job_is_seen_by_its_worker(jc: tuple[TestClient, dict[str, str]]) -> None:
+    client, admin = jc
+    job = client.post(JOBS, json={"dataset": "iris", "target": "target"}, headers=admin).json()
+    url = f"{JOBS}/{job['id']}"
+    client.post(f"{url}/start", json={"worker": "w"}, headers=admin)
+    assert client.post(f"{url}/heartbeat", headers=admin).json() == {"state": "running", "cancel_requested": False}
+    assert client.post(f"{url}/cancel", headers=admin).json()["state"] == "running"
+    assert client.post(f"{url}/heartbeat", headers=admin).json()["cancel_requested"] is True
+    assert client.post(f"{url}/trials/claim", headers=admin).json()["granted"] is False
+
+
+def test_silent_worker_fails_the_job(jc: tuple[TestClient, dict[str, str]]) -> None:
+    client, admin = jc
+    job = client.post(JOBS, json={"dataset": "iris", "target": "target"}, headers=admin).json()
+    client.post(f"{JOBS}/{job['id']}/start", json={"worker": "doomed"}, headers=admin)
+    deadline = time.monotonic() + 10
+    while (read := client.get(f"{JOBS}/{job['id']}", headers=admin).json())[
+        "state"
+    ] == "running" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert read["state"] == "failed" and "no heartbeat" in read["reason"] and "doomed" in read["reason"]
+
+
+def test_dataset_version_in_use_cannot_be_deleted(jc: tuple[TestClient, dict[str, str]]) -> None:
+    client, admin = jc
+    job = client.post(JOBS, json={"dataset": "iris", "target": "target"}, headers=admin).json()
+    assert_problem(
+        client.delete("/api/v1/projects/demo/datasets/iris/versions/1", headers=admin), 409, f"job {job['id']}"
+    )
+    assert client.get("/api/v1/projects/demo/datasets/iris/versions/1/file", headers=admin).status_code == 200
+
+
+def test_jobs_of_another_project_are_invisible(
+    jc: tuple[TestClient, dict[str, str]], make_key_for: Callable[..., dict[str, str]]
+) -> None:
+    client, admin = jc
+    job = client.post(JOBS, json={"dataset": "iris", "target": "target"}, headers=admin).json()
+    client.post("/api/v1/projects", json={"name": "other"}, headers=admin)
+    outsider = make_key_for(client, "engineer", "other")
+    for method, suffix in (("GET", ""), ("GET", "/logs"), ("POST", "/cancel"), ("POST", "/heartbeat")):
+        assert_problem(client.request(method, f"{JOBS}/{job['id']}{suffix}", headers=outsider), 404)
+    assert client.get("/api/v1/projects/other/jobs", headers=outsider).json() == []
+    viewer = make_key_for(client, "viewer", "demo")
+    assert client.get(f"{JOBS}/{job['id']}", headers=viewer).status_code == 200
+    assert_problem(client.post(f"{JOBS}/{job['id']}/cancel", headers=viewer), 403, "engineer")
