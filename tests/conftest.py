@@ -207,3 +207,37 @@ def make_key_for() -> Callable[..., dict[str, str]]:
         return {"X-API-Key": raw}
 
     return make
+
+
+class LiveApi:
+    """The real app served by uvicorn on a loopback port, in a thread of the test process."""
+
+    def __init__(self, settings: Settings) -> None:
+        import threading
+
+        import uvicorn
+
+        self.settings = settings
+        self.app = create_app(settings)
+        self.url = f"http://127.0.0.1:{settings.api.port}"
+        self.server = uvicorn.Server(
+            uvicorn.Config(self.app, host="127.0.0.1", port=settings.api.port, log_level="warning")
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> LiveApi:
+        import time
+
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the api did not start")
+            time.sleep(0.05)
+        self.key = (self.settings.data_dir / "admin.key").read_text().strip()
+        self.headers = {"X-API-Key": self.key}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)

@@ -67,14 +67,15 @@ def test_up_starts_every_service_and_stops_them_all(tmp_path: Path) -> None:
         assert httpx.get(f"http://127.0.0.1:{ports['api']}/healthz").status_code == 200
         ready = httpx.get(f"http://127.0.0.1:{ports['api']}/readyz", timeout=10)
         assert ready.status_code == 200, ready.text
-        assert {c["name"] for c in ready.json()["checks"]} == {"database", "mlflow", "prefect"}
+        assert {c["name"] for c in ready.json()["checks"]} == {"database", "mlflow", "prefect", "worker"}
         assert httpx.get(f"http://127.0.0.1:{ports['mlflow']}/health").status_code == 200
         assert httpx.get(f"http://127.0.0.1:{ports['prefect']}/api/health").status_code == 200
         headers = {"X-API-Key": key.group(1)}
         created = httpx.post(f"http://127.0.0.1:{ports['api']}/api/v1/projects", json={"name": "demo"}, headers=headers)
         assert created.status_code == 201
         children = psutil.Process(proc.pid).children(recursive=True)
-        assert len(children) >= 3
+        assert any("worker" in " ".join(c.cmdline()) for c in children)
+        assert len(children) >= 4
     finally:
         os.kill(proc.pid, signal.SIGINT)
         rest, _ = proc.communicate(timeout=60)

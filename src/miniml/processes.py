@@ -118,7 +118,8 @@ def embedded_services(settings: Settings) -> list[Service]:
             name="worker",
             argv=[py, "-m", "miniml", "worker"],
             port=None,
-            health_url=None,
+            # Ready once the api's /readyz sees the worker's deployment served (and everything else).
+            health_url=f"{settings.api_url}/readyz",
             stop_signal=signal.SIGINT,
             phase=1,
         ),

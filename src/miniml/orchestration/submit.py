@@ -25,7 +25,7 @@ class Orchestrator:
 
         return temporary_settings({PREFECT_API_URL: self.settings.prefect_api_url})
 
-    def _run_deployment(self, job_id: int, project: str, shard: int) -> str:
+    def _run_deployment(self, job_id: int, project: str, shard: int, created: float) -> str:
         from prefect.deployments import run_deployment
 
         name = f"job-{job_id}" if shard == 0 else f"job-{job_id}-shard-{shard}"
@@ -36,7 +36,8 @@ class Orchestrator:
                 flow_run_name=name,
                 timeout=0,
                 # The same key twice gives the same flow run: a retried submission never doubles a job.
-                idempotency_key=f"miniml-{name}",
+                # The creation time tells apart jobs of two platforms (or a reset DB) on one Prefect.
+                idempotency_key=f"miniml-{name}-{created:.6f}",
                 tags=["miniml", f"project:{project}"],
             )
         return str(run.id)  # type: ignore[union-attr]  # sync call outside an event loop
@@ -45,12 +46,13 @@ class Orchestrator:
         """Submit every queued job that has no flow run yet; return the ids submitted."""
         with self.db.begin() as session:
             pending = [
-                (j.id, j.project.name, int(j.spec.get("parallelism", 1))) for j in jobs.unsubmitted_jobs(session)
+                (j.id, j.project.name, int(j.spec.get("parallelism", 1)), j.created_at.timestamp())
+                for j in jobs.unsubmitted_jobs(session)
             ]
         done = []
-        for job_id, project, parallelism in pending:
+        for job_id, project, parallelism, created in pending:
             try:
-                run_ids = [self._run_deployment(job_id, project, shard) for shard in range(parallelism)]
+                run_ids = [self._run_deployment(job_id, project, shard, created) for shard in range(parallelism)]
             except Exception as exc:
                 raise UpstreamUnavailable(f"Prefect did not take job {job_id}: {type(exc).__name__}: {exc}") from exc
             with self.db.begin() as session:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from miniml.errors import NotFound
 
+MISSING = "The stored file is missing from the object store; upload the data again."
+
 
 class LocalStore:
     """Objects as files under one root folder. Writes land by rename, so a reader never sees half a file."""
@@ -40,7 +42,7 @@ class LocalStore:
     def iter_bytes(self, key: str, *, chunk_size: int = 1 << 20) -> Iterator[bytes]:
         path = self._path(key)
         if not path.is_file():
-            raise NotFound(f"Object {key!r} is missing from the store.")
+            raise NotFound(MISSING)
         with path.open("rb") as fh:
             while chunk := fh.read(chunk_size):
                 yield chunk
@@ -48,14 +50,14 @@ class LocalStore:
     def download(self, key: str, path: Path) -> None:
         src = self._path(key)
         if not src.is_file():
-            raise NotFound(f"Object {key!r} is missing from the store.")
+            raise NotFound(MISSING)
         shutil.copyfile(src, path)
 
     @contextmanager
     def open_local(self, key: str) -> Iterator[Path]:
         path = self._path(key)
         if not path.is_file():
-            raise NotFound(f"Object {key!r} is missing from the store.")
+            raise NotFound(MISSING)
         yield path
 
     def delete(self, key: str) -> None:

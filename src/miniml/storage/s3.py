@@ -44,7 +44,9 @@ class S3Store:
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
             if code in ("NoSuchKey", "404", "NotFound"):
-                raise NotFound(f"Object for {what} is missing from bucket {self.bucket!r}.") from exc
+                raise NotFound(
+                    f"The stored file is missing from the object store ({what}); upload the data again."
+                ) from exc
             raise UpstreamUnavailable(f"S3 refused {what} ({code}); check the bucket and credentials.") from exc
         except BotoCoreError as exc:
             raise UpstreamUnavailable(f"S3 did not answer {what}: {type(exc).__name__}; retry later.") from exc

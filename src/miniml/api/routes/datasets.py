@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 from typing import Annotated
 
 import anyio
@@ -137,8 +138,11 @@ def download_dataset_version(
     with db.begin() as session:
         row = datasets.read_version(session, caller, project, name, version)
         key, size, fmt = row.object_key, row.size_bytes, row.format
+    chunks = store.iter_bytes(key)
+    # Read the first chunk now: a missing object is a clean 404, not a response cut off mid-body.
+    first = next(chunks, b"")
     return StreamingResponse(
-        store.iter_bytes(key),
+        itertools.chain([first], chunks),
         media_type="text/csv" if fmt == "csv" else "application/vnd.apache.parquet",
         headers={
             "Content-Length": str(size),

@@ -1,0 +1,144 @@
+"""End to end through real processes: Prefect server, `miniml worker`, MLflow server, the api."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from miniml.config import Settings
+from miniml.sdk.client import Client
+from tests.conftest import LiveApi, free_port
+
+pytestmark = pytest.mark.slow
+IRIS = Path(__file__).resolve().parents[2] / "data" / "samples" / "iris.csv"
+
+Workers = Callable[[int], list[subprocess.Popen[bytes]]]
+
+
+@pytest.fixture
+def platform(
+    tmp_path: Path, mlflow_uri: str, prefect_api: str, request: pytest.FixtureRequest
+) -> Iterator[tuple[LiveApi, Client, Workers]]:
+    db = {"url": request.getfixturevalue("pg_url")} if "pg" in request.keywords else {}
+    settings = Settings(
+        data_dir=tmp_path / "d",
+        api={"port": free_port()},
+        db=db,
+        prefect={"api_url": prefect_api},
+        mlflow={"tracking_uri": mlflow_uri},
+        jobs={"heartbeat_timeout_s": 8, "loop_interval_s": 0.5},
+    )
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start_workers(n: int) -> list[subprocess.Popen[bytes]]:
+        env = dict(os.environ)
+        env.update(
+            {
+                "MINIML_DATA_DIR": str(settings.data_dir),
+                "MINIML_API__PORT": str(settings.api.port),
+                "MINIML_PREFECT__API_URL": prefect_api,
+                "PREFECT_API_URL": prefect_api,
+                "MINIML_MLFLOW__TRACKING_URI": mlflow_uri,
+                "MINIML_WORKER__HEARTBEAT_S": "1",
+                "MINIML_WORKER__CONCURRENCY": "1",
+                "MINIML_WORKER__TRIAL_THREADS": "1",
+                "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            }
+        )
+        if db:
+            env["MINIML_DB__URL"] = db["url"]
+        started = []
+        for i in range(n):
+            log = (tmp_path / f"worker{len(procs)}.log").open("wb")
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "miniml", "worker"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            procs.append(proc)
+            started.append(proc)
+        return started
+
+    with LiveApi(settings) as api:
+        client = Client(api.url, api_key=api.key, timeout=30)
+        client.projects.create("demo")
+        client.datasets.upload("demo", IRIS)
+        try:
+            yield api, client, start_workers
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGINT)
+            for proc in procs:
+                try:
+                    proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.5)
+
+
+def test_job_waits_for_a_worker_then_runs_through_prefect(
+    platform: tuple[LiveApi, Client, Workers], prefect_api: str
+) -> None:
+    api, client, start_workers = platform
+    job = client.jobs.create(
+        "demo", dataset="iris", target="target", max_trials=4, families=["linear", "random_forest"]
+    )
+    assert job.state == "queued"
+    time.sleep(2)
+    assert client.jobs.get("demo", job.id).state == "queued"
+    if not client.jobs.get("demo", job.id).flow_run_id:
+        ready = httpx.get(f"{api.url}/readyz", timeout=30).json()
+        worker_check = next(c for c in ready["checks"] if c["name"] == "worker")
+        assert worker_check["ok"] is False and "miniml worker" in worker_check["detail"]
+    start_workers(1)
+    done = client.jobs.wait("demo", job.id, timeout_s=240)
+    assert done.state == "succeeded", (done.reason, [line.message for line in client.jobs.logs("demo", job.id)])
+    assert done.flow_run_id and done.model_version
+    run = httpx.get(f"{prefect_api}/flow_runs/{done.flow_run_id}", timeout=10).json()
+    assert run["name"] == f"job-{job.id}" and run["state_type"] == "COMPLETED"
+
+
+def test_killed_worker_fails_the_job_instead_of_leaving_it_running(platform: tuple[LiveApi, Client, Workers]) -> None:
+    api, client, start_workers = platform
+    [worker] = start_workers(1)
+    job = client.jobs.create("demo", dataset="iris", target="target", timeout_s=600, families=["random_forest"])
+    wait_for(lambda: client.jobs.get("demo", job.id).progress.trials_done >= 1, 180, "the first trial")
+    os.killpg(worker.pid, signal.SIGKILL)
+    killed = time.monotonic()
+    wait_for(lambda: client.jobs.get("demo", job.id).state != "running", 60, "the job to leave running")
+    final = client.jobs.get("demo", job.id)
+    assert final.state == "failed" and "no heartbeat" in (final.reason or "")
+    assert time.monotonic() - killed < 60
+
+
+@pytest.mark.postgres
+@pytest.mark.pg
+def test_two_workers_share_one_study_on_postgres(platform: tuple[LiveApi, Client, Workers]) -> None:
+    api, client, start_workers = platform
+    start_workers(2)
+    job = client.jobs.create(
+        "demo", dataset="iris", target="target", max_trials=10, parallelism=2, families=["random_forest", "linear"]
+    )
+    done = client.jobs.wait("demo", job.id, timeout_s=300)
+    assert done.state == "succeeded", (done.reason, [line.message for line in client.jobs.logs("demo", job.id)])
+    numbers = [t.number for t in done.leaderboard]
+    assert len(numbers) == 10 and sorted(numbers) == list(range(10))
+    assert len({t.worker for t in done.leaderboard}) == 2, {t.worker for t in done.leaderboard}

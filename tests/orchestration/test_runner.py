@@ -1,0 +1,98 @@
+"""The job runner in-process against a live api and a real MLflow server (no Prefect in between)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from miniml.config import Settings
+from miniml.orchestration.runner import run_job
+from miniml.sdk.client import Client
+from tests.conftest import LiveApi, free_port
+
+IRIS = Path(__file__).resolve().parents[2] / "data" / "samples" / "iris.csv"
+
+
+@pytest.fixture
+def live(tmp_path: Path, mlflow_uri: str) -> Iterator[tuple[LiveApi, Client]]:
+    settings = Settings(
+        data_dir=tmp_path / "d",
+        api={"port": free_port()},
+        prefect={"port": free_port()},
+        mlflow={"tracking_uri": mlflow_uri},
+        worker={"heartbeat_s": 0.5, "trial_threads": 2},
+    )
+    with LiveApi(settings) as api:
+        client = Client(api.url, api_key=api.key)
+        client.projects.create("demo")
+        client.datasets.upload("demo", IRIS)
+        yield api, client
+
+
+def test_iris_job_runs_to_a_registered_staging_model(live: tuple[LiveApi, Client], mlflow_uri: str) -> None:
+    api, client = live
+    job = client.jobs.create(
+        "demo",
+        dataset="iris",
+        target="target",
+        max_trials=6,
+        model_name="iris-clf",
+        families=["linear", "random_forest", "lightgbm"],
+    )
+    done = run_job(client, api.settings, job.id, "demo")
+    assert done is not None and done.state == "succeeded", (done, client.jobs.logs("demo", job.id))
+    assert done.test_metrics["f1_macro"] >= 0.9
+    assert done.progress.trials_done == 6 and len(done.leaderboard) == 6
+    assert {t.family for t in done.leaderboard} <= {"linear", "random_forest", "lightgbm"}
+    assert done.model_name == "demo.iris-clf" and done.model_version
+    mlflow.set_tracking_uri(mlflow_uri)
+    model = mlflow.pyfunc.load_model("models:/demo.iris-clf@staging")
+    row = pd.read_csv(IRIS).drop(columns=["target"]).head(3)
+    assert set(model.predict(row)) <= {"Iris-setosa", "Iris-versicolor", "Iris-virginica"}
+    mc = MlflowClient(mlflow_uri)
+    parent = mc.get_run(done.mlflow_run_id)  # type: ignore[arg-type]
+    assert parent.data.tags["miniml.dataset_sha256"] == client.datasets.version("demo", "iris", 1).sha256
+    assert float(parent.data.metrics["test_f1_macro"]) == pytest.approx(done.test_metrics["f1_macro"])
+    children = mc.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == 6
+    plots = {a.path for a in mc.list_artifacts(parent.info.run_id, "plots")}
+    assert {"plots/optimisation_history.png", "plots/confusion_matrix.png"} <= plots
+    # A second worker picking up the same job finds it taken: it never runs twice.
+    assert run_job(client, api.settings, job.id, "demo") is None
+
+
+def test_cancel_stops_a_running_job_within_seconds(live: tuple[LiveApi, Client]) -> None:
+    api, client = live
+    job = client.jobs.create("demo", dataset="iris", target="target", timeout_s=300, families=["random_forest"])
+    result: list[object] = []
+    thread = threading.Thread(target=lambda: result.append(run_job(client, api.settings, job.id, "demo")))
+    thread.start()
+    deadline = time.monotonic() + 60
+    while client.jobs.get("demo", job.id).progress.trials_done < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    asked = time.monotonic()
+    client.jobs.cancel("demo", job.id)
+    thread.join(60)
+    final = client.jobs.get("demo", job.id)
+    assert final.state == "cancelled", final.reason
+    assert time.monotonic() - asked < 15
+    assert final.progress.trials_done >= 2
+
+
+def test_a_job_that_breaks_while_running_fails_with_its_reason(live: tuple[LiveApi, Client]) -> None:
+    api, client = live
+    job = client.jobs.create("demo", dataset="iris", target="target", max_trials=2)
+    # The stored file disappears under the job: the run must end failed, saying why.
+    for key in api.app.state.store.list_keys("projects/"):
+        api.app.state.store.delete(key)
+    done = run_job(client, api.settings, job.id, "demo")
+    assert done is not None and done.state == "failed"
+    assert "missing" in (done.reason or "")
+    assert any(line.level == "error" for line in client.jobs.logs("demo", job.id))
