@@ -117,7 +117,7 @@ def test_job_waits_for_a_worker_then_runs_through_prefect(
 
 
 def test_killed_worker_fails_the_job_instead_of_leaving_it_running(platform: tuple[LiveApi, Client, Workers]) -> None:
-    api, client, start_workers = platform
+    _api, client, start_workers = platform
     [worker] = start_workers(1)
     job = client.jobs.create("demo", dataset="iris", target="target", timeout_s=600, families=["random_forest"])
     wait_for(lambda: client.jobs.get("demo", job.id).progress.trials_done >= 1, 180, "the first trial")
@@ -132,7 +132,7 @@ def test_killed_worker_fails_the_job_instead_of_leaving_it_running(platform: tup
 @pytest.mark.postgres
 @pytest.mark.pg
 def test_two_workers_share_one_study_on_postgres(platform: tuple[LiveApi, Client, Workers]) -> None:
-    api, client, start_workers = platform
+    _api, client, start_workers = platform
     start_workers(2)
     job = client.jobs.create(
         "demo", dataset="iris", target="target", max_trials=10, parallelism=2, families=["random_forest", "linear"]
