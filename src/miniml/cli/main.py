@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from miniml.cli import datasets, keys, projects
+from miniml.cli import datasets, jobs, keys, projects
 from miniml.cli.context import client, console, err_console, fail, save_login
 from miniml.errors import MiniMLError
 
@@ -16,6 +16,7 @@ app = typer.Typer(help="miniml: a small, honest ML platform.", no_args_is_help=T
 app.add_typer(projects.app, name="projects")
 app.add_typer(keys.app, name="keys")
 app.add_typer(datasets.app, name="datasets")
+app.add_typer(jobs.app, name="jobs")
 
 
 @app.command()

@@ -46,6 +46,7 @@ class TrialRead(ReadModel):
     state: str
     worker: str
     error: str | None = None
+    finished_at: datetime | None = None
 
 
 class Progress(ReadModel):
