@@ -47,7 +47,7 @@ def make_data(path: Path, rows: int) -> None:
     frame.to_csv(path, index=False)
 
 
-def plain_search(path: Path, trials: int, threads: int) -> tuple[float, float]:
+def plain_search(path: Path, trials: int, threads: int) -> tuple[float, float, list]:
     """The search as a user would write it by hand: Optuna in memory, no platform."""
     start = time.perf_counter()
     table = detect(path)
@@ -65,12 +65,13 @@ def plain_search(path: Path, trials: int, threads: int) -> tuple[float, float]:
             return claimed[0] <= trials
 
     storage = optuna.storages.InMemoryStorage()
-    run_search(storage, "plain", data, features, spec, SearchControl(claim=claim, on_trial=lambda r: None))
+    results: list = []
+    run_search(storage, "plain", data, features, spec, SearchControl(claim=claim, on_trial=results.append))
     best = best_trial(new_study(storage, "plain", spec))
     assert best is not None
     pipe, _ = refit(best, data, features, spec)
     holdout_metrics(pipe, data, Task.classification)
-    return time.perf_counter() - start, float(best.value or 0.0)
+    return time.perf_counter() - start, float(best.value or 0.0), results
 
 
 def main() -> None:
@@ -130,7 +131,7 @@ def main() -> None:
             )
         finally:
             sup.stop_all()
-        plain_total, plain_best = plain_search(data, args.trials, args.threads)
+        plain_total, plain_best, plain_trials = plain_search(data, args.trials, args.threads)
     print(
         f"data: {args.rows} rows x 16 features, 3 classes; {args.trials} trials; families {', '.join(FAMILIES)}; {args.threads} threads"
     )
@@ -142,6 +143,14 @@ def main() -> None:
         f"platform, submit to succeeded (registered):    {platform_total:7.2f} s   ratio {platform_total / plain_total:.2f}"
     )
     print(f"platform best CV f1_macro {platform_best:.4f}  (difference {platform_best - plain_best:+.4f})")
+    from collections import Counter
+
+    def mix(items: list) -> str:
+        by = Counter(t.family for t in items)
+        return ", ".join(f"{f} {n}" for f, n in sorted(by.items()))
+
+    print(f"trial time summed: plain {sum(t.duration_s for t in plain_trials):.1f} s ({mix(plain_trials)})")
+    print(f"                   platform {sum(t.duration_s for t in trials):.1f} s ({mix(trials)})")
     print(f"submit to running: {to_running:.2f} s; submit to first trial done: {first_trial:.2f} s")
 
 
