@@ -113,6 +113,23 @@ class JobSettings(BaseModel):
 class InferenceSettings(BaseModel):
     host: str = Field(default="127.0.0.1", description="Interface the inference service binds.")
     port: int = Field(default=8080, ge=1, le=65535, description="Port of the inference service.")
+    api_key: str | None = Field(
+        default=None,
+        description="Admin key the inference service reads desired deployments with. Unset in dev mode: "
+        "<data_dir>/admin.key.",
+    )
+    replica_id: str | None = Field(default=None, description="This replica's name; default host:port.")
+    public_url: str | None = Field(
+        default=None, description="URL the api uses to push reconciles to this replica; default http://host:port."
+    )
+    reconcile_s: float = Field(default=10.0, gt=0, description="Seconds between reconciles with the api.")
+    max_rows: int = Field(default=10_000, ge=1, description="Most rows one predict request may carry (422 above).")
+    max_batch_rows: int = Field(
+        default=4096, ge=1, description="Most rows the micro-batcher merges into one model call."
+    )
+    key_cache_s: float = Field(
+        default=30.0, ge=0, description="How long a checked API key is trusted before asking the api again."
+    )
 
 
 class Settings(BaseSettings):

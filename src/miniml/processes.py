@@ -123,6 +123,13 @@ def embedded_services(settings: Settings) -> list[Service]:
             stop_signal=signal.SIGINT,
             phase=1,
         ),
+        Service(
+            name="inference",
+            argv=[py, "-m", "miniml", "inference"],
+            port=settings.inference.port,
+            health_url=f"{settings.inference_url}/healthz",
+            phase=1,
+        ),
     ]
 
 

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from miniml import logs
 from miniml.api import errors
 from miniml.api.middleware import ApiMetrics, RequestMiddleware
-from miniml.api.routes import audit, auth, datasets, health, jobs, keys, projects, seed
+from miniml.api.routes import audit, auth, datasets, deployments, health, jobs, keys, models, projects, seed
 from miniml.config import Settings
 from miniml.db.engine import make_engine, make_sessionmaker, upgrade
 from miniml.errors import MiniMLError
@@ -24,6 +24,7 @@ from miniml.services import jobs as job_service
 from miniml.services import keys as key_service
 from miniml.services import secrets
 from miniml.storage import make_store
+from miniml.tracking.registry import Registry
 
 log = logging.getLogger("miniml.api")
 
@@ -94,10 +95,12 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.db = db
     app.state.store = store
     app.state.orchestrator = Orchestrator(settings, db)
+    app.state.registry = Registry(settings.mlflow_uri)
     app.state.metrics = ApiMetrics()
     errors.install(app)
-    for module in (health, auth, keys, projects, datasets, jobs, audit, seed):
+    for module in (health, auth, keys, projects, datasets, jobs, models, deployments, audit, seed):
         app.include_router(module.router)
+    app.include_router(deployments.inference_router)
     app.add_middleware(
         RequestMiddleware,  # type: ignore[arg-type]
         metrics=app.state.metrics,

@@ -14,6 +14,7 @@ from miniml.domain.tenancy import Caller
 from miniml.errors import Unauthorized
 from miniml.services import keys
 from miniml.storage import ObjectStore
+from miniml.tracking.registry import Registry
 
 
 def get_db(request: Request) -> sessionmaker[Session]:
@@ -31,7 +32,13 @@ def get_store(request: Request) -> ObjectStore:
     return store
 
 
+def get_registry(request: Request) -> Registry:
+    registry: Registry = request.app.state.registry
+    return registry
+
+
 DbDep = Annotated[sessionmaker[Session], Depends(get_db)]
+RegistryDep = Annotated[Registry, Depends(get_registry)]
 StoreDep = Annotated[ObjectStore, Depends(get_store)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 

@@ -44,6 +44,7 @@ def up() -> None:
         console.print(f"  api        {settings.api_url}  (OpenAPI: {settings.api_url}/docs)")
         console.print(f"  MLflow UI  {settings.mlflow_uri}")
         console.print(f"  Prefect UI {settings.prefect_api_url.removesuffix('/api')}")
+        console.print(f"  inference  {settings.inference_url}  (POST /v1/endpoints/<name>/predict)")
         console.print(f"  logs       {sup.log_dir}")
         if key_file.exists() and not had_key:
             console.print(f"  admin key  {key_file.read_text().strip()}  (shown once; saved in {key_file})")
@@ -81,6 +82,25 @@ def api() -> None:
         port=settings.api.port,
         access_log=False,
         log_level="warning",
+    )
+
+
+@app.command()
+def inference() -> None:
+    """Run the inference service (port 8080): serves every deployment."""
+    import uvicorn
+
+    from miniml.config import Settings
+
+    settings = Settings()
+    uvicorn.run(
+        "miniml.inference.app:main_app",
+        factory=True,
+        host=settings.inference.host,
+        port=settings.inference.port,
+        access_log=False,
+        log_level="warning",
+        timeout_graceful_shutdown=30,
     )
 
 

@@ -192,12 +192,57 @@ class JobLog(Base):
     message: Mapped[str] = mapped_column(Text)
 
 
+class Deployment(Base):
+    """A named endpoint. Names are unique across projects: they are the endpoint's URL."""
+
+    __tablename__ = "deployment"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("project.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    model_name: Mapped[str] = mapped_column(String(128))
+    target: Mapped[dict[str, Any]] = mapped_column()
+    previous_target: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_by: Mapped[str | None] = mapped_column(String(32))
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    project: Mapped[Project] = relationship(lazy="joined")
+
+
+class DeploymentEvent(Base):
+    """Deployment history: every create, update, rollback and delete, with what it resolved to."""
+
+    __tablename__ = "deployment_event"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("project.id", ondelete="CASCADE"), index=True)
+    deployment: Mapped[str] = mapped_column(String(63), index=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    key_id: Mapped[str | None] = mapped_column(String(32))
+    action: Mapped[str] = mapped_column(String(32))
+    target: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+
+class InferenceReplica(Base):
+    """What each inference replica last said it serves."""
+
+    __tablename__ = "inference_replica"
+
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    url: Mapped[str | None] = mapped_column(String(500))
+    status: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 __all__ = [
     "ApiKey",
     "AuditEvent",
     "Base",
     "Dataset",
     "DatasetVersion",
+    "Deployment",
+    "DeploymentEvent",
+    "InferenceReplica",
     "Job",
     "JobLog",
     "JobTrial",

@@ -1,0 +1,1 @@
+"""The data plane: serves every active deployment, reconciled with the api."""

@@ -4,8 +4,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Request
 
-from miniml.api.deps import DbDep, SettingsDep
+from miniml.api.deps import DbDep, SettingsDep, ViewerDep
 from miniml.errors import Unauthorized
+from miniml.schemas.deployments import CallerRead
 from miniml.schemas.keys import TokenRead, TokenRequest
 from miniml.services import keys
 
@@ -30,3 +31,13 @@ def create_token(
     ttl = settings.auth.jwt_ttl_s
     token = keys.issue_token(caller, secret=request.app.state.jwt_secret, ttl_s=ttl)
     return TokenRead(access_token=token, expires_in=ttl)
+
+
+@router.get("/whoami")
+def whoami(caller: ViewerDep) -> CallerRead:
+    """The calling key's id, role and projects (None: every project)."""
+    return CallerRead(
+        key_id=caller.key_id,
+        role=caller.role.value,
+        projects=sorted(caller.projects) if caller.projects is not None else None,
+    )

@@ -5,15 +5,20 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Request, Response
+from sqlalchemy.orm import Session
 
-from miniml.api.deps import AdminDep, DbDep, EngineerDep, SettingsDep, StoreDep, ViewerDep
+from miniml.api.deps import AdminDep, DbDep, EngineerDep, RegistryDep, SettingsDep, StoreDep, ViewerDep
 from miniml.api.routes import jobs as jobs_routes
 from miniml.api.routes.datasets import upload_dataset_version
+from miniml.api.routes.deployments import push_after_commit
+from miniml.domain.tenancy import Caller
 from miniml.errors import InvalidInput
 from miniml.schemas.datasets import DatasetVersionRead, SeedValidationRequest, ValidationReport
+from miniml.schemas.deployments import DeploymentCreate, DeploymentRead, DeploymentUpdate, SeedDeployRequest
 from miniml.schemas.jobs import JobCreate, JobRead, SeedTrainRequest
+from miniml.schemas.models import ModelVersionRead, SeedPromoteRequest
 from miniml.schemas.projects import ProjectCreate, ProjectRead
-from miniml.services import datasets, projects
+from miniml.services import datasets, deployments, models, projects
 
 router = APIRouter(tags=["seed"])
 
@@ -59,6 +64,57 @@ async def train_seed(
         max_trials=body.max_trials,
     )
     return await jobs_routes.create_job(body.project, spec, request, response, db, store, caller, idempotency_key)
+
+
+def _seed_model(session: Session, caller: Caller, project: str | None, model_name: str) -> tuple[str, str]:
+    """The seed names models without a project: take it from the body, the name's prefix, or the key."""
+    if project:
+        return project, model_name.removeprefix(f"{project}.")
+    visible = [p.name for p in projects.list_projects(session, caller)]
+    head, _, rest = model_name.partition(".")
+    if rest and head in visible:
+        return head, rest
+    if len(visible) == 1:
+        return visible[0], model_name
+    raise InvalidInput(
+        f'Cannot tell which project {model_name!r} belongs to; add "project" to the body or use <project>.<model>.'
+    )
+
+
+@router.post("/models/promote")
+def promote_seed(
+    body: SeedPromoteRequest, request: Request, db: DbDep, registry: RegistryDep, caller: EngineerDep
+) -> ModelVersionRead:
+    """Promote a version to Staging or Production (seed route)."""
+    with db.begin() as session:
+        project, model = _seed_model(session, caller, body.project, body.model_name)
+        read = models.promote(session, registry, caller, project, model, str(body.version), body.to_stage)
+    push_after_commit(request)
+    return read
+
+
+@router.post("/deploy", status_code=201)
+def deploy_seed(
+    body: SeedDeployRequest, request: Request, response: Response, db: DbDep, registry: RegistryDep, caller: AdminDep
+) -> DeploymentRead:
+    """Deploy a model by stage (seed route); the deployment takes the model's name, or moves if it exists."""
+    with db.begin() as session:
+        project, model = _seed_model(session, caller, body.project, body.model_name)
+        name = body.name or model.lower().replace(".", "-").replace("_", "-")
+        target = str(body.version) if body.version else (body.stage or "staging")
+        existing = [d for d in deployments.list_deployments(session, caller, project) if d.name == name]
+        if existing:
+            dep = deployments.update_deployment(
+                session, registry, caller, project, name, DeploymentUpdate(target=target)
+            )
+            response.status_code = 200
+        else:
+            dep = deployments.create_deployment(
+                session, registry, caller, project, DeploymentCreate(name=name, model_name=model, target=target)
+            )
+        read = deployments.to_read(session, registry, dep, request.app.state.settings.inference_url)
+    push_after_commit(request)
+    return read
 
 
 @router.post("/datasets/validate")

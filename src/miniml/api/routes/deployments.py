@@ -1,0 +1,123 @@
+from __future__ import annotations
+
+import threading
+
+from fastapi import APIRouter, Request, Response
+
+from miniml.api.deps import AdminDep, DbDep, RegistryDep, ViewerDep
+from miniml.schemas.deployments import (
+    DeploymentCreate,
+    DeploymentEventRead,
+    DeploymentRead,
+    DeploymentUpdate,
+    DesiredDeployment,
+    ReplicaReport,
+)
+from miniml.services import deployments
+
+router = APIRouter(prefix="/api/v1/projects/{project}/deployments", tags=["deployments"])
+inference_router = APIRouter(prefix="/api/v1/inference", tags=["inference"])
+
+
+def push_after_commit(request: Request) -> None:
+    """Tell the inference replicas to reconcile now, off the request path."""
+    settings = request.app.state.settings
+    with request.app.state.db.begin() as session:
+        urls = [r.url for r in deployments.live_replicas(session) if r.url]
+    urls.append(settings.inference_url)
+    threading.Thread(target=deployments.push, args=(urls,), daemon=True).start()
+
+
+def _read(request: Request, session: object, registry: object, dep: object) -> DeploymentRead:
+    return deployments.to_read(session, registry, dep, request.app.state.settings.inference_url)  # type: ignore[arg-type]
+
+
+@router.post("", status_code=201)
+def create_deployment(
+    project: str, body: DeploymentCreate, request: Request, db: DbDep, registry: RegistryDep, caller: AdminDep
+) -> DeploymentRead:
+    """Serve a model by alias, version, or a traffic split between versions."""
+    with db.begin() as session:
+        dep = deployments.create_deployment(session, registry, caller, project, body)
+        read = _read(request, session, registry, dep)
+    push_after_commit(request)
+    return read
+
+
+@router.get("")
+def list_deployments(
+    project: str, request: Request, db: DbDep, registry: RegistryDep, caller: ViewerDep
+) -> list[DeploymentRead]:
+    """The project's deployments with what each replica serves."""
+    with db.begin() as session:
+        return [_read(request, session, registry, d) for d in deployments.list_deployments(session, caller, project)]
+
+
+@router.get("/{name}")
+def read_deployment(
+    project: str, name: str, request: Request, db: DbDep, registry: RegistryDep, caller: ViewerDep
+) -> DeploymentRead:
+    """Desired target, what each inference replica serves, ready or not, last error."""
+    with db.begin() as session:
+        return _read(request, session, registry, deployments.read_deployment(session, caller, project, name))
+
+
+@router.patch("/{name}")
+def update_deployment(
+    project: str,
+    name: str,
+    body: DeploymentUpdate,
+    request: Request,
+    db: DbDep,
+    registry: RegistryDep,
+    caller: AdminDep,
+) -> DeploymentRead:
+    """Point the deployment at a new target; replicas load it first, then switch (no downtime)."""
+    with db.begin() as session:
+        dep = deployments.update_deployment(session, registry, caller, project, name, body)
+        read = _read(request, session, registry, dep)
+    push_after_commit(request)
+    return read
+
+
+@router.post("/{name}/rollback")
+def rollback_deployment(
+    project: str, name: str, request: Request, db: DbDep, registry: RegistryDep, caller: AdminDep
+) -> DeploymentRead:
+    """Go back to the previous target."""
+    with db.begin() as session:
+        dep = deployments.rollback_deployment(session, caller, project, name)
+        read = _read(request, session, registry, dep)
+    push_after_commit(request)
+    return read
+
+
+@router.delete("/{name}", status_code=204)
+def delete_deployment(project: str, name: str, request: Request, db: DbDep, caller: AdminDep) -> Response:
+    """Stop serving and delete the deployment (its history stays)."""
+    with db.begin() as session:
+        deployments.delete_deployment(session, caller, project, name)
+    push_after_commit(request)
+    return Response(status_code=204)
+
+
+@router.get("/{name}/history")
+def deployment_history(project: str, name: str, db: DbDep, caller: ViewerDep) -> list[DeploymentEventRead]:
+    """Every change to the deployment, oldest first."""
+    with db.begin() as session:
+        return deployments.history(session, caller, project, name)
+
+
+@inference_router.get("/desired")
+def desired_state(db: DbDep, registry: RegistryDep, caller: AdminDep) -> list[DesiredDeployment]:
+    """(inference) Every deployment with the versions and weights it should serve now."""
+    with db.begin() as session:
+        return deployments.desired_state(session, registry)
+
+
+@inference_router.post("/replicas", status_code=204)
+def report_replica(body: ReplicaReport, db: DbDep, caller: AdminDep) -> Response:
+    """(inference) What a replica serves now."""
+    with db.begin() as session:
+        deployments.record_replica(session, body)
+    return Response(status_code=204)

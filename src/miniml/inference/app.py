@@ -1,0 +1,175 @@
+"""The inference service: ``create_inference_app(settings)``, port 8080."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.responses import Response
+
+from miniml import logs
+from miniml.api.errors import from_error, problem_response
+from miniml.config import Settings
+from miniml.errors import InvalidInput, MiniMLError, NotFound, Unauthorized
+from miniml.inference.models import parse_rows
+from miniml.inference.state import ApiLink, Served, State
+from miniml.monitoring.metrics import InferenceMetrics
+
+log = logging.getLogger("miniml.inference")
+
+
+def inference_key(settings: Settings) -> str:
+    if settings.inference.api_key:
+        return settings.inference.api_key
+    path = settings.data_dir / "admin.key"
+    if settings.mode.value == "dev" and path.exists():
+        return path.read_text().strip()
+    raise RuntimeError("The inference service has no API key: set MINIML_INFERENCE__API_KEY to an admin key.")
+
+
+def create_inference_app(settings: Settings) -> FastAPI:
+    metrics = InferenceMetrics()
+    state = State(tracking_uri=settings.mlflow_uri, max_batch_rows=settings.inference.max_batch_rows, metrics=metrics)
+    replica = settings.inference.replica_id or f"{settings.inference.host}:{settings.inference.port}"
+    public_url = settings.inference.public_url or settings.inference_url
+    wake = asyncio.Event()
+
+    async def reconcile_forever(link: ApiLink) -> None:
+        while True:
+            try:
+                await state.apply(await link.desired())
+                await link.report(replica, public_url, state.report())
+            except Exception as exc:  # the api may be restarting: keep serving what we have
+                log.warning("reconcile failed", extra={"error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+            wake.clear()
+            with suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), timeout=settings.inference.reconcile_s)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        link = ApiLink(settings.api_url, inference_key(settings), key_cache_s=settings.inference.key_cache_s)
+        app.state.link = link
+        task = asyncio.get_running_loop().create_task(reconcile_forever(link))
+        yield
+        task.cancel()
+        for model in state.cache.values():
+            model.batcher.close()
+
+    app = FastAPI(title="miniml inference", version="0.1.0", lifespan=lifespan)
+    app.state.state = state
+    app.state.metrics = metrics
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    def readyz() -> Response:
+        body = {"ready": state.ready, "deployments": state.report()}
+        return Response(orjson.dumps(body), status_code=200 if state.ready else 503, media_type="application/json")
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics_route() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/admin/reconcile", status_code=202)
+    def reconcile_now() -> dict[str, str]:
+        """Reconcile with the api now (the api calls this after every change)."""
+        wake.set()
+        return {"status": "reconciling"}
+
+    async def caller_of(request: Request) -> dict[str, Any]:
+        who = await request.app.state.link.whoami({k.lower(): v for k, v in request.headers.items()})
+        if who is None:
+            raise Unauthorized("Send a valid API key as X-API-Key (or a Bearer token) to predict.")
+        return dict(who)
+
+    def visible(who: dict[str, Any], served: Served) -> bool:
+        return who.get("projects") is None or served.project in who["projects"]
+
+    async def predict(request: Request, served: Served, *, seed: bool = False) -> Response:
+        start = time.perf_counter()
+        variant = served.pick()
+        model = variant.model
+        labels = (served.name, variant.version)
+        try:
+            try:
+                body = orjson.loads(await request.body())
+            except orjson.JSONDecodeError as exc:
+                raise InvalidInput(f"The body is not valid JSON ({exc}).") from None
+            columns, rows, ignored = parse_rows(body, model, max_rows=settings.inference.max_rows)
+            want_proba = request.query_params.get("probabilities", "").lower() in ("1", "true", "yes")
+            preds, probas = await model.batcher.predict(columns, rows, want_proba and model.classes is not None)
+        except InvalidInput as exc:
+            metrics.requests.labels(*labels, "422").inc()
+            metrics.errors.labels(served.name, "invalid_input").inc()
+            return from_error(exc, None)
+        except Exception as exc:
+            metrics.requests.labels(*labels, "500").inc()
+            metrics.errors.labels(served.name, "model_error").inc()
+            log.exception("predict failed", extra={"deployment": served.name, "version": variant.version})
+            return problem_response(
+                500, "Internal error", f"The model failed to predict ({type(exc).__name__}).", request_id=None
+            )
+        values = preds.tolist()
+        out: dict[str, Any] = (
+            {"preds": values}
+            if seed
+            else {"predictions": values, "model_version": variant.version, "deployment": served.name}
+        )
+        if probas is not None and model.classes is not None:
+            out["probabilities"] = [dict(zip(map(str, model.classes), map(float, p), strict=True)) for p in probas]
+        metrics.requests.labels(*labels, "200").inc()
+        metrics.rows.labels(*labels).inc(rows)
+        if model.classes is not None and rows <= 1000:
+            for value in values:
+                metrics.predictions.labels(*labels, str(value)).inc()
+        metrics.duration.labels(*labels).observe(time.perf_counter() - start)
+        headers = {"X-Model-Version": variant.version}
+        if ignored:
+            headers["X-Miniml-Ignored-Columns"] = ",".join(ignored)[:1000]
+        return Response(orjson.dumps(out), media_type="application/json", headers=headers)
+
+    @app.post("/v1/endpoints/{name}/predict")
+    async def predict_endpoint(name: str, request: Request) -> Response:
+        """Predict with a deployment: {"rows": [...]} or {"columns": [...], "data": [...]}."""
+        try:
+            who = await caller_of(request)
+            served = state.endpoint(name)
+            if not visible(who, served):
+                raise NotFound(f"No endpoint {name!r} is served here; deploy a model under that name first.")
+        except MiniMLError as exc:
+            return from_error(exc, None)
+        return await predict(request, served)
+
+    @app.post("/predict")
+    async def predict_seed(request: Request) -> Response:
+        """The seed's route: predicts with the caller's single deployment; answers {"preds": [...]}."""
+        try:
+            who = await caller_of(request)
+            mine = [s for s in state.served.values() if s.variants and visible(who, s)]
+            if not mine:
+                raise NotFound("No deployment is served for your projects; deploy a model first (POST /deploy).")
+            if len(mine) > 1:
+                names = ", ".join(sorted(s.name for s in mine))
+                raise InvalidInput(
+                    f"Several deployments are served for your projects ({names}); call /v1/endpoints/<name>/predict."
+                )
+        except MiniMLError as exc:
+            return from_error(exc, None)
+        return await predict(request, mine[0], seed=True)
+
+    return app
+
+
+def main_app() -> FastAPI:
+    settings = Settings()
+    logs.configure(settings.log_level)
+    return create_inference_app(settings)

@@ -1,0 +1,137 @@
+"""Loaded models and the input checks made against their signatures."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import mlflow
+
+from miniml.errors import InvalidInput
+from miniml.inference.batching import Batcher
+
+_NUMERIC = {"double", "float", "long", "integer"}
+
+
+@dataclass
+class Column:
+    name: str
+    kind: str  # "number", "string", "boolean", "any"
+
+
+@dataclass
+class LoadedModel:
+    registered: str
+    version: str
+    model: Any
+    columns: list[Column]
+    classes: list[Any] | None
+    batcher: Batcher
+    load_seconds: float
+
+
+def load(tracking_uri: str, registered: str, version: str, *, max_batch_rows: int) -> LoadedModel:
+    """Load the scikit-learn model itself (not pyfunc): its schema checks are done here, faster."""
+    start = time.perf_counter()
+    mlflow.set_tracking_uri(tracking_uri)
+    uri = f"models:/{registered}/{version}"
+    info = mlflow.models.get_model_info(uri)
+    model = mlflow.sklearn.load_model(uri)
+    columns = []
+    if info.signature is not None and info.signature.inputs is not None:
+        for spec in info.signature.inputs.inputs:
+            kind = str(getattr(spec.type, "name", spec.type)).lower()
+            columns.append(
+                Column(
+                    name=str(spec.name),
+                    kind="number"
+                    if kind in _NUMERIC
+                    else "boolean"
+                    if kind == "boolean"
+                    else "string"
+                    if kind == "string"
+                    else "any",
+                )
+            )
+    names = [c.name for c in columns]
+    classes = [c.item() if hasattr(c, "item") else c for c in getattr(model, "classes_", [])] or None
+    return LoadedModel(
+        registered=registered,
+        version=version,
+        model=model,
+        columns=columns,
+        classes=classes,
+        batcher=Batcher(model, names, max_rows=max_batch_rows),
+        load_seconds=time.perf_counter() - start,
+    )
+
+
+def parse_rows(body: Any, model: LoadedModel, *, max_rows: int) -> tuple[dict[str, list[Any]], int, list[str]]:
+    """Check a body against the signature; return per-column values, the row count and ignored columns."""
+    if not isinstance(body, dict):
+        raise InvalidInput('Send a JSON object: {"rows": [{...}, ...]} or {"columns": [...], "data": [[...], ...]}.')
+    expected = ", ".join(c.name for c in model.columns)
+    if "rows" in body:
+        rows = body["rows"]
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise InvalidInput('"rows" must be a list of objects, one per row: [{"column": value, ...}].')
+        names = {k for r in rows for k in r}
+
+        def get(r: Any, name: str) -> Any:
+            return r.get(name, _MISSING)
+
+        records: list[Any] = rows
+    elif "data" in body and "columns" in body:
+        cols, data = body["columns"], body["data"]
+        if not isinstance(cols, list) or not isinstance(data, list) or not all(isinstance(r, list) for r in data):
+            raise InvalidInput('"columns" must be a list of names and "data" a list of rows (lists of values).')
+        index = {str(c): i for i, c in enumerate(cols)}
+        for i, r in enumerate(data, start=1):
+            if len(r) != len(cols):
+                raise InvalidInput(f"Row {i} has {len(r)} values but {len(cols)} columns are named.")
+        names = set(index)
+
+        def get(r: Any, name: str) -> Any:
+            return r[index[name]] if name in index else _MISSING
+
+        records = data
+    else:
+        raise InvalidInput(
+            f'Send {{"rows": [...]}} or {{"columns": [...], "data": [...]}}; the model expects {expected}.'
+        )
+    if not records:
+        raise InvalidInput(f"No rows to predict; send at least one row with {expected}.")
+    if len(records) > max_rows:
+        raise InvalidInput(f"{len(records)} rows is more than the {max_rows} one request may carry; split it.")
+    out: dict[str, list[Any]] = {}
+    for col in model.columns:
+        values = []
+        for i, r in enumerate(records, start=1):
+            v = get(r, col.name)
+            if v is _MISSING:
+                raise InvalidInput(f"Column {col.name!r} is missing (row {i}); the model expects {expected}.")
+            values.append(_check(col, v, i))
+        out[col.name] = values
+    ignored = sorted(names - {c.name for c in model.columns})
+    return out, len(records), ignored
+
+
+_MISSING = object()
+
+
+def _check(col: Column, value: Any, row: int) -> Any:
+    if value is None:
+        return math.nan if col.kind == "number" else None
+    if col.kind == "number":
+        if not isinstance(value, int | float):  # booleans are numbers to the pipeline (0/1)
+            raise InvalidInput(f"Column {col.name!r} needs a number; row {row} has {value!r}.")
+        return float(value)
+    if col.kind == "string":
+        if isinstance(value, dict | list):
+            raise InvalidInput(f"Column {col.name!r} needs a text value; row {row} has {value!r}.")
+        return value if isinstance(value, str) else str(value)
+    if col.kind == "boolean" and not isinstance(value, bool):
+        raise InvalidInput(f"Column {col.name!r} needs true or false; row {row} has {value!r}.")
+    return value

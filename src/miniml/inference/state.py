@@ -1,0 +1,159 @@
+"""What this replica serves, and reconciling it with the api's desired state.
+
+A swap loads every new model first and then replaces the deployment's variants in one
+assignment; requests already holding the old variants finish on them. A model that fails to
+load leaves the old one serving and the error visible on the deployment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import httpx
+
+from miniml.errors import NotFound
+from miniml.inference.models import LoadedModel, load
+from miniml.monitoring.metrics import InferenceMetrics
+
+log = logging.getLogger("miniml.inference")
+
+
+@dataclass
+class Variant:
+    version: str
+    weight: int
+    model: LoadedModel
+
+
+@dataclass
+class Served:
+    project: str
+    name: str
+    registered: str
+    variants: list[Variant]
+    error: str | None = None
+
+    def pick(self) -> Variant:
+        if len(self.variants) == 1:
+            return self.variants[0]
+        return random.choices(self.variants, weights=[v.weight for v in self.variants])[0]  # noqa: S311
+
+
+@dataclass
+class State:
+    tracking_uri: str
+    max_batch_rows: int
+    metrics: InferenceMetrics
+    served: dict[str, Served] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    cache: dict[tuple[str, str], LoadedModel] = field(default_factory=dict)
+    reconciled_once: bool = False
+    ready: bool = False
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def endpoint(self, name: str) -> Served:
+        served = self.served.get(name)
+        if served is None or not served.variants:
+            raise NotFound(f"No endpoint {name!r} is served here; deploy a model under that name first.")
+        return served
+
+    async def apply(self, desired: list[dict[str, Any]]) -> None:
+        async with self.lock:
+            wanted: dict[str, Served] = {}
+            errors: dict[str, str] = {}
+            for d in desired:
+                variants: list[Variant] = []
+                error = d.get("error")
+                for v in d["variants"]:
+                    key = (d["registered_name"], str(v["version"]))
+                    model = self.cache.get(key)
+                    if model is None:
+                        try:
+                            model = await anyio.to_thread.run_sync(self._load, *key)
+                        except Exception as exc:
+                            error = f"version {key[1]} failed to load: {type(exc).__name__}: {str(exc)[:300]}"
+                            log.warning("model load failed", extra={"deployment": d["name"], "error": error})
+                            variants = []
+                            break
+                        self.cache[key] = model
+                    variants.append(Variant(version=key[1], weight=int(v["weight"]), model=model))
+                if variants:
+                    wanted[d["name"]] = Served(d["project"], d["name"], d["registered_name"], variants)
+                elif d["name"] in self.served:
+                    wanted[d["name"]] = self.served[d["name"]]  # keep serving the old versions
+                if error:
+                    errors[d["name"]] = error
+            self.served = wanted  # the switch: one assignment
+            self.errors = errors
+            used = {(s.registered, v.version) for s in wanted.values() for v in s.variants}
+            for key in list(self.cache):
+                if key not in used:
+                    self.cache.pop(key).batcher.close()
+            self.metrics.loaded_models.set(len(self.cache))
+            self.reconciled_once = True
+            self.ready = all(name in wanted for name in (d["name"] for d in desired)) and not any(
+                d["name"] in errors and d["name"] not in wanted for d in desired
+            )
+
+    def _load(self, registered: str, version: str) -> LoadedModel:
+        model = load(self.tracking_uri, registered, version, max_batch_rows=self.max_batch_rows)
+        self.metrics.load_seconds.observe(model.load_seconds)
+        return model
+
+    def report(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for name, s in self.served.items():
+            out[name] = {
+                "versions": [v.version for v in s.variants],
+                "ready": name not in self.errors,
+                "error": self.errors.get(name),
+            }
+        for name, error in self.errors.items():
+            out.setdefault(name, {"versions": [], "ready": False, "error": error})
+        return out
+
+
+class ApiLink:
+    """The replica's view of the api: desired state, replica reports, and key checks (cached)."""
+
+    def __init__(self, api_url: str, api_key: str, *, key_cache_s: float) -> None:
+        self.http = httpx.AsyncClient(base_url=api_url, headers={"X-API-Key": api_key}, timeout=10)
+        self.key_cache_s = key_cache_s
+        self.keys: dict[str, tuple[float, dict[str, Any] | None]] = {}
+
+    async def desired(self) -> list[dict[str, Any]]:
+        response = await self.http.get("/api/v1/inference/desired")
+        response.raise_for_status()
+        data: list[dict[str, Any]] = response.json()
+        return data
+
+    async def report(self, replica: str, url: str, status: dict[str, dict[str, Any]]) -> None:
+        await self.http.post("/api/v1/inference/replicas", json={"replica": replica, "url": url, "deployments": status})
+
+    async def whoami(self, headers: dict[str, str]) -> dict[str, Any] | None:
+        """The caller behind these credentials, or None when the api refuses them."""
+        import hashlib
+        import time
+
+        cred = headers.get("x-api-key") or headers.get("authorization") or ""
+        if not cred:
+            return None
+        digest = hashlib.sha256(cred.encode()).hexdigest()
+        hit = self.keys.get(digest)
+        now = time.monotonic()
+        if hit is not None and now - hit[0] < self.key_cache_s:
+            return hit[1]
+        send = {"X-API-Key": headers["x-api-key"]} if headers.get("x-api-key") else {"Authorization": cred}
+        response = await self.http.get("/api/v1/auth/whoami", headers=send)
+        if response.status_code >= 500:
+            response.raise_for_status()
+        who = response.json() if response.status_code == 200 else None
+        if len(self.keys) > 10_000:
+            self.keys.clear()
+        self.keys[digest] = (now, who)
+        return who

@@ -1,0 +1,114 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import Field, model_validator
+
+from miniml.schemas.common import ReadModel, StrictModel
+
+
+class TrafficItem(StrictModel):
+    version: int = Field(ge=1)
+    weight: int = Field(ge=1, le=100, description="Percent of requests.")
+
+
+class DeploymentTarget(StrictModel):
+    target: str | int | None = Field(
+        default=None, description="An alias or stage (staging, production) or a version number."
+    )
+    traffic: list[TrafficItem] | None = Field(default=None, description="A split between versions; weights sum to 100.")
+
+    @model_validator(mode="after")
+    def _one_of(self) -> DeploymentTarget:
+        if self.traffic is not None:
+            if self.target is not None:
+                raise ValueError("give either 'target' or 'traffic', not both")
+            if len(self.traffic) < 2 or sum(t.weight for t in self.traffic) != 100:
+                raise ValueError("'traffic' needs two or more versions whose weights sum to 100")
+            if len({t.version for t in self.traffic}) != len(self.traffic):
+                raise ValueError("'traffic' names a version twice")
+        return self
+
+
+class DeploymentCreate(DeploymentTarget):
+    name: str = Field(description="Endpoint name (slug), unique across projects: it is the URL.")
+    model_name: str = Field(description="The project's model, e.g. 'iris-clf'.")
+
+    @model_validator(mode="after")
+    def _default_target(self) -> DeploymentCreate:
+        if self.target is None and self.traffic is None:
+            self.target = "staging"
+        return self
+
+
+class DeploymentUpdate(DeploymentTarget):
+    @model_validator(mode="after")
+    def _something(self) -> DeploymentUpdate:
+        if self.target is None and self.traffic is None:
+            raise ValueError("give a new 'target' or 'traffic'")
+        return self
+
+
+class SeedDeployRequest(StrictModel):
+    model_name: str
+    stage: str | None = "staging"
+    version: int | None = None
+    project: str | None = None
+    name: str | None = None
+
+
+class Variant(ReadModel):
+    version: str
+    weight: int
+
+
+class ReplicaView(ReadModel):
+    replica: str
+    versions: list[str]
+    ready: bool
+    error: str | None
+    updated_at: datetime
+
+
+class DeploymentRead(ReadModel):
+    project: str
+    name: str
+    model_name: str
+    registered_name: str
+    target: dict[str, Any]
+    previous_target: dict[str, Any] | None
+    desired: list[Variant]
+    error: str | None = Field(description="Why the desired versions could not be resolved, if they could not.")
+    replicas: list[ReplicaView]
+    ready: bool = Field(description="Every live replica serves the desired versions.")
+    endpoint: str
+    created_at: datetime
+    updated_at: datetime
+
+
+class DeploymentEventRead(ReadModel):
+    at: datetime
+    key_id: str | None
+    action: str
+    target: dict[str, Any] | None
+
+
+class DesiredDeployment(ReadModel):
+    project: str
+    name: str
+    registered_name: str
+    variants: list[Variant]
+    error: str | None = None
+
+
+class ReplicaReport(StrictModel):
+    replica: str = Field(max_length=128)
+    url: str | None = Field(default=None, max_length=500)
+    deployments: dict[str, dict[str, Any]] = Field(description="name → {versions, ready, error}.")
+
+
+class CallerRead(ReadModel):
+    key_id: str
+    role: str
+    projects: list[str] | None

@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import Field, field_validator
+
+from miniml.schemas.common import ReadModel, StrictModel
+
+
+def normalise_stage(value: str) -> str:
+    stage = value.strip().lower()
+    if stage not in ("staging", "production"):
+        raise ValueError("stage must be 'staging' or 'production' (the words Staging and Production work too)")
+    return stage
+
+
+class ModelVersionRead(ReadModel):
+    model: str
+    registered_name: str
+    version: str
+    aliases: list[str]
+    stage: str | None
+    status: str | None
+    created_at: datetime | None
+    run_id: str | None
+    metrics: dict[str, float] = Field(description="Held-out (test_*) and other run metrics.")
+    params: dict[str, str]
+    family: str | None
+    job_id: int | None
+    dataset: str | None
+    dataset_version: int | None
+    dataset_sha256: str | None
+
+
+class ModelRead(ReadModel):
+    name: str
+    registered_name: str
+    aliases: dict[str, str]
+    latest_version: str | None
+    description: str | None
+
+
+class ModelComparison(ReadModel):
+    model: str
+    a: ModelVersionRead
+    b: ModelVersionRead
+    metric_differences: dict[str, float] = Field(description="b minus a, for metrics both have.")
+
+
+class PromoteRequest(StrictModel):
+    stage: str
+
+    @field_validator("stage")
+    @classmethod
+    def _stage(cls, value: str) -> str:
+        return normalise_stage(value)
+
+
+class SeedPromoteRequest(StrictModel):
+    model_name: str
+    version: int | str
+    to_stage: str
+    project: str | None = None
+
+    @field_validator("to_stage")
+    @classmethod
+    def _stage(cls, value: str) -> str:
+        return normalise_stage(value)
+
+
+def params_of(run: Any) -> dict[str, str]:
+    return dict(run.data.params) if run is not None else {}

@@ -1,0 +1,229 @@
+"""Deployments: named endpoints that serve a model by alias, version or traffic split."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import httpx
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from miniml.db import tables
+from miniml.db.tables import utcnow
+from miniml.domain.names import check_slug
+from miniml.domain.tenancy import Caller
+from miniml.errors import Conflict, InvalidInput, MiniMLError, NotFound
+from miniml.schemas.deployments import (
+    DeploymentCreate,
+    DeploymentEventRead,
+    DeploymentRead,
+    DeploymentTarget,
+    DesiredDeployment,
+    ReplicaReport,
+    ReplicaView,
+    Variant,
+)
+from miniml.services.projects import read_project
+from miniml.tracking.registry import Registry
+from miniml.tracking.runs import registered_name
+
+# A replica that has not reported for this long is left out of a deployment's status.
+REPLICA_STALE = timedelta(minutes=2)
+
+
+def target_of(body: DeploymentTarget) -> dict[str, Any]:
+    if body.traffic is not None:
+        return {"kind": "split", "split": [{"version": str(t.version), "weight": t.weight} for t in body.traffic]}
+    target = str(body.target).strip()
+    if target.isdigit():
+        return {"kind": "version", "version": target}
+    alias = target.lower()
+    if not alias:
+        raise InvalidInput("target is empty; give an alias (staging, production) or a version number.")
+    return {"kind": "alias", "alias": alias}
+
+
+def resolve(registry: Registry, project: str, model: str, target: dict[str, Any]) -> list[Variant]:
+    """What a target means now: aliases are followed, so a promotion moves what is served."""
+    try:
+        if target["kind"] == "split":
+            return [
+                Variant(version=registry.version(project, model, s["version"]).version, weight=int(s["weight"]))
+                for s in target["split"]
+            ]
+        ref = target["version"] if target["kind"] == "version" else target["alias"]
+        return [Variant(version=registry.resolve(project, model, ref), weight=100)]
+    except NotFound as exc:
+        raise InvalidInput(f"{exc.detail} Train or register it first.") from None
+
+
+def _event(session: Session, dep: tables.Deployment, caller: Caller | None, action: str) -> None:
+    session.add(
+        tables.DeploymentEvent(
+            project_id=dep.project_id,
+            deployment=dep.name,
+            key_id=caller.key_id if caller else None,
+            action=action,
+            target=dep.target,
+        )
+    )
+
+
+def create_deployment(
+    session: Session, registry: Registry, caller: Caller, project: str, body: DeploymentCreate
+) -> tables.Deployment:
+    proj = read_project(session, caller, project)
+    name = check_slug(body.name, what="Deployment")
+    if session.scalar(select(tables.Deployment.id).where(tables.Deployment.name == name)) is not None:
+        raise Conflict(f"A deployment named {name!r} already exists; endpoint names are unique, pick another.")
+    target = target_of(body)
+    resolve(registry, project, body.model_name, target)
+    dep = tables.Deployment(
+        project_id=proj.id, name=name, model_name=body.model_name, target=target, created_by=caller.key_id
+    )
+    session.add(dep)
+    session.flush()
+    _event(session, dep, caller, "create")
+    return dep
+
+
+def read_deployment(session: Session, caller: Caller, project: str, name: str) -> tables.Deployment:
+    proj = read_project(session, caller, project)
+    dep = session.scalar(select(tables.Deployment).where(tables.Deployment.name == name))
+    if dep is None or dep.project_id != proj.id:
+        raise NotFound(f"Deployment {name!r} does not exist in project {project!r}.")
+    return dep
+
+
+def list_deployments(session: Session, caller: Caller, project: str) -> list[tables.Deployment]:
+    proj = read_project(session, caller, project)
+    query = select(tables.Deployment).where(tables.Deployment.project_id == proj.id)
+    return list(session.scalars(query.order_by(tables.Deployment.name)))
+
+
+def update_deployment(
+    session: Session, registry: Registry, caller: Caller, project: str, name: str, body: DeploymentTarget
+) -> tables.Deployment:
+    dep = read_deployment(session, caller, project, name)
+    target = target_of(body)
+    resolve(registry, project, dep.model_name, target)
+    dep.previous_target, dep.target, dep.updated_at = dep.target, target, utcnow()
+    session.flush()
+    _event(session, dep, caller, "update")
+    return dep
+
+
+def rollback_deployment(session: Session, caller: Caller, project: str, name: str) -> tables.Deployment:
+    dep = read_deployment(session, caller, project, name)
+    if dep.previous_target is None:
+        raise Conflict(f"Deployment {name!r} has no previous target to roll back to.")
+    dep.previous_target, dep.target, dep.updated_at = dep.target, dep.previous_target, utcnow()
+    session.flush()
+    _event(session, dep, caller, "rollback")
+    return dep
+
+
+def delete_deployment(session: Session, caller: Caller, project: str, name: str) -> None:
+    dep = read_deployment(session, caller, project, name)
+    _event(session, dep, caller, "delete")
+    session.delete(dep)
+    session.flush()
+
+
+def history(session: Session, caller: Caller, project: str, name: str) -> list[DeploymentEventRead]:
+    proj = read_project(session, caller, project)
+    rows = session.scalars(
+        select(tables.DeploymentEvent)
+        .where(tables.DeploymentEvent.project_id == proj.id, tables.DeploymentEvent.deployment == name)
+        .order_by(tables.DeploymentEvent.id)
+    ).all()
+    if not rows:
+        raise NotFound(f"Deployment {name!r} does not exist in project {project!r}.")
+    return [DeploymentEventRead.model_validate(r) for r in rows]
+
+
+def desired_state(session: Session, registry: Registry) -> list[DesiredDeployment]:
+    out = []
+    for dep in session.scalars(select(tables.Deployment).order_by(tables.Deployment.id)):
+        project = dep.project.name
+        try:
+            variants, error = resolve(registry, project, dep.model_name, dep.target), None
+        except MiniMLError as exc:
+            variants, error = [], exc.detail
+        out.append(
+            DesiredDeployment(
+                project=project,
+                name=dep.name,
+                registered_name=registered_name(project, dep.model_name),
+                variants=variants,
+                error=error,
+            )
+        )
+    return out
+
+
+def served_versions(session: Session, registry: Registry) -> set[tuple[str, str]]:
+    return {(d.registered_name, v.version) for d in desired_state(session, registry) for v in d.variants}
+
+
+def record_replica(session: Session, report: ReplicaReport) -> None:
+    row = session.get(tables.InferenceReplica, report.replica)
+    if row is None:
+        row = tables.InferenceReplica(id=report.replica)
+        session.add(row)
+    row.url, row.status, row.updated_at = report.url, report.deployments, utcnow()
+    session.flush()
+
+
+def live_replicas(session: Session) -> list[tables.InferenceReplica]:
+    cutoff = utcnow() - REPLICA_STALE
+    return list(session.scalars(select(tables.InferenceReplica).where(tables.InferenceReplica.updated_at >= cutoff)))
+
+
+def to_read(session: Session, registry: Registry, dep: tables.Deployment, inference_url: str) -> DeploymentRead:
+    project = dep.project.name
+    try:
+        desired, error = resolve(registry, project, dep.model_name, dep.target), None
+    except MiniMLError as exc:
+        desired, error = [], exc.detail
+    replicas = []
+    for rep in live_replicas(session):
+        status = rep.status.get(dep.name)
+        if status is None:
+            continue
+        replicas.append(
+            ReplicaView(
+                replica=rep.id,
+                versions=[str(v) for v in status.get("versions", [])],
+                ready=bool(status.get("ready")),
+                error=status.get("error"),
+                updated_at=rep.updated_at,
+            )
+        )
+    want = sorted(v.version for v in desired)
+    ready = bool(replicas) and all(r.ready and sorted(r.versions) == want for r in replicas)
+    return DeploymentRead(
+        project=project,
+        name=dep.name,
+        model_name=dep.model_name,
+        registered_name=registered_name(project, dep.model_name),
+        target=dep.target,
+        previous_target=dep.previous_target,
+        desired=desired,
+        error=error,
+        replicas=replicas,
+        ready=ready,
+        endpoint=f"{inference_url}/v1/endpoints/{dep.name}/predict",
+        created_at=dep.created_at,
+        updated_at=dep.updated_at,
+    )
+
+
+def push(urls: list[str]) -> None:
+    """Ask every known inference replica to reconcile now (they also do on a timer)."""
+    for url in dict.fromkeys(urls):
+        try:
+            httpx.post(f"{url.rstrip('/')}/admin/reconcile", timeout=2)
+        except httpx.HTTPError:
+            continue

@@ -1,0 +1,100 @@
+"""The MLflow model registry, seen per project. Registered names read ``<project>.<model>``."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from miniml.errors import InvalidInput, NotFound, UpstreamUnavailable
+from miniml.tracking.runs import registered_name
+
+# Promotion moves these aliases; the deprecated stages follow so the MLflow UI shows them too.
+STAGES = {"staging": "Staging", "production": "Production"}
+
+
+class Registry:
+    def __init__(self, tracking_uri: str) -> None:
+        self.uri = tracking_uri
+        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except MlflowException as exc:
+            if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
+                raise NotFound(f"{what[0].upper()}{what[1:]} does not exist.") from exc
+            if exc.error_code == "INVALID_PARAMETER_VALUE":
+                raise InvalidInput(f"{what}: {exc.message[:300]}") from exc
+            raise UpstreamUnavailable(f"MLflow at {self.uri} failed on {what}: {exc.message[:300]}") from exc
+        except OSError as exc:
+            raise UpstreamUnavailable(f"MLflow at {self.uri} did not answer ({type(exc).__name__}).") from exc
+
+    def list_models(self, project: str) -> list[Any]:
+        prefix = registered_name(project, "")
+        found = self._call("model list", self.client.search_registered_models, f"name LIKE '{prefix}%'")
+        return sorted((m for m in found if m.name.startswith(prefix)), key=lambda m: m.name)
+
+    def model(self, project: str, model: str) -> Any:
+        return self._call(
+            f"model {model!r} in project {project!r}", self.client.get_registered_model, registered_name(project, model)
+        )
+
+    def versions(self, project: str, model: str) -> list[Any]:
+        self.model(project, model)
+        name = registered_name(project, model)
+        found = self._call(f"versions of {model!r}", self.client.search_model_versions, f"name='{name}'")
+        return sorted(found, key=lambda v: int(v.version))
+
+    def version(self, project: str, model: str, version: str | int) -> Any:
+        return self._call(
+            f"version {version} of model {model!r}",
+            self.client.get_model_version,
+            registered_name(project, model),
+            str(version),
+        )
+
+    def run(self, run_id: str | None) -> Any:
+        if not run_id:
+            return None
+        try:
+            return self.client.get_run(run_id)
+        except MlflowException:
+            return None
+
+    def resolve(self, project: str, model: str, alias_or_version: str) -> str:
+        """The version number a target names: an alias (or stage word) or a number."""
+        target = alias_or_version.strip()
+        if target.isdigit():
+            return str(self.version(project, model, target).version)
+        alias = target.lower()
+        try:
+            mv = self.client.get_model_version_by_alias(registered_name(project, model), alias)
+        except MlflowException as exc:
+            self.model(project, model)  # NotFound for an unknown model
+            raise InvalidInput(
+                f"Model {model!r} has no version with alias {alias!r}; promote one first "
+                "(POST …/models/{name}/versions/{v}/promote)."
+            ) from exc
+        return str(mv.version)
+
+    def promote(self, project: str, model: str, version: str, stage: str) -> None:
+        name = registered_name(project, model)
+        self.version(project, model, version)
+        self._call("promotion", self.client.set_registered_model_alias, name, stage, version)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # stages are deprecated; kept so the MLflow UI shows them
+            self._call("promotion", self.client.transition_model_version_stage, name, version, STAGES[stage])
+
+    def delete_version(self, project: str, model: str, version: str) -> None:
+        self._call(
+            f"version {version} of model {model!r}",
+            self.client.delete_model_version,
+            registered_name(project, model),
+            version,
+        )
+
+    def aliases(self, project: str, model: str) -> dict[str, str]:
+        return {str(k): str(v) for k, v in dict(self.model(project, model).aliases or {}).items()}
