@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from typing import Any
@@ -23,6 +24,11 @@ from miniml.inference.state import ApiLink, Served, State
 from miniml.monitoring.metrics import InferenceMetrics
 
 log = logging.getLogger("miniml.inference")
+
+
+def request_id(request: Request) -> str:
+    given = request.headers.get("x-request-id", "")
+    return given if given.isalnum() and len(given) <= 64 else uuid.uuid4().hex
 
 
 def inference_key(settings: Settings) -> str:
@@ -110,7 +116,7 @@ def create_inference_app(settings: Settings) -> FastAPI:
         except InvalidInput as exc:
             metrics.requests.labels(*labels, "422").inc()
             metrics.errors.labels(served.name, "invalid_input").inc()
-            return from_error(exc, None)
+            return from_error(exc, request_id(request))
         except Exception as exc:
             metrics.requests.labels(*labels, "500").inc()
             metrics.errors.labels(served.name, "model_error").inc()
@@ -146,7 +152,7 @@ def create_inference_app(settings: Settings) -> FastAPI:
             if not visible(who, served):
                 raise NotFound(f"No endpoint {name!r} is served here; deploy a model under that name first.")
         except MiniMLError as exc:
-            return from_error(exc, None)
+            return from_error(exc, request_id(request))
         return await predict(request, served)
 
     @app.post("/predict")
@@ -163,7 +169,7 @@ def create_inference_app(settings: Settings) -> FastAPI:
                     f"Several deployments are served for your projects ({names}); call /v1/endpoints/<name>/predict."
                 )
         except MiniMLError as exc:
-            return from_error(exc, None)
+            return from_error(exc, request_id(request))
         return await predict(request, mine[0], seed=True)
 
     return app

@@ -1,0 +1,369 @@
+"""Models, deployments and the inference service against a live api and a real MLflow server."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from fastapi.testclient import TestClient
+from sklearn.dummy import DummyClassifier
+from sklearn.linear_model import LogisticRegression
+
+from miniml.config import Settings
+from miniml.inference.app import create_inference_app
+from miniml.sdk.client import Client
+from miniml.tracking.runs import Tracker
+from miniml.training.data import features_from_profile
+from miniml.training.families import FAMILIES
+from miniml.training.search import build_pipeline
+from tests.conftest import LiveApi, assert_problem, free_port
+
+IRIS = Path(__file__).resolve().parents[2] / "data" / "samples" / "iris.csv"
+ROW = {"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4, "petal_width": 0.2}
+
+
+def register(tracker: Tracker, project: str, model: str, estimator: object, *, job: int = 7) -> str:
+    frame = pd.read_csv(IRIS)
+    profile = {
+        "columns": [{"name": c, "kind": "numeric"} for c in frame.columns[:-1]]
+        + [{"name": "target", "kind": "categorical"}]
+    }
+    features = features_from_profile(profile, "target")
+    pipe = build_pipeline(features, FAMILIES["linear"], estimator).fit(frame[features.columns], frame["target"])
+    run = tracker.start_job_run(
+        project, job, {"miniml.dataset": "iris", "miniml.dataset_version": "1", "miniml.dataset_sha256": "abc"}
+    )
+    return tracker.log_model(
+        run,
+        pipe,
+        FAMILIES["linear"],
+        frame[features.columns].head(3),
+        registered=f"{project}.{model}",
+        params={"family": "linear"},
+        metrics={"f1_macro": 0.9 if job == 7 else 0.3},
+    )
+
+
+@pytest.fixture
+def stack(tmp_path: Path, mlflow_uri: str) -> Iterator[tuple[LiveApi, Client, TestClient, str]]:
+    """A live api, an in-process inference service, and a project with model 'iris' v1 (logistic) and v2 (constant)."""
+    project = f"p{uuid.uuid4().hex[:8]}"
+    inference_port = free_port()
+    settings = Settings(
+        data_dir=tmp_path / "d",
+        api={"port": free_port()},
+        prefect={"port": free_port()},
+        mlflow={"tracking_uri": mlflow_uri},
+        inference={"port": inference_port, "reconcile_s": 0.5, "key_cache_s": 0},
+    )
+    tracker = Tracker(mlflow_uri)
+    with LiveApi(settings) as api:
+        client = Client(api.url, api_key=api.key)
+        client.projects.create(project)
+        assert register(tracker, project, "iris", LogisticRegression(max_iter=500)) == "1"
+        assert (
+            register(tracker, project, "iris", DummyClassifier(strategy="constant", constant="Iris-virginica"), job=8)
+            == "2"
+        )
+        with TestClient(create_inference_app(settings)) as inference:
+            yield api, client, inference, project
+
+
+def wait_served(inference: TestClient, name: str, versions: set[str], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        served = inference.app.state.state.served.get(name)  # type: ignore[attr-defined]
+        if served is not None and {v.version for v in served.variants} == versions:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{name} never served {versions}")
+
+
+def predict(
+    inference: TestClient, name: str, key: str, rows: list[dict[str, object]] | None = None, **params: str
+) -> object:
+    return inference.post(
+        f"/v1/endpoints/{name}/predict", json={"rows": rows or [ROW]}, headers={"X-API-Key": key}, params=params
+    )
+
+
+def test_models_api_lists_versions_with_lineage_and_compares(stack: tuple[LiveApi, Client, TestClient, str]) -> None:
+    api, _client, _inf, project = stack
+    h = api.headers
+    models = api_get(api, f"/api/v1/projects/{project}/models")
+    assert [m["name"] for m in models] == ["iris"] and models[0]["registered_name"] == f"{project}.iris"
+    versions = api_get(api, f"/api/v1/projects/{project}/models/iris/versions")
+    assert [v["version"] for v in versions] == ["1", "2"]
+    assert versions[0]["job_id"] == 7 and versions[0]["dataset"] == "iris" and versions[0]["dataset_sha256"] == "abc"
+    assert versions[0]["metrics"]["test_f1_macro"] == 0.9
+    comparison = api_get(api, f"/api/v1/projects/{project}/models/iris/compare?a=1&b=2")
+    assert comparison["metric_differences"]["test_f1_macro"] == pytest.approx(0.3 - 0.9)
+    import httpx
+
+    assert_problem(
+        httpx.get(f"{api.url}/api/v1/projects/{project}/models/nope/versions", headers=h), 404, "does not exist"
+    )
+
+
+def api_get(api: LiveApi, path: str) -> object:
+    import httpx
+
+    response = httpx.get(api.url + path, headers=api.headers, timeout=30)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_promotion_roles_and_the_seed_route(stack: tuple[LiveApi, Client, TestClient, str]) -> None:
+    import httpx
+
+    api, client, _inf, project = stack
+    engineer = client.keys.create("engineer", projects=[project]).key
+    url = f"{api.url}/api/v1/projects/{project}/models/iris/versions/1/promote"
+    staged = httpx.post(url, json={"stage": "Staging"}, headers={"X-API-Key": engineer})
+    assert staged.status_code == 200 and staged.json()["aliases"] == ["staging"] and staged.json()["stage"] == "Staging"
+    assert_problem(httpx.post(url, json={"stage": "production"}, headers={"X-API-Key": engineer}), 403, "admin")
+    assert_problem(httpx.post(url, json={"stage": "archived"}, headers=api.headers), 422, "staging")
+    seed = httpx.post(
+        f"{api.url}/models/promote",
+        json={"model_name": f"{project}.iris", "version": 2, "to_stage": "Production"},
+        headers=api.headers,
+    )
+    assert seed.status_code == 200 and seed.json()["aliases"] == ["production"]
+    assert api_get(api, f"/api/v1/projects/{project}/models/iris")["aliases"] == {"staging": "1", "production": "2"}
+
+
+def test_deploy_predict_update_rollback_and_restart(
+    stack: tuple[LiveApi, Client, TestClient, str], mlflow_uri: str
+) -> None:
+    import httpx
+
+    api, _client, inference, project = stack
+    httpx.post(
+        f"{api.url}/api/v1/projects/{project}/models/iris/versions/1/promote",
+        json={"stage": "staging"},
+        headers=api.headers,
+    )
+    dep = httpx.post(
+        f"{api.url}/deploy", json={"model_name": f"{project}.iris", "stage": "Staging"}, headers=api.headers
+    )
+    assert dep.status_code == 201, dep.text
+    name = dep.json()["name"]
+    assert name == "iris" and dep.json()["desired"] == [{"version": "1", "weight": 100}]
+    wait_served(inference, name, {"1"})
+    seed = inference.post("/predict", json={"rows": [ROW]}, headers=api.headers)
+    assert seed.json() == {"preds": ["Iris-setosa"]}
+    first = predict(inference, name, api.key).json()  # type: ignore[attr-defined]
+    assert first["model_version"] == "1" and first["deployment"] == name
+    # Promote v2 to staging: the deployment follows the alias.
+    httpx.post(
+        f"{api.url}/api/v1/projects/{project}/models/iris/versions/2/promote",
+        json={"stage": "staging"},
+        headers=api.headers,
+    )
+    wait_served(inference, name, {"2"})
+    assert predict(inference, name, api.key).json()["predictions"] == ["Iris-virginica"]  # type: ignore[attr-defined]
+    # Pin version 1, then roll back to the alias.
+    patched = httpx.patch(
+        f"{api.url}/api/v1/projects/{project}/deployments/{name}", json={"target": 1}, headers=api.headers
+    )
+    assert patched.json()["desired"] == [{"version": "1", "weight": 100}]
+    wait_served(inference, name, {"1"})
+    rolled = httpx.post(f"{api.url}/api/v1/projects/{project}/deployments/{name}/rollback", headers=api.headers)
+    assert rolled.json()["target"] == {"kind": "alias", "alias": "staging"}
+    wait_served(inference, name, {"2"})
+    history = api_get(api, f"/api/v1/projects/{project}/deployments/{name}/history")
+    assert [e["action"] for e in history] == ["create", "update", "rollback"]
+    deadline = time.monotonic() + 10
+    while (
+        not (read := api_get(api, f"/api/v1/projects/{project}/deployments/{name}"))["ready"]
+        and time.monotonic() < deadline
+    ):  # type: ignore[index]
+        time.sleep(0.3)
+    assert read["ready"] and read["replicas"][0]["versions"] == ["2"]  # type: ignore[index]
+    # A version a deployment serves cannot be deleted.
+    assert_problem(
+        httpx.delete(f"{api.url}/api/v1/projects/{project}/models/iris/versions/2", headers=api.headers), 409, "served"
+    )
+    # A fresh replica serves the same deployments without being told anything.
+    with TestClient(create_inference_app(api.settings)) as again:
+        wait_served(again, name, {"2"})
+        assert again.get("/readyz").status_code == 200
+        assert predict(again, name, api.key).json()["model_version"] == "2"  # type: ignore[attr-defined]
+
+
+def test_traffic_split_routes_by_weight(stack: tuple[LiveApi, Client, TestClient, str]) -> None:
+    import httpx
+
+    api, _client, inference, project = stack
+    body = {
+        "name": f"split-{project}",
+        "model_name": "iris",
+        "traffic": [{"version": 1, "weight": 90}, {"version": 2, "weight": 10}],
+    }
+    assert (
+        httpx.post(f"{api.url}/api/v1/projects/{project}/deployments", json=body, headers=api.headers).status_code
+        == 201
+    )
+    wait_served(inference, body["name"], {"1", "2"})
+    served = Counter(predict(inference, body["name"], api.key).json()["model_version"] for _ in range(2000))  # type: ignore[attr-defined]
+    share = served["2"] / 2000
+    assert 0.07 <= share <= 0.13, served
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "needle"),
+    [
+        ({"rows": [{"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4}]}, 422, "'petal_width' is missing"),
+        ({"rows": [{**ROW, "petal_width": "wide"}]}, 422, "'petal_width' needs a number; row 1"),
+        ({"rows": [ROW, {**ROW, "sepal_length": [1]}]}, 422, "row 2"),
+        ({"rows": []}, 422, "no rows"),
+        ({"rows": [ROW] * 11}, 422, "more than the 10"),
+        ({"columns": ["sepal_length"], "data": [[1.0, 2.0]]}, 422, "row 1 has 2 values"),
+        ({"instances": [ROW]}, 422, "petal_width"),
+    ],
+)
+def test_bad_predict_inputs_name_the_problem(
+    stack: tuple[LiveApi, Client, TestClient, str], body: dict[str, object], status: int, needle: str
+) -> None:
+    import httpx
+
+    api, _client, _inference, project = stack
+    httpx.post(
+        f"{api.url}/api/v1/projects/{project}/deployments",
+        json={"name": f"b-{project}", "model_name": "iris", "target": 1},
+        headers=api.headers,
+    )
+    settings = api.settings.model_copy(update={"inference": api.settings.inference.model_copy(update={"max_rows": 10})})
+    with TestClient(create_inference_app(settings)) as small:
+        wait_served(small, f"b-{project}", {"1"})
+        response = small.post(f"/v1/endpoints/b-{project}/predict", json=body, headers=api.headers)
+        assert_problem(response, status, needle)
+        raw = small.post(f"/v1/endpoints/b-{project}/predict", content=b"{oops", headers=api.headers)
+        assert_problem(raw, 422, "not valid json")
+        nan_ok = small.post(
+            f"/v1/endpoints/b-{project}/predict", json={"rows": [{**ROW, "petal_width": None}]}, headers=api.headers
+        )
+        assert nan_ok.status_code == 200
+
+
+def test_endpoint_auth_and_tenancy(stack: tuple[LiveApi, Client, TestClient, str]) -> None:
+    import httpx
+
+    api, client, inference, project = stack
+    httpx.post(
+        f"{api.url}/api/v1/projects/{project}/deployments",
+        json={"name": f"t-{project}", "model_name": "iris", "target": 1},
+        headers=api.headers,
+    )
+    wait_served(inference, f"t-{project}", {"1"})
+    client.projects.create(f"o{project}")
+    outsider = client.keys.create("viewer", projects=[f"o{project}"]).key
+    viewer = client.keys.create("viewer", projects=[project]).key
+    assert_problem(predict(inference, f"t-{project}", outsider), 404, "no endpoint")  # type: ignore[arg-type]
+    assert_problem(predict(inference, "ghost", viewer), 404, "no endpoint")  # type: ignore[arg-type]
+    assert predict(inference, f"t-{project}", viewer).status_code == 200  # type: ignore[attr-defined]
+    assert_problem(inference.post(f"/v1/endpoints/t-{project}/predict", json={"rows": [ROW]}), 401, "api key")
+    assert_problem(predict(inference, f"t-{project}", "mml_bad_key"), 401)  # type: ignore[arg-type]
+    metrics = inference.get("/metrics").text
+    assert f'miniml_inference_requests_total{{deployment="t-{project}",status="200",version="1"}}' in metrics
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "needle"),
+    [
+        ({"name": "Bad Name", "model_name": "iris"}, 422, "not valid"),
+        ({"name": "x1", "model_name": "nope"}, 422, "does not exist"),
+        ({"name": "x2", "model_name": "iris", "target": "production"}, 422, "no version with alias 'production'"),
+        ({"name": "x3", "model_name": "iris", "target": 9}, 422, "version 9"),
+        (
+            {
+                "name": "x4",
+                "model_name": "iris",
+                "traffic": [{"version": 1, "weight": 50}, {"version": 2, "weight": 40}],
+            },
+            422,
+            "sum to 100",
+        ),
+        (
+            {
+                "name": "x5",
+                "model_name": "iris",
+                "target": 1,
+                "traffic": [{"version": 1, "weight": 50}, {"version": 2, "weight": 50}],
+            },
+            422,
+            "not both",
+        ),
+    ],
+)
+def test_bad_deployments_are_refused_and_create_nothing(
+    stack: tuple[LiveApi, Client, TestClient, str], body: dict[str, object], status: int, needle: str
+) -> None:
+    import httpx
+
+    api, _client, _inf, project = stack
+    assert_problem(
+        httpx.post(f"{api.url}/api/v1/projects/{project}/deployments", json=body, headers=api.headers), status, needle
+    )
+    assert api_get(api, f"/api/v1/projects/{project}/deployments") == []
+
+
+def test_switching_versions_under_load_fails_no_request(
+    tmp_path: Path, stack: tuple[LiveApi, Client, TestClient, str]
+) -> None:
+    import httpx
+    import uvicorn
+
+    api, _client, _inf, project = stack
+    name = f"z-{project}"
+    httpx.post(
+        f"{api.url}/api/v1/projects/{project}/deployments",
+        json={"name": name, "model_name": "iris", "target": 1},
+        headers=api.headers,
+    )
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_inference_app(api.settings), host="127.0.0.1", port=api.settings.inference.port, log_level="warning"
+        )
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"{api.settings.inference_url}/v1/endpoints/{name}/predict"
+    try:
+        deadline = time.monotonic() + 30
+        while httpx.post(url, json={"rows": [ROW]}, headers=api.headers).status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        results: list[tuple[int, str]] = []
+        stop = threading.Event()
+
+        def load() -> None:
+            with httpx.Client(timeout=10) as c:
+                while not stop.is_set():
+                    r = c.post(url, json={"rows": [ROW]}, headers=api.headers)
+                    results.append((r.status_code, r.headers.get("x-model-version", "")))
+
+        threads = [threading.Thread(target=load) for _ in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(1)
+        for target in (2, 1, 2):
+            httpx.patch(
+                f"{api.url}/api/v1/projects/{project}/deployments/{name}", json={"target": target}, headers=api.headers
+            )
+            time.sleep(1.5)
+        stop.set()
+        for t in threads:
+            t.join()
+        statuses = Counter(s for s, _ in results)
+        assert statuses == {200: len(results)}, statuses
+        assert {v for _, v in results} == {"1", "2"} and len(results) > 100
+    finally:
+        server.should_exit = True
+        thread.join(10)
