@@ -20,6 +20,9 @@ from miniml.schemas.keys import KeyCreate
 from miniml.schemas.projects import ProjectCreate
 from miniml.services import keys, projects
 
+# Tests that have no MLflow server expect a quick 503, not minutes of retries.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+
 PG_URL = os.environ.get("MINIML_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 
 

@@ -367,3 +367,30 @@ def test_switching_versions_under_load_fails_no_request(
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def test_open_inference_protocol_matches_v1(stack: tuple[LiveApi, Client, TestClient, str]) -> None:
+    import httpx
+
+    api, _client, inference, project = stack
+    name = f"oip-{project}"
+    httpx.post(
+        f"{api.url}/api/v1/projects/{project}/deployments",
+        json={"name": name, "model_name": "iris", "target": 1},
+        headers=api.headers,
+    )
+    wait_served(inference, name, {"1"})
+    rows = pd.read_csv(IRIS).drop(columns=["target"]).sample(12, random_state=1)
+    v1 = predict(inference, name, api.key, rows.to_dict(orient="records")).json()  # type: ignore[attr-defined]
+    body = {
+        "id": "req-1",
+        "inputs": [
+            {"name": c, "shape": [len(rows)], "datatype": "FP64", "data": rows[c].tolist()} for c in rows.columns
+        ],
+    }
+    v2 = inference.post(f"/v2/models/{name}/infer", json=body, headers=api.headers).json()
+    assert v2["outputs"][0]["data"] == v1["predictions"] and v2["model_version"] == "1" and v2["id"] == "req-1"
+    assert inference.get("/v2/health/ready").json() == {"ready": True}
+    meta = inference.get(f"/v2/models/{name}", headers=api.headers).json()
+    assert [i["name"] for i in meta["inputs"]] == list(rows.columns)
+    assert_problem(inference.post(f"/v2/models/{name}/infer", json={"inputs": "x"}, headers=api.headers), 422, "inputs")

@@ -40,6 +40,18 @@ def inference_key(settings: Settings) -> str:
     raise RuntimeError("The inference service has no API key: set MINIML_INFERENCE__API_KEY to an admin key.")
 
 
+_OIP_TYPES = {"number": "FP64", "string": "BYTES", "boolean": "BOOL"}
+
+
+def _flat(data: Any) -> list[Any]:
+    """OIP tensors may nest rows ([[x], [y]]); a column is one value per row."""
+    if isinstance(data, list) and data and all(isinstance(d, list) and len(d) == 1 for d in data):
+        return [d[0] for d in data]
+    if not isinstance(data, list):
+        raise InvalidInput("Each input's data must be a list.")
+    return data
+
+
 def create_inference_app(settings: Settings) -> FastAPI:
     metrics = InferenceMetrics()
     state = State(tracking_uri=settings.mlflow_uri, max_batch_rows=settings.inference.max_batch_rows, metrics=metrics)
@@ -100,16 +112,17 @@ def create_inference_app(settings: Settings) -> FastAPI:
     def visible(who: dict[str, Any], served: Served) -> bool:
         return who.get("projects") is None or served.project in who["projects"]
 
-    async def predict(request: Request, served: Served, *, seed: bool = False) -> Response:
+    async def predict(request: Request, served: Served, *, seed: bool = False, body: Any = None) -> Response:
         start = time.perf_counter()
         variant = served.pick()
         model = variant.model
         labels = (served.name, variant.version)
         try:
-            try:
-                body = orjson.loads(await request.body())
-            except orjson.JSONDecodeError as exc:
-                raise InvalidInput(f"The body is not valid JSON ({exc}).") from None
+            if body is None:
+                try:
+                    body = orjson.loads(await request.body())
+                except orjson.JSONDecodeError as exc:
+                    raise InvalidInput(f"The body is not valid JSON ({exc}).") from None
             columns, rows, ignored = parse_rows(body, model, max_rows=settings.inference.max_rows)
             want_proba = request.query_params.get("probabilities", "").lower() in ("1", "true", "yes")
             preds, probas = await model.batcher.predict(columns, rows, want_proba and model.classes is not None)
@@ -154,6 +167,83 @@ def create_inference_app(settings: Settings) -> FastAPI:
         except MiniMLError as exc:
             return from_error(exc, request_id(request))
         return await predict(request, served)
+
+    # Open Inference Protocol v2 (KServe, Seldon MLServer): one named tensor per column.
+
+    @app.get("/v2/health/ready")
+    def oip_ready() -> Response:
+        return Response(
+            orjson.dumps({"ready": state.ready}), status_code=200 if state.ready else 503, media_type="application/json"
+        )
+
+    @app.get("/v2/health/live")
+    def oip_live() -> dict[str, bool]:
+        return {"live": True}
+
+    @app.get("/v2/models/{name}")
+    async def oip_metadata(name: str, request: Request) -> Response:
+        try:
+            who = await caller_of(request)
+            served = state.endpoint(name)
+            if not visible(who, served):
+                raise NotFound(f"No endpoint {name!r} is served here.")
+        except MiniMLError as exc:
+            return from_error(exc, request_id(request))
+        model = served.variants[0].model
+        body = {
+            "name": name,
+            "versions": [v.version for v in served.variants],
+            "platform": "miniml",
+            "inputs": [
+                {"name": c.name, "datatype": _OIP_TYPES.get(c.kind, "BYTES"), "shape": [-1]} for c in model.columns
+            ],
+            "outputs": [{"name": "predict", "datatype": "BYTES" if model.classes else "FP64", "shape": [-1]}],
+        }
+        return Response(orjson.dumps(body), media_type="application/json")
+
+    @app.post("/v2/models/{name}/infer")
+    async def oip_infer(name: str, request: Request) -> Response:
+        """OIP v2 inference: {"inputs": [{"name", "shape", "datatype", "data"}, ...]}."""
+        try:
+            who = await caller_of(request)
+            served = state.endpoint(name)
+            if not visible(who, served):
+                raise NotFound(f"No endpoint {name!r} is served here.")
+            try:
+                body = orjson.loads(await request.body())
+            except orjson.JSONDecodeError as exc:
+                raise InvalidInput(f"The body is not valid JSON ({exc}).") from None
+            inputs = body.get("inputs") if isinstance(body, dict) else None
+            if (
+                not isinstance(inputs, list)
+                or not inputs
+                or not all(isinstance(t, dict) and "name" in t and "data" in t for t in inputs)
+            ):
+                raise InvalidInput(
+                    'OIP v2 needs "inputs": [{"name": <column>, "shape": [n], "datatype": ..., "data": [...]}].'
+                )
+            names = [str(t["name"]) for t in inputs]
+            data = [list(_flat(t["data"])) for t in inputs]
+            if len({len(d) for d in data}) != 1:
+                raise InvalidInput("Every input tensor must hold the same number of rows.")
+        except MiniMLError as exc:
+            return from_error(exc, request_id(request))
+        converted = {"columns": names, "data": [list(row) for row in zip(*data, strict=True)]}
+        response = await predict(request, served, body=converted)
+        if response.status_code != 200:
+            return response
+        result = orjson.loads(response.body)
+        preds = result["predictions"]
+        datatype = "BYTES" if preds and isinstance(preds[0], str) else "FP64"
+        out = {
+            "model_name": name,
+            "model_version": result["model_version"],
+            "id": body.get("id") or request_id(request),
+            "outputs": [{"name": "predict", "shape": [len(preds)], "datatype": datatype, "data": preds}],
+        }
+        return Response(
+            orjson.dumps(out), media_type="application/json", headers={"X-Model-Version": result["model_version"]}
+        )
 
     @app.post("/predict")
     async def predict_seed(request: Request) -> Response:

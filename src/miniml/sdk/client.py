@@ -43,13 +43,17 @@ class Client:
         api_key: str | None = None,
         timeout: float = 30.0,
         http: httpx.Client | None = None,
+        inference_url: str = "http://127.0.0.1:8080",
     ) -> None:
+        self.inference_url = inference_url
         # Sent with each request, so two clients may share one httpx.Client (tests do).
         self.headers = {"X-API-Key": api_key} if api_key else {}
         self.http = http or httpx.Client(base_url=url.rstrip("/"), timeout=timeout)
         from miniml.sdk.datasets import Datasets
+        from miniml.sdk.deployments import Deployments
         from miniml.sdk.jobs import JobReports, Jobs
         from miniml.sdk.keys import Keys
+        from miniml.sdk.models import Models
         from miniml.sdk.projects import Projects
 
         self.projects = Projects(self)
@@ -57,6 +61,19 @@ class Client:
         self.datasets = Datasets(self)
         self.jobs = Jobs(self)
         self.job_reports = JobReports(self)
+        self.models = Models(self)
+        self.deployments = Deployments(self)
+
+    def predict(self, endpoint: str, rows: list[dict[str, Any]], *, probabilities: bool = False) -> dict[str, Any]:
+        """Predict with a deployment on the inference service.
+
+        Raises:
+            InvalidInput: a column is missing or of the wrong type (the message names it).
+            NotFound: no such endpoint, or not in your projects.
+        """
+        from miniml.sdk.deployments import predict
+
+        return predict(self, self.inference_url, endpoint, rows, probabilities=probabilities)
 
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
