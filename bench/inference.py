@@ -141,7 +141,7 @@ def main() -> None:
             api={"port": free_port()},
             mlflow={"port": free_port()},
             prefect={"port": free_port()},
-            inference={"port": free_port(), "reconcile_s": 1},
+            inference={"port": free_port()},
         )
         services = [s for s in embedded_services(settings) if s.name in ("mlflow", "api", "inference")]
         sup = Supervisor(settings, services)

@@ -130,6 +130,13 @@ class InferenceSettings(BaseModel):
     key_cache_s: float = Field(
         default=30.0, ge=0, description="How long a checked API key is trusted before asking the api again."
     )
+    capture_fraction: float = Field(
+        default=1.0, ge=0, le=1, description="Share of predict requests whose inputs and outputs are kept for drift."
+    )
+    capture_buffer_rows: int = Field(
+        default=20_000, ge=0, description="Captured rows held in memory between flushes; beyond, samples are dropped."
+    )
+    capture_flush_s: float = Field(default=30.0, gt=0, description="Seconds between writes of captured rows.")
 
 
 class Settings(BaseSettings):

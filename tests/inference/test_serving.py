@@ -337,6 +337,9 @@ def test_switching_versions_under_load_fails_no_request(
     url = f"{api.settings.inference_url}/v1/endpoints/{name}/predict"
     try:
         deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
         while httpx.post(url, json={"rows": [ROW]}, headers=api.headers).status_code != 200:
             assert time.monotonic() < deadline
             time.sleep(0.2)
@@ -394,3 +397,97 @@ def test_open_inference_protocol_matches_v1(stack: tuple[LiveApi, Client, TestCl
     meta = inference.get(f"/v2/models/{name}", headers=api.headers).json()
     assert [i["name"] for i in meta["inputs"]] == list(rows.columns)
     assert_problem(inference.post(f"/v2/models/{name}/infer", json={"inputs": "x"}, headers=api.headers), 422, "inputs")
+
+
+def test_cli_and_sdk_for_models_deployments_and_predict(
+    stack: tuple[LiveApi, Client, TestClient, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    import uvicorn
+    from typer.testing import CliRunner
+
+    from miniml.cli import context
+    from miniml.cli.main import app
+
+    api, client, _inf, project = stack
+    monkeypatch.setenv("MINIML_URL", api.url)
+    monkeypatch.setenv("MINIML_API_KEY", api.key)
+    monkeypatch.setenv("MINIML_INFERENCE_URL", api.settings.inference_url)
+    monkeypatch.setattr(context.console, "width", 250)
+    runner = CliRunner()
+    listed = json.loads(runner.invoke(app, ["models", "list", project, "--json"]).output)
+    assert [m["name"] for m in listed] == ["iris"]
+    versions = json.loads(runner.invoke(app, ["models", "versions", project, "iris", "--json"]).output)
+    assert [v["version"] for v in versions] == ["1", "2"]
+    promoted = runner.invoke(app, ["models", "promote", project, "iris", "1", "--stage", "staging", "--json"])
+    assert json.loads(promoted.output)["aliases"] == ["staging"]
+    assert "test_f1_macro" in runner.invoke(app, ["models", "compare", project, "iris", "1", "2"]).output
+    name = f"cli-{project}"
+    created = runner.invoke(app, ["deployments", "create", project, name, "iris", "--target", "staging", "--json"])
+    assert created.exit_code == 0, created.output
+    assert runner.invoke(app, ["deployments", "update", project, name, "--target", "2"]).exit_code == 0
+    rolled = json.loads(runner.invoke(app, ["deployments", "rollback", project, name, "--json"]).output)
+    assert rolled["target"] == {"kind": "alias", "alias": "staging"}
+    assert client.deployments.get(project, name).desired[0].version == "1"
+    assert [e.action for e in client.deployments.history(project, name)] == ["create", "update", "rollback"]
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_inference_app(api.settings), host="127.0.0.1", port=api.settings.inference.port, log_level="warning"
+        )
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        while True:
+            out = runner.invoke(app, ["predict", name, "--rows", json.dumps([ROW])])
+            if out.exit_code == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+        assert json.loads(out.output)["predictions"] == ["Iris-setosa"], out.output
+        sdk = Client(api.url, api_key=api.key, inference_url=api.settings.inference_url)
+        assert sdk.predict(name, [ROW], probabilities=True)["probabilities"][0]["Iris-setosa"] > 0.5
+        bad = runner.invoke(app, ["predict", name, "--rows", json.dumps([{"sepal_length": 1}])])
+        assert bad.exit_code == 1 and "missing" in bad.output
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    client.deployments.delete(project, name)
+    assert client.deployments.list(project) == []
+
+
+def test_capture_keeps_a_bounded_sample_and_never_fails_requests(
+    stack: tuple[LiveApi, Client, TestClient, str],
+) -> None:
+    import json
+
+    import httpx
+
+    api, _client, _inf, project = stack
+    name = f"cap-{project}"
+    httpx.post(
+        f"{api.url}/api/v1/projects/{project}/deployments",
+        json={"name": name, "model_name": "iris", "target": 1},
+        headers=api.headers,
+    )
+    settings = api.settings.model_copy(
+        update={"inference": api.settings.inference.model_copy(update={"capture_buffer_rows": 25})}
+    )
+    with TestClient(create_inference_app(settings)) as inference:
+        wait_served(inference, name, {"1"})
+        rows = pd.read_csv(IRIS).drop(columns=["target"]).head(10).to_dict(orient="records")
+        answers = [predict(inference, name, api.key, rows) for _ in range(4)]  # 40 rows: 20 kept, 20 dropped
+        assert all(a.status_code == 200 for a in answers)  # type: ignore[attr-defined]
+        keys = inference.app.state.capture.flush()  # type: ignore[attr-defined]
+        assert len(keys) == 1 and keys[0].startswith(f"capture/{project}/{name}/")
+        lines = b"".join(api.app.state.store.iter_bytes(keys[0])).decode().splitlines()
+        records = [json.loads(line) for line in lines]
+        assert len(records) == 20
+        assert records[0]["inputs"] == rows[0] and records[0]["prediction"] == answers[0].json()["predictions"][0]  # type: ignore[attr-defined]
+        metrics = inference.get("/metrics").text
+        assert f'miniml_inference_capture_dropped_total{{deployment="{name}"}} 20.0' in metrics
+        assert inference.app.state.capture.flush() == []  # type: ignore[attr-defined]

@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from miniml.cli import datasets, jobs, keys, projects
+from miniml.cli import datasets, deployments, jobs, keys, models, projects
 from miniml.cli.context import client, console, err_console, fail, save_login
 from miniml.errors import MiniMLError
 
@@ -17,6 +17,9 @@ app.add_typer(projects.app, name="projects")
 app.add_typer(keys.app, name="keys")
 app.add_typer(datasets.app, name="datasets")
 app.add_typer(jobs.app, name="jobs")
+app.add_typer(models.app, name="models")
+app.add_typer(deployments.app, name="deployments")
+app.command("predict")(deployments.predict_command)
 
 
 @app.command()

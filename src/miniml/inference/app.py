@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from typing import Any
 
+import anyio
 import orjson
 from fastapi import FastAPI, Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -19,9 +20,11 @@ from miniml import logs
 from miniml.api.errors import from_error, problem_response
 from miniml.config import Settings
 from miniml.errors import InvalidInput, MiniMLError, NotFound, Unauthorized
+from miniml.inference.capture import Capture
 from miniml.inference.models import parse_rows
 from miniml.inference.state import ApiLink, Served, State
 from miniml.monitoring.metrics import InferenceMetrics
+from miniml.storage import make_store
 
 log = logging.getLogger("miniml.inference")
 
@@ -58,6 +61,19 @@ def create_inference_app(settings: Settings) -> FastAPI:
     replica = settings.inference.replica_id or f"{settings.inference.host}:{settings.inference.port}"
     public_url = settings.inference.public_url or settings.inference_url
     wake = asyncio.Event()
+    store = make_store(settings)
+    capture = Capture(
+        store,
+        replica,
+        fraction=settings.inference.capture_fraction,
+        max_rows=settings.inference.capture_buffer_rows,
+        registry=metrics.registry,
+    )
+
+    async def flush_forever() -> None:
+        while True:
+            await asyncio.sleep(settings.inference.capture_flush_s)
+            await anyio.to_thread.run_sync(capture.flush)
 
     async def reconcile_forever(link: ApiLink) -> None:
         while True:
@@ -74,15 +90,20 @@ def create_inference_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         link = ApiLink(settings.api_url, inference_key(settings), key_cache_s=settings.inference.key_cache_s)
         app.state.link = link
+        await anyio.to_thread.run_sync(store.prepare)
         task = asyncio.get_running_loop().create_task(reconcile_forever(link))
+        flusher = asyncio.get_running_loop().create_task(flush_forever())
         yield
         task.cancel()
+        flusher.cancel()
+        await anyio.to_thread.run_sync(capture.flush)
         for model in state.cache.values():
             model.batcher.close()
 
     app = FastAPI(title="miniml inference", version="0.1.0", lifespan=lifespan)
     app.state.state = state
     app.state.metrics = metrics
+    app.state.capture = capture
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
@@ -138,6 +159,7 @@ def create_inference_app(settings: Settings) -> FastAPI:
                 500, "Internal error", f"The model failed to predict ({type(exc).__name__}).", request_id=None
             )
         values = preds.tolist()
+        capture.add(served.project, served.name, variant.version, columns, values)
         out: dict[str, Any] = (
             {"preds": values}
             if seed

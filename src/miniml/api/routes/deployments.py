@@ -3,8 +3,10 @@ from __future__ import annotations
 import threading
 
 from fastapi import APIRouter, Request, Response
+from sqlalchemy.orm import Session
 
 from miniml.api.deps import AdminDep, DbDep, RegistryDep, ViewerDep
+from miniml.db import tables
 from miniml.schemas.deployments import (
     DeploymentCreate,
     DeploymentEventRead,
@@ -14,6 +16,7 @@ from miniml.schemas.deployments import (
     ReplicaReport,
 )
 from miniml.services import deployments
+from miniml.tracking.registry import Registry
 
 router = APIRouter(prefix="/api/v1/projects/{project}/deployments", tags=["deployments"])
 inference_router = APIRouter(prefix="/api/v1/inference", tags=["inference"])
@@ -28,8 +31,8 @@ def push_after_commit(request: Request) -> None:
     threading.Thread(target=deployments.push, args=(urls,), daemon=True).start()
 
 
-def _read(request: Request, session: object, registry: object, dep: object) -> DeploymentRead:
-    return deployments.to_read(session, registry, dep, request.app.state.settings.inference_url)  # type: ignore[arg-type]
+def _read(request: Request, session: Session, registry: Registry, dep: tables.Deployment) -> DeploymentRead:
+    return deployments.to_read(session, registry, dep, request.app.state.settings.inference_url)
 
 
 @router.post("", status_code=201)

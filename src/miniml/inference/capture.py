@@ -1,0 +1,102 @@
+"""A bounded sample of inputs and predictions per deployment, written to the object store.
+
+Adding to the buffer costs a list append on the request path; turning columns into rows and
+writing happen on a thread at flush time. A full buffer drops the sample and counts it: capture
+never slows down or fails a request.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import random
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+from prometheus_client import CollectorRegistry, Counter
+
+from miniml.storage import ObjectStore
+
+log = logging.getLogger("miniml.inference")
+
+
+@dataclass
+class _Sample:
+    at: float
+    project: str
+    deployment: str
+    version: str
+    columns: dict[str, list[Any]]
+    predictions: list[Any]
+
+
+class Capture:
+    def __init__(
+        self, store: ObjectStore, replica: str, *, fraction: float, max_rows: int, registry: CollectorRegistry
+    ) -> None:
+        self.store, self.replica, self.fraction, self.max_rows = store, replica, fraction, max_rows
+        self.buffer: list[_Sample] = []
+        self.rows = 0
+        self.lock = threading.Lock()
+        self.captured = Counter(
+            "miniml_inference_capture_rows_total", "Rows kept for drift.", ["deployment"], registry=registry
+        )
+        self.dropped = Counter(
+            "miniml_inference_capture_dropped_total",
+            "Rows not kept because the buffer was full.",
+            ["deployment"],
+            registry=registry,
+        )
+
+    def add(
+        self, project: str, deployment: str, version: str, columns: dict[str, list[Any]], predictions: list[Any]
+    ) -> None:
+        if self.fraction <= 0 or (self.fraction < 1 and random.random() >= self.fraction):  # noqa: S311
+            return
+        n = len(predictions)
+        with self.lock:
+            if self.rows + n > self.max_rows:
+                self.dropped.labels(deployment).inc(n)
+                return
+            self.buffer.append(_Sample(time.time(), project, deployment, version, columns, predictions))
+            self.rows += n
+        self.captured.labels(deployment).inc(n)
+
+    def flush(self) -> list[str]:
+        """Write what is buffered, one JSON-lines object per deployment; return the keys written."""
+        with self.lock:
+            samples, self.buffer, self.rows = self.buffer, [], 0
+        groups: dict[tuple[str, str], list[_Sample]] = {}
+        for sample in samples:
+            groups.setdefault((sample.project, sample.deployment), []).append(sample)
+        keys = []
+        for (project, deployment), items in groups.items():
+            out = io.BytesIO()
+            for s in items:
+                names = list(s.columns)
+                for i, pred in enumerate(s.predictions):
+                    row = {
+                        "at": s.at,
+                        "version": s.version,
+                        "inputs": {n: s.columns[n][i] for n in names},
+                        "prediction": pred,
+                    }
+                    out.write(orjson.dumps(row, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n")
+            day = datetime.now(UTC).strftime("%Y-%m-%d")
+            key = f"capture/{project}/{deployment}/{day}/{int(time.time() * 1000)}-{uuid.uuid4().hex[:8]}.jsonl"
+            tmp = Path(f"/tmp/miniml-capture-{uuid.uuid4().hex}.jsonl")  # noqa: S108
+            try:
+                tmp.write_bytes(out.getvalue())
+                self.store.put_file(key, tmp)
+                keys.append(key)
+            except Exception as exc:  # storage down: the sample is lost, serving goes on
+                log.warning("capture write failed", extra={"deployment": deployment, "error": str(exc)[:200]})
+            finally:
+                tmp.unlink(missing_ok=True)
+        return keys
