@@ -486,8 +486,9 @@ def test_capture_keeps_a_bounded_sample_and_never_fails_requests(
         assert len(keys) == 1 and keys[0].startswith(f"capture/{project}/{name}/")
         lines = b"".join(api.app.state.store.iter_bytes(keys[0])).decode().splitlines()
         records = [json.loads(line) for line in lines]
-        assert len(records) == 20
-        assert records[0]["inputs"] == rows[0] and records[0]["prediction"] == answers[0].json()["predictions"][0]  # type: ignore[attr-defined]
+        assert len(records) == 2 and sum(len(r["predictions"]) for r in records) == 20
+        first = {c: v[0] for c, v in records[0]["columns"].items()}
+        assert first == rows[0] and records[0]["predictions"] == answers[0].json()["predictions"]  # type: ignore[attr-defined]
         metrics = inference.get("/metrics").text
         assert f'miniml_inference_capture_dropped_total{{deployment="{name}"}} 20.0' in metrics
         assert inference.app.state.capture.flush() == []  # type: ignore[attr-defined]

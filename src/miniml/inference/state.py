@@ -101,8 +101,12 @@ class State:
             )
 
     def _load(self, registered: str, version: str) -> LoadedModel:
+        import gc
+
         model = load(self.tracking_uri, registered, version, max_batch_rows=self.max_batch_rows)
         self.metrics.load_seconds.observe(model.load_seconds)
+        gc.collect()
+        gc.freeze()  # loaded models are long-lived: keep them out of every later collection
         return model
 
     def report(self) -> dict[str, dict[str, Any]]:
