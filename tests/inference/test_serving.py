@@ -492,3 +492,83 @@ def test_capture_keeps_a_bounded_sample_and_never_fails_requests(
         metrics = inference.get("/metrics").text
         assert f'miniml_inference_capture_dropped_total{{deployment="{name}"}} 20.0' in metrics
         assert inference.app.state.capture.flush() == []  # type: ignore[attr-defined]
+
+
+def test_readiness_and_a_failed_load_keeps_the_old_version(
+    stack: tuple[LiveApi, Client, TestClient, str], mlflow_uri: str
+) -> None:
+    import asyncio
+
+    from miniml.inference.state import State
+    from miniml.monitoring.metrics import InferenceMetrics
+
+    _api, _client, _inf, project = stack
+    state = State(tracking_uri=mlflow_uri, max_batch_rows=64, metrics=InferenceMetrics())
+    assert state.ready is False
+    good = [
+        {
+            "project": project,
+            "name": "r",
+            "registered_name": f"{project}.iris",
+            "variants": [{"version": "1", "weight": 100}],
+        }
+    ]
+    bad = [{**good[0], "variants": [{"version": "99", "weight": 100}]}]
+
+    async def run() -> None:
+        await state.apply(good)
+        assert state.ready and [v.version for v in state.served["r"].variants] == ["1"]
+        await state.apply(bad)
+        # The broken version never replaces the working one; the error is reported.
+        assert [v.version for v in state.served["r"].variants] == ["1"]
+        assert "99" in state.report()["r"]["error"] and state.report()["r"]["ready"] is False
+
+    asyncio.run(run())
+
+
+def test_inference_process_stops_cleanly_on_sigterm(
+    stack: tuple[LiveApi, Client, TestClient, str], mlflow_uri: str
+) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+
+    api, _client, _inf, project = stack
+    name = f"term-{project}"
+    httpx.post(
+        f"{api.url}/api/v1/projects/{project}/deployments",
+        json={"name": name, "model_name": "iris", "target": 1},
+        headers=api.headers,
+    )
+    port = free_port()
+    env = dict(os.environ) | {
+        "MINIML_DATA_DIR": str(api.settings.data_dir),
+        "MINIML_API__PORT": str(api.settings.api.port),
+        "MINIML_MLFLOW__TRACKING_URI": mlflow_uri,
+        "MINIML_INFERENCE__PORT": str(port),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "miniml", "inference"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.2)
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
+        ok = httpx.post(
+            f"http://127.0.0.1:{port}/v1/endpoints/{name}/predict", json={"rows": [ROW]}, headers=api.headers
+        )
+        assert ok.json()["predictions"] == ["Iris-setosa"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=40)
+    assert proc.returncode == 0, out

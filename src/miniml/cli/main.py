@@ -70,41 +70,33 @@ def up() -> None:
         console.print("miniml: stopped.")
 
 
+def _serve(target: str, *, host: str, port: int) -> None:
+    """Run uvicorn; on SIGTERM it stops accepting, lets in-flight requests finish, and we exit 0."""
+    import uvicorn
+
+    # uvicorn re-raises the signal it caught after shutting down; a no-op handler makes that a clean exit.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    uvicorn.run(
+        target, factory=True, host=host, port=port, access_log=False, log_level="warning", timeout_graceful_shutdown=30
+    )
+
+
 @app.command()
 def api() -> None:
     """Run the control-plane api (port 8000)."""
-    import uvicorn
-
     from miniml.config import Settings
 
     settings = Settings()
-    uvicorn.run(
-        "miniml.api.app:main_app",
-        factory=True,
-        host=settings.api.host,
-        port=settings.api.port,
-        access_log=False,
-        log_level="warning",
-    )
+    _serve("miniml.api.app:main_app", host=settings.api.host, port=settings.api.port)
 
 
 @app.command()
 def inference() -> None:
     """Run the inference service (port 8080): serves every deployment."""
-    import uvicorn
-
     from miniml.config import Settings
 
     settings = Settings()
-    uvicorn.run(
-        "miniml.inference.app:main_app",
-        factory=True,
-        host=settings.inference.host,
-        port=settings.inference.port,
-        access_log=False,
-        log_level="warning",
-        timeout_graceful_shutdown=30,
-    )
+    _serve("miniml.inference.app:main_app", host=settings.inference.host, port=settings.inference.port)
 
 
 @app.command()
