@@ -572,3 +572,38 @@ def test_inference_process_stops_cleanly_on_sigterm(
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=40)
     assert proc.returncode == 0, out
+
+
+def test_shadow_never_changes_answers_and_reports_agreement(stack: tuple[LiveApi, Client, TestClient, str]) -> None:
+    import httpx
+
+    api, _client, inference, project = stack
+    name = f"sh-{project}"
+    body = {"name": name, "model_name": "iris", "target": 1, "shadow": {"version": 2, "fraction": 1.0}}
+    created = httpx.post(f"{api.url}/api/v1/projects/{project}/deployments", json=body, headers=api.headers)
+    assert created.status_code == 201, created.text
+    deadline = time.monotonic() + 20
+    while inference.app.state.state.served.get(name) is None or inference.app.state.state.served[name].shadow is None:  # type: ignore[attr-defined]
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    rows = pd.read_csv(IRIS).drop(columns=["target"]).sample(30, random_state=3).to_dict(orient="records")
+    expected = [predict(inference, name, api.key, [r]).json() for r in rows]  # type: ignore[attr-defined]
+    # The live answers come from version 1 only (the shadow, version 2, always says virginica).
+    assert all(e["model_version"] == "1" for e in expected)
+    live_only = pd.read_csv(IRIS).drop(columns=["target"])
+    assert [e["predictions"][0] for e in expected] != ["Iris-virginica"] * 30
+    deadline = time.monotonic() + 20
+    while True:
+        inference.post("/admin/reconcile")
+        report = api_get(api, f"/api/v1/projects/{project}/deployments/{name}/shadow")
+        if report["rows"] >= 30 or time.monotonic() > deadline:  # type: ignore[index]
+            break
+        time.sleep(0.3)
+    records = report["records"]  # type: ignore[index]
+    assert report["shadow_version"] == "2" and report["rows"] == 30 == len(records)  # type: ignore[index]
+    assert [r["live"] for r in records] == [e["predictions"][0] for e in expected]
+    assert all(r["shadow"] == "Iris-virginica" for r in records)
+    computed = sum(r["live"] == r["shadow"] for r in records) / len(records)
+    assert report["agreement"] == pytest.approx(computed)  # type: ignore[index]
+    assert report["live_latency_ms"] > 0 and report["shadow_latency_ms"] > 0  # type: ignore[index]
+    assert len(live_only) == 150

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -133,6 +134,23 @@ def create_inference_app(settings: Settings) -> FastAPI:
     def visible(who: dict[str, Any], served: Served) -> bool:
         return who.get("projects") is None or served.project in who["projects"]
 
+    shadow_tasks: set[asyncio.Task[None]] = set()
+
+    async def run_shadow(
+        served: Served, columns: dict[str, list[Any]], rows: int, live: list[Any], live_s: float
+    ) -> None:
+        """The shadow predicts on a copy, after the live answer left; its result is recorded, never returned."""
+        assert served.shadow is not None
+        start = time.perf_counter()
+        try:
+            preds, _ = await served.shadow.model.batcher.predict(columns, rows, False)
+        except Exception:
+            metrics.errors.labels(served.name, "shadow_error").inc()
+            return
+        stats = state.shadows.get(served.name)
+        if stats is not None:
+            stats.add(live, preds.tolist(), live_s, time.perf_counter() - start)
+
     async def predict(request: Request, served: Served, *, seed: bool = False, body: Any = None) -> Response:
         start = time.perf_counter()
         variant = served.pick()
@@ -160,6 +178,13 @@ def create_inference_app(settings: Settings) -> FastAPI:
             )
         values = preds.tolist()
         capture.add(served.project, served.name, variant.version, columns, values)
+        if served.shadow is not None and random.random() < served.shadow_fraction:  # noqa: S311
+            shadow_tasks.add(
+                task := asyncio.get_running_loop().create_task(
+                    run_shadow(served, columns, rows, values, time.perf_counter() - start)
+                )
+            )
+            task.add_done_callback(shadow_tasks.discard)
         out: dict[str, Any] = (
             {"preds": values}
             if seed

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,12 +32,51 @@ class Variant:
 
 
 @dataclass
+class ShadowStats:
+    """Live vs. shadow for one deployment: sums, and the latest pairs (bounded)."""
+
+    version: str
+    requests: int = 0
+    rows: int = 0
+    agree: int = 0
+    abs_diff: float = 0.0
+    live_s: float = 0.0
+    shadow_s: float = 0.0
+    records: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=500))
+
+    def add(self, live: list[Any], shadow: list[Any], live_s: float, shadow_s: float) -> None:
+        self.requests += 1
+        self.rows += len(live)
+        self.live_s += live_s
+        self.shadow_s += shadow_s
+        for a, b in zip(live, shadow, strict=True):
+            if isinstance(a, int | float) and isinstance(b, int | float) and not isinstance(a, bool):
+                self.abs_diff += abs(float(a) - float(b))
+            self.agree += int(a == b)
+            self.records.append({"live": a, "shadow": b})
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "requests": self.requests,
+            "rows": self.rows,
+            "agree": self.agree,
+            "abs_diff": self.abs_diff,
+            "live_s": self.live_s,
+            "shadow_s": self.shadow_s,
+            "records": list(self.records),
+        }
+
+
+@dataclass
 class Served:
     project: str
     name: str
     registered: str
     variants: list[Variant]
     error: str | None = None
+    shadow: Variant | None = None
+    shadow_fraction: float = 0.0
 
     def pick(self) -> Variant:
         if len(self.variants) == 1:
@@ -52,6 +92,7 @@ class State:
     served: dict[str, Served] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
     cache: dict[tuple[str, str], LoadedModel] = field(default_factory=dict)
+    shadows: dict[str, ShadowStats] = field(default_factory=dict)
     reconciled_once: bool = False
     ready: bool = False
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -82,15 +123,43 @@ class State:
                             break
                         self.cache[key] = model
                     variants.append(Variant(version=key[1], weight=int(v["weight"]), model=model))
+                shadow = None
+                spec = d.get("shadow")
+                if variants and spec:
+                    key = (d["registered_name"], str(spec["version"]))
+                    try:
+                        cached = self.cache.get(key)
+                        shadow_model = (
+                            cached if cached is not None else await anyio.to_thread.run_sync(self._load, *key)
+                        )
+                        self.cache[key] = shadow_model
+                        shadow = Variant(version=key[1], weight=0, model=shadow_model)
+                    except Exception as exc:
+                        error = f"shadow version {key[1]} failed to load: {type(exc).__name__}: {str(exc)[:300]}"
+                    stats = self.shadows.get(d["name"])
+                    if stats is None or stats.version != key[1]:
+                        self.shadows[d["name"]] = ShadowStats(version=key[1])
                 if variants:
-                    wanted[d["name"]] = Served(d["project"], d["name"], d["registered_name"], variants)
+                    wanted[d["name"]] = Served(
+                        d["project"],
+                        d["name"],
+                        d["registered_name"],
+                        variants,
+                        shadow=shadow,
+                        shadow_fraction=float(spec["fraction"]) if spec and shadow else 0.0,
+                    )
                 elif d["name"] in self.served:
                     wanted[d["name"]] = self.served[d["name"]]  # keep serving the old versions
                 if error:
                     errors[d["name"]] = error
             self.served = wanted  # the switch: one assignment
             self.errors = errors
-            used = {(s.registered, v.version) for s in wanted.values() for v in s.variants}
+            used = {
+                (s.registered, v.version)
+                for s in wanted.values()
+                for v in [*s.variants, *([s.shadow] if s.shadow else [])]
+            }
+            self.shadows = {k: v for k, v in self.shadows.items() if k in wanted and wanted[k].shadow is not None}
             for key in list(self.cache):
                 if key not in used:
                     self.cache.pop(key).batcher.close()
@@ -117,6 +186,8 @@ class State:
                 "ready": name not in self.errors,
                 "error": self.errors.get(name),
             }
+            if name in self.shadows:
+                out[name]["shadow"] = self.shadows[name].report()
         for name, error in self.errors.items():
             out.setdefault(name, {"versions": [], "ready": False, "error": error})
         return out

@@ -13,9 +13,17 @@ class TrafficItem(StrictModel):
     weight: int = Field(ge=1, le=100, description="Percent of requests.")
 
 
+class ShadowSpec(StrictModel):
+    version: int = Field(ge=1, description="Version that receives copies of live requests.")
+    fraction: float = Field(default=0.1, gt=0, le=1, description="Share of requests copied to it.")
+
+
 class DeploymentTarget(StrictModel):
     target: str | int | None = Field(
         default=None, description="An alias or stage (staging, production) or a version number."
+    )
+    shadow: ShadowSpec | None = Field(
+        default=None, description="A version that predicts on copies of requests, off the request path; never answers."
     )
     traffic: list[TrafficItem] | None = Field(default=None, description="A split between versions; weights sum to 100.")
 
@@ -45,7 +53,7 @@ class DeploymentCreate(DeploymentTarget):
 class DeploymentUpdate(DeploymentTarget):
     @model_validator(mode="after")
     def _something(self) -> DeploymentUpdate:
-        if self.target is None and self.traffic is None:
+        if self.target is None and self.traffic is None and self.shadow is None:
             raise ValueError("give a new 'target' or 'traffic'")
         return self
 
@@ -99,7 +107,20 @@ class DesiredDeployment(ReadModel):
     name: str
     registered_name: str
     variants: list[Variant]
+    shadow: dict[str, Any] | None = None
     error: str | None = None
+
+
+class ShadowReport(ReadModel):
+    deployment: str
+    shadow_version: str | None
+    requests: int
+    rows: int
+    agreement: float | None = Field(description="Classification: share of rows where both versions agree.")
+    mean_abs_difference: float | None = Field(description="Regression: mean |live - shadow|.")
+    live_latency_ms: float | None
+    shadow_latency_ms: float | None
+    records: list[dict[str, Any]] = Field(description="The latest recorded pairs (live, shadow), per replica.")
 
 
 class ReplicaReport(StrictModel):

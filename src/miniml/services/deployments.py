@@ -22,6 +22,7 @@ from miniml.schemas.deployments import (
     DesiredDeployment,
     ReplicaReport,
     ReplicaView,
+    ShadowReport,
     Variant,
 )
 from miniml.services.projects import read_project
@@ -32,16 +33,33 @@ from miniml.tracking.runs import registered_name
 REPLICA_STALE = timedelta(minutes=2)
 
 
-def target_of(body: DeploymentTarget) -> dict[str, Any]:
+def target_of(body: DeploymentTarget, current: dict[str, Any] | None = None) -> dict[str, Any]:
+    shadow = {"version": str(body.shadow.version), "fraction": body.shadow.fraction} if body.shadow else None
+    if body.traffic is None and body.target is None and current is not None:  # only the shadow changes
+        return {k: v for k, v in current.items() if k != "shadow"} | ({"shadow": shadow} if shadow else {})
+    out: dict[str, Any]
     if body.traffic is not None:
-        return {"kind": "split", "split": [{"version": str(t.version), "weight": t.weight} for t in body.traffic]}
-    target = str(body.target).strip()
-    if target.isdigit():
-        return {"kind": "version", "version": target}
-    alias = target.lower()
-    if not alias:
-        raise InvalidInput("target is empty; give an alias (staging, production) or a version number.")
-    return {"kind": "alias", "alias": alias}
+        out = {"kind": "split", "split": [{"version": str(t.version), "weight": t.weight} for t in body.traffic]}
+    else:
+        target = str(body.target).strip()
+        if target.isdigit():
+            out = {"kind": "version", "version": target}
+        elif not target:
+            raise InvalidInput("target is empty; give an alias (staging, production) or a version number.")
+        else:
+            out = {"kind": "alias", "alias": target.lower()}
+    return out | ({"shadow": shadow} if shadow else {})
+
+
+def resolve_shadow(registry: Registry, project: str, model: str, target: dict[str, Any]) -> dict[str, Any] | None:
+    shadow = target.get("shadow")
+    if not shadow:
+        return None
+    try:
+        version = registry.version(project, model, shadow["version"]).version
+    except NotFound as exc:
+        raise InvalidInput(f"Shadow: {exc.detail}") from None
+    return {"version": str(version), "fraction": float(shadow["fraction"])}
 
 
 def resolve(registry: Registry, project: str, model: str, target: dict[str, Any]) -> list[Variant]:
@@ -79,6 +97,7 @@ def create_deployment(
         raise Conflict(f"A deployment named {name!r} already exists; endpoint names are unique, pick another.")
     target = target_of(body)
     resolve(registry, project, body.model_name, target)
+    resolve_shadow(registry, project, body.model_name, target)
     dep = tables.Deployment(
         project_id=proj.id, name=name, model_name=body.model_name, target=target, created_by=caller.key_id
     )
@@ -106,8 +125,9 @@ def update_deployment(
     session: Session, registry: Registry, caller: Caller, project: str, name: str, body: DeploymentTarget
 ) -> tables.Deployment:
     dep = read_deployment(session, caller, project, name)
-    target = target_of(body)
+    target = target_of(body, dep.target)
     resolve(registry, project, dep.model_name, target)
+    resolve_shadow(registry, project, dep.model_name, target)
     dep.previous_target, dep.target, dep.updated_at = dep.target, target, utcnow()
     session.flush()
     _event(session, dep, caller, "update")
@@ -147,16 +167,20 @@ def desired_state(session: Session, registry: Registry) -> list[DesiredDeploymen
     out = []
     for dep in session.scalars(select(tables.Deployment).order_by(tables.Deployment.id)):
         project = dep.project.name
+        variants: list[Variant] = []
+        shadow, error = None, None
         try:
-            variants, error = resolve(registry, project, dep.model_name, dep.target), None
+            variants = resolve(registry, project, dep.model_name, dep.target)
+            shadow = resolve_shadow(registry, project, dep.model_name, dep.target)
         except MiniMLError as exc:
-            variants, error = [], exc.detail
+            error = exc.detail
         out.append(
             DesiredDeployment(
                 project=project,
                 name=dep.name,
                 registered_name=registered_name(project, dep.model_name),
                 variants=variants,
+                shadow=shadow,
                 error=error,
             )
         )
@@ -227,3 +251,32 @@ def push(urls: list[str]) -> None:
             httpx.post(f"{url.rstrip('/')}/admin/reconcile", timeout=2)
         except httpx.HTTPError:
             continue
+
+
+def shadow_report(session: Session, caller: Caller, project: str, name: str) -> ShadowReport:
+    """Agreement and latency of the shadow version, summed over every live replica."""
+    dep = read_deployment(session, caller, project, name)
+    totals = {"requests": 0, "rows": 0, "agree": 0, "abs_diff": 0.0, "live_s": 0.0, "shadow_s": 0.0}
+    records: list[dict[str, Any]] = []
+    version = None
+    for rep in live_replicas(session):
+        stats = (rep.status.get(dep.name) or {}).get("shadow")
+        if not stats:
+            continue
+        version = stats.get("version", version)
+        for k in totals:
+            totals[k] += stats.get(k, 0)
+        records.extend({"replica": rep.id, **r} for r in stats.get("records", []))
+    rows, requests = int(totals["rows"]), int(totals["requests"])
+    classification = bool(records) and all(isinstance(r.get("live"), str) for r in records[:5])
+    return ShadowReport(
+        deployment=dep.name,
+        shadow_version=version,
+        requests=requests,
+        rows=rows,
+        agreement=totals["agree"] / rows if rows and classification else None,
+        mean_abs_difference=totals["abs_diff"] / rows if rows and not classification else None,
+        live_latency_ms=1000 * totals["live_s"] / requests if requests else None,
+        shadow_latency_ms=1000 * totals["shadow_s"] / requests if requests else None,
+        records=records,
+    )

@@ -14,6 +14,7 @@ from miniml.schemas.deployments import (
     DeploymentUpdate,
     DesiredDeployment,
     ReplicaReport,
+    ShadowReport,
 )
 from miniml.services import deployments
 from miniml.tracking.registry import Registry
@@ -109,6 +110,13 @@ def deployment_history(project: str, name: str, db: DbDep, caller: ViewerDep) ->
     """Every change to the deployment, oldest first."""
     with db.begin() as session:
         return deployments.history(session, caller, project, name)
+
+
+@router.get("/{name}/shadow")
+def shadow_report(project: str, name: str, db: DbDep, caller: ViewerDep) -> ShadowReport:
+    """How the shadow version agrees with the live one, and both latencies."""
+    with db.begin() as session:
+        return deployments.shadow_report(session, caller, project, name)
 
 
 @inference_router.get("/desired")
