@@ -607,3 +607,48 @@ def test_shadow_never_changes_answers_and_reports_agreement(stack: tuple[LiveApi
     assert report["agreement"] == pytest.approx(computed)  # type: ignore[index]
     assert report["live_latency_ms"] > 0 and report["shadow_latency_ms"] > 0  # type: ignore[index]
     assert len(live_only) == 150
+
+
+def test_batch_prediction_writes_a_new_dataset_version(stack: tuple[LiveApi, Client, TestClient, str]) -> None:
+    import io
+
+    import httpx
+
+    from miniml.orchestration.runner import run_job
+
+    api, client, inference, project = stack
+    name = f"batch-{project}"
+    httpx.post(
+        f"{api.url}/api/v1/projects/{project}/deployments",
+        json={"name": name, "model_name": "iris", "target": 1},
+        headers=api.headers,
+    )
+    client.datasets.upload(project, IRIS)
+    bad_csv = Path(api.settings.data_dir) / "partial.csv"
+    bad_csv.write_text("sepal_length,sepal_width\n1,2\n3,4\n")
+    client.datasets.upload(project, bad_csv)
+    url = f"{api.url}/api/v1/projects/{project}/deployments/{name}/batch"
+    assert_problem(httpx.post(url, json={"dataset": "partial"}, headers=api.headers), 422, "petal_length")
+    assert_problem(httpx.post(url, json={"dataset": "nope"}, headers=api.headers), 422, "nope")
+    assert_problem(
+        httpx.post(
+            f"{api.url}/api/v1/projects/{project}/deployments/ghost/batch",
+            json={"dataset": "iris"},
+            headers=api.headers,
+        ),
+        404,
+        "ghost",
+    )
+    queued = httpx.post(url, json={"dataset": "iris"}, headers=api.headers)
+    assert queued.status_code == 202 and queued.json()["kind"] == "batch" and queued.json()["state"] == "queued"
+    done = run_job(client, api.settings, queued.json()["id"], project)
+    assert done is not None and done.state == "succeeded", done
+    assert done.output is not None and done.output["rows"] == 150 and done.output["dataset"] == "iris-predictions"
+    written = client.datasets.version(project, "iris-predictions", 1)
+    assert [c.name for c in written.columns][-1] == "prediction" and written.rows == 150
+    out = pd.read_csv(
+        io.BytesIO(b"".join(api.app.state.store.iter_bytes(api.app.state.store.key_for_uri(written.uri))))
+    )
+    wait_served(inference, name, {"1"})
+    first = out.drop(columns=["target", "prediction"]).head(5).to_dict(orient="records")
+    assert predict(inference, name, api.key, first).json()["predictions"] == out["prediction"].head(5).tolist()  # type: ignore[attr-defined]

@@ -163,6 +163,9 @@ class Job(Base):
     mlflow_run_id: Mapped[str | None] = mapped_column(String(64))
     model_name: Mapped[str | None] = mapped_column(String(200))
     model_version: Mapped[str | None] = mapped_column(String(32))
+    # "train", or "batch" (predictions for a dataset version, written as a new dataset version).
+    kind: Mapped[str] = mapped_column(String(16), default="train", server_default="train")
+    output: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     project: Mapped[Project] = relationship(lazy="joined")
     dataset_version: Mapped[DatasetVersion] = relationship(lazy="joined")
 

@@ -98,6 +98,8 @@ def run_job(client: Client, settings: Settings, job_id: int, project: str, *, sh
     with Heartbeat(client, project, job_id, settings.worker.heartbeat_s) as beat:
         try:
             job = client.jobs.get(project, job_id)
+            if job.kind == "batch":
+                return _batch(client, settings, job)
             run_id = _ensure_run(client, tracker, job, shard)
             return _train(client, settings, tracker, job, run_id, worker, beat, shard)
         except Exception as exc:
@@ -246,6 +248,49 @@ def _train(
         job_id,
         JobFinish(state="succeeded", test_metrics=metrics, model_name=registered, model_version=model_version),
     )
+
+
+def _batch(client: Client, settings: Settings, job: JobRead) -> JobRead:
+    """Predict every row of a dataset version in record batches; upload the result as a new version."""
+    import mlflow
+    import pyarrow.csv as pacsv
+
+    from miniml.training.data import Features, coerce
+
+    spec, project = job.spec, job.project
+    reports = client.job_reports
+    version = client.datasets.version(project, job.dataset, job.dataset_version)
+    mlflow.set_tracking_uri(settings.mlflow_uri)
+    uri = f"models:/{spec['registered_name']}/{spec['model_version']}"
+    model = mlflow.sklearn.load_model(uri)
+    info = mlflow.models.get_model_info(uri)
+    inputs = info.signature.inputs.inputs if info.signature is not None and info.signature.inputs is not None else []
+    numeric = {"double", "float", "long", "integer", "boolean"}
+    features = Features(
+        numeric=[str(c.name) for c in inputs if str(getattr(c.type, "name", c.type)).lower() in numeric],
+        categorical=[str(c.name) for c in inputs if str(getattr(c.type, "name", c.type)).lower() not in numeric],
+    )
+    names = [str(c.name) for c in inputs]
+    rows = 0
+    with tempfile.TemporaryDirectory(prefix=f"miniml-batch-{job.id}-") as tmp:
+        source = client.datasets.download(project, job.dataset, job.dataset_version, Path(tmp) / f"in.{version.format}")
+        out_path = Path(tmp) / f"{spec['output_dataset']}.csv"
+        writer = None
+        for batch in _table(source, version).batches():
+            frame = batch.to_pandas()
+            predictions = model.predict(coerce(frame, features)[names])
+            table = pa.Table.from_batches([batch]).append_column("prediction", pa.array(list(predictions)))
+            if writer is None:
+                writer = pacsv.CSVWriter(str(out_path), table.schema)
+            writer.write_table(table)
+            rows += batch.num_rows
+            reports.log(project, job.id, f"{rows} rows predicted")
+        if writer is not None:
+            writer.close()
+        written = client.datasets.upload(project, out_path, name=spec["output_dataset"])
+    output = {"dataset": written.dataset, "version": written.version, "rows": rows, "uri": written.uri}
+    reports.log(project, job.id, f"wrote {written.dataset} v{written.version} ({rows} rows)")
+    return reports.finish(project, job.id, JobFinish(state="succeeded", output=output))
 
 
 def _wait_for_other_shards(client: Client, project: str, job_id: int, spec: dict[str, Any]) -> None:

@@ -37,6 +37,14 @@ class SeedTrainRequest(StrictModel):
     max_trials: int | None = 20
 
 
+class BatchCreate(StrictModel):
+    dataset: str = Field(description="The dataset to predict for.")
+    version: int | None = Field(default=None, ge=1, description="Its version; default the latest.")
+    output_name: str | None = Field(
+        default=None, description="Dataset the predictions go to; default <dataset>-predictions."
+    )
+
+
 class TrialRead(ReadModel):
     number: int
     family: str
@@ -60,6 +68,8 @@ class Progress(ReadModel):
 
 class JobRead(ReadModel):
     id: int
+    kind: str = Field(default="train", description="train, or batch (predictions for a dataset version).")
+    output: dict[str, Any] | None = Field(default=None, description="Batch jobs: the dataset version written.")
     project: str
     state: JobState
     reason: str | None
@@ -128,3 +138,4 @@ class JobFinish(StrictModel):
     test_metrics: dict[str, float] = Field(default_factory=dict)
     model_name: str | None = None
     model_version: str | None = None
+    output: dict[str, Any] | None = None

@@ -17,20 +17,23 @@ from miniml.domain.roles import Role
 from miniml.domain.tasks import DEFAULT_METRIC, METRICS, Task, detect_task, maximise
 from miniml.domain.tenancy import Caller
 from miniml.errors import Conflict, Forbidden, InvalidInput, NotFound
-from miniml.schemas.jobs import JobCreate, JobFinish, JobRead, Progress, TrialRead, TrialReport
+from miniml.schemas.jobs import BatchCreate, JobCreate, JobFinish, JobRead, Progress, TrialRead, TrialReport
 from miniml.services import datasets
 from miniml.services.projects import read_project
 from miniml.storage import ObjectStore
+from miniml.tracking.registry import Registry
+from miniml.tracking.runs import registered_name
 
 ALL_FAMILIES = ["linear", "random_forest", "hist_gradient_boosting", "lightgbm", "xgboost", "torch_mlp"]
 DEFAULT_MAX_TRIALS = 20
 
 
 def _resolve_dataset(
-    session: Session, store: ObjectStore, caller: Caller, project: str, body: JobCreate
+    session: Session, store: ObjectStore, caller: Caller, project: str, body: JobCreate | BatchCreate
 ) -> tables.DatasetVersion:
-    if body.dataset_uri:
-        return datasets.read_version_by_uri(session, store, caller, project, body.dataset_uri)
+    uri = getattr(body, "dataset_uri", None)
+    if uri:
+        return datasets.read_version_by_uri(session, store, caller, project, uri)
     if not body.dataset:
         raise InvalidInput("Name the training data: 'dataset' (and optionally 'version'), or 'dataset_uri'.")
     try:
@@ -193,6 +196,8 @@ def to_read(session: Session, job: tables.Job, *, mlflow_ui: str | None = None, 
         url = f"{mlflow_ui.rstrip('/')}/#/runs/{job.mlflow_run_id}"
     return JobRead(
         id=job.id,
+        kind=job.kind,
+        output=job.output,
         project=job.project.name,
         state=JobState(job.state),
         reason=job.reason,
@@ -341,6 +346,7 @@ def finish_job(session: Session, job: tables.Job, body: JobFinish) -> tables.Job
     job.test_metrics = body.test_metrics
     job.model_name = body.model_name
     job.model_version = body.model_version
+    job.output = body.output
     _move(session, job, JobState(body.state), body.reason)
     return job
 
@@ -378,3 +384,56 @@ def mark_submitted(session: Session, job_id: int, flow_run_id: str) -> None:
         job.submitted_at = utcnow()
         log(session, job_id, f"submitted to Prefect as flow run {flow_run_id}")
         session.flush()
+
+
+def create_batch_job(
+    session: Session,
+    store: ObjectStore,
+    registry: Registry,
+    caller: Caller,
+    project: str,
+    deployment: str,
+    body: BatchCreate,
+) -> tables.Job:
+    """Predictions for a whole dataset version with a deployment's model, run by a worker like a job."""
+    from miniml.services import deployments
+
+    proj = read_project(session, caller, project)
+    dep = deployments.read_deployment(session, caller, project, deployment)
+    variants = deployments.resolve(registry, project, dep.model_name, dep.target)
+    version = max(variants, key=lambda v: v.weight).version
+    data = _resolve_dataset(session, store, caller, project, body)
+    columns = {c["name"] for c in data.profile["columns"]}
+    needed = registry.input_columns(project, dep.model_name, version)
+    missing = [c for c in needed if c not in columns]
+    if missing:
+        raise InvalidInput(
+            f"{data.dataset.name} v{data.version} lacks column(s) {', '.join(missing)} that {dep.model_name} v{version} needs."
+        )
+    output = check_name(body.output_name or f"{data.dataset.name}-predictions", what="Dataset")
+    spec = {
+        "kind": "batch",
+        "deployment": dep.name,
+        "registered_name": registered_name(project, dep.model_name),
+        "model_version": version,
+        "output_dataset": output,
+        "parallelism": 1,
+        "max_trials": None,
+        "maximise": True,
+    }
+    job = tables.Job(
+        project_id=proj.id,
+        dataset_version_id=data.id,
+        spec=spec,
+        state=JobState.queued.value,
+        kind="batch",
+        created_by=caller.key_id,
+    )
+    session.add(job)
+    session.flush()
+    log(
+        session,
+        job.id,
+        f"queued: batch predictions of {data.dataset.name} v{data.version} with {dep.model_name} v{version}",
+    )
+    return job

@@ -103,3 +103,14 @@ class Registry:
 
     def aliases(self, project: str, model: str) -> dict[str, str]:
         return {str(k): str(v) for k, v in dict(self.model(project, model).aliases or {}).items()}
+
+    def input_columns(self, project: str, model: str, version: str) -> list[str]:
+        """The column names a version's signature expects."""
+        import mlflow
+
+        uri = f"models:/{registered_name(project, model)}/{version}"
+        mlflow.set_tracking_uri(self.uri)
+        info = self._call(f"signature of version {version} of {model!r}", mlflow.models.get_model_info, uri)
+        if info.signature is None or info.signature.inputs is None:
+            return []
+        return [str(c.name) for c in info.signature.inputs.inputs]

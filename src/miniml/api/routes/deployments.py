@@ -2,10 +2,12 @@ from __future__ import annotations
 
 import threading
 
+import anyio
 from fastapi import APIRouter, Request, Response
 from sqlalchemy.orm import Session
 
-from miniml.api.deps import AdminDep, DbDep, RegistryDep, ViewerDep
+from miniml.api.deps import AdminDep, DbDep, EngineerDep, RegistryDep, StoreDep, ViewerDep
+from miniml.api.routes.jobs import submit_after_commit
 from miniml.db import tables
 from miniml.schemas.deployments import (
     DeploymentCreate,
@@ -16,7 +18,8 @@ from miniml.schemas.deployments import (
     ReplicaReport,
     ShadowReport,
 )
-from miniml.services import deployments
+from miniml.schemas.jobs import BatchCreate, JobRead
+from miniml.services import deployments, jobs
 from miniml.tracking.registry import Registry
 
 router = APIRouter(prefix="/api/v1/projects/{project}/deployments", tags=["deployments"])
@@ -110,6 +113,29 @@ def deployment_history(project: str, name: str, db: DbDep, caller: ViewerDep) ->
     """Every change to the deployment, oldest first."""
     with db.begin() as session:
         return deployments.history(session, caller, project, name)
+
+
+@router.post("/{name}/batch", status_code=202)
+async def create_batch_prediction(
+    project: str,
+    name: str,
+    body: BatchCreate,
+    request: Request,
+    db: DbDep,
+    store: StoreDep,
+    registry: RegistryDep,
+    caller: EngineerDep,
+) -> JobRead:
+    """Predict a whole dataset version (a Prefect flow, like a job); writes a new dataset version with a `prediction` column."""
+
+    def create() -> JobRead:
+        with db.begin() as session:
+            job = jobs.create_batch_job(session, store, registry, caller, project, name, body)
+            return jobs.to_read(session, job, mlflow_ui=request.app.state.settings.mlflow_public_url)
+
+    job = await anyio.to_thread.run_sync(create)
+    await submit_after_commit(request, job.id)
+    return job
 
 
 @router.get("/{name}/shadow")
