@@ -426,8 +426,11 @@ def test_cli_and_sdk_for_models_deployments_and_predict(
     name = f"cli-{project}"
     created = runner.invoke(app, ["deployments", "create", project, name, "iris", "--target", "staging", "--json"])
     assert created.exit_code == 0, created.output
-    assert runner.invoke(app, ["deployments", "update", project, name, "--target", "2"]).exit_code == 0
-    rolled = json.loads(runner.invoke(app, ["deployments", "rollback", project, name, "--json"]).output)
+    updated = runner.invoke(app, ["deployments", "update", project, name, "--target", "2"])
+    assert updated.exit_code == 0, updated.output
+    rolled_out = runner.invoke(app, ["deployments", "rollback", project, name, "--json"])
+    assert rolled_out.exit_code == 0, rolled_out.output
+    rolled = json.loads(rolled_out.output)
     assert rolled["target"] == {"kind": "alias", "alias": "staging"}
     assert client.deployments.get(project, name).desired[0].version == "1"
     assert [e.action for e in client.deployments.history(project, name)] == ["create", "update", "rollback"]
@@ -448,6 +451,7 @@ def test_cli_and_sdk_for_models_deployments_and_predict(
             if out.exit_code == 0 or time.monotonic() > deadline:
                 break
             time.sleep(0.3)
+        assert out.exit_code == 0, out.output
         assert json.loads(out.output)["predictions"] == ["Iris-setosa"], out.output
         sdk = Client(api.url, api_key=api.key, inference_url=api.settings.inference_url)
         assert sdk.predict(name, [ROW], probabilities=True)["probabilities"][0]["Iris-setosa"] > 0.5

@@ -9,6 +9,7 @@ from typing import Any
 
 import mlflow
 
+import miniml.tracking  # noqa: F401  (MLflow settings for every process that loads models)
 from miniml.errors import InvalidInput
 from miniml.inference.batching import Batcher
 

@@ -1,1 +1,6 @@
 """The only package that talks to MLflow."""
+
+import os
+
+# Progress bars are for terminals; every miniml process logs JSON lines instead.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
