@@ -134,6 +134,14 @@ def create_inference_app(settings: Settings) -> FastAPI:
     def visible(who: dict[str, Any], served: Served) -> bool:
         return who.get("projects") is None or served.project in who["projects"]
 
+    async def endpoint_for(request: Request, name: str) -> Served:
+        """The endpoint, if the caller's key reaches its project; otherwise 404, as if it did not exist."""
+        who = await caller_of(request)
+        served = state.endpoint(name)
+        if not visible(who, served):
+            raise NotFound(f"No endpoint {name!r} is served here; deploy a model under that name first.")
+        return served
+
     shadow_tasks: set[asyncio.Task[None]] = set()
 
     async def run_shadow(
@@ -207,10 +215,7 @@ def create_inference_app(settings: Settings) -> FastAPI:
     async def predict_endpoint(name: str, request: Request) -> Response:
         """Predict with a deployment: {"rows": [...]} or {"columns": [...], "data": [...]}."""
         try:
-            who = await caller_of(request)
-            served = state.endpoint(name)
-            if not visible(who, served):
-                raise NotFound(f"No endpoint {name!r} is served here; deploy a model under that name first.")
+            served = await endpoint_for(request, name)
         except MiniMLError as exc:
             return from_error(exc, request_id(request))
         return await predict(request, served)
@@ -230,10 +235,7 @@ def create_inference_app(settings: Settings) -> FastAPI:
     @app.get("/v2/models/{name}")
     async def oip_metadata(name: str, request: Request) -> Response:
         try:
-            who = await caller_of(request)
-            served = state.endpoint(name)
-            if not visible(who, served):
-                raise NotFound(f"No endpoint {name!r} is served here.")
+            served = await endpoint_for(request, name)
         except MiniMLError as exc:
             return from_error(exc, request_id(request))
         model = served.variants[0].model
@@ -252,10 +254,7 @@ def create_inference_app(settings: Settings) -> FastAPI:
     async def oip_infer(name: str, request: Request) -> Response:
         """OIP v2 inference: {"inputs": [{"name", "shape", "datatype", "data"}, ...]}."""
         try:
-            who = await caller_of(request)
-            served = state.endpoint(name)
-            if not visible(who, served):
-                raise NotFound(f"No endpoint {name!r} is served here.")
+            served = await endpoint_for(request, name)
             try:
                 body = orjson.loads(await request.body())
             except orjson.JSONDecodeError as exc:
