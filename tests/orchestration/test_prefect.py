@@ -142,3 +142,45 @@ def test_two_workers_share_one_study_on_postgres(platform: tuple[LiveApi, Client
     numbers = [t.number for t in done.leaderboard]
     assert len(numbers) == 10 and sorted(numbers) == list(range(10))
     assert len({t.worker for t in done.leaderboard}) == 2, {t.worker for t in done.leaderboard}
+
+
+def test_the_seed_flow_end_to_end_over_http(platform: tuple[LiveApi, Client, Workers]) -> None:
+    """The seed's five steps through HTTP: project, upload, train (a real worker via Prefect), deploy Staging, predict."""
+    from fastapi.testclient import TestClient
+
+    from miniml.inference.app import create_inference_app
+
+    api, client, start_workers = platform
+    start_workers(1)
+    h = api.headers
+    assert httpx.post(f"{api.url}/projects", json={"name": "seed"}, headers=h).status_code == 201
+    with IRIS.open("rb") as fh:
+        up = httpx.post(
+            f"{api.url}/datasets/upload", params={"project": "seed"}, files={"file": ("iris.csv", fh)}, headers=h
+        )
+    assert up.status_code == 201
+    body = {
+        "project": "seed",
+        "dataset_s3_uri": up.json()["s3_uri"],
+        "target": "target",
+        "model_name": "demo-iris",
+        "max_trials": 4,
+    }
+    train = httpx.post(f"{api.url}/experiments/train", json=body, headers=h)
+    assert train.status_code == 202
+    done = client.jobs.wait("seed", train.json()["id"], timeout_s=240)
+    assert done.state == "succeeded", done.reason
+    deploy = httpx.post(
+        f"{api.url}/deploy",
+        json={"model_name": "demo-iris", "stage": "Staging", "project": "seed"},
+        headers=h,
+        timeout=30,
+    )
+    assert deploy.status_code == 201, deploy.text
+    with TestClient(create_inference_app(api.settings)) as inference:
+        deadline = time.monotonic() + 30
+        row = {"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4, "petal_width": 0.2}
+        while (answer := inference.post("/predict", json={"rows": [row]}, headers=h)).status_code != 200:
+            assert time.monotonic() < deadline, answer.text
+            time.sleep(0.3)
+        assert answer.json() == {"preds": ["Iris-setosa"]}
