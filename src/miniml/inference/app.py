@@ -7,6 +7,7 @@ import logging
 import random
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from typing import Any
@@ -202,9 +203,9 @@ def create_inference_app(settings: Settings) -> FastAPI:
             out["probabilities"] = [dict(zip(map(str, model.classes), map(float, p), strict=True)) for p in probas]
         metrics.requests.labels(*labels, "200").inc()
         metrics.rows.labels(*labels).inc(rows)
-        if model.classes is not None and rows <= 1000:
-            for value in values:
-                metrics.predictions.labels(*labels, str(value)).inc()
+        if model.classes is not None:
+            for label, count in Counter(values).items():
+                metrics.predictions.labels(*labels, str(label)).inc(count)
         metrics.duration.labels(*labels).observe(time.perf_counter() - start)
         headers = {"X-Model-Version": variant.version}
         if ignored:
