@@ -132,6 +132,7 @@ def wait_http(url: str, timeout: float = 120, method: str = "GET", **kwargs: obj
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--workers", type=int, default=2, help="miniml inference processes (one per core)")
     args = parser.parse_args()
     binary = ensure_wrk()
     with tempfile.TemporaryDirectory(prefix="miniml-bench-") as tmpdir:
@@ -141,7 +142,7 @@ def main() -> None:
             api={"port": free_port()},
             mlflow={"port": free_port()},
             prefect={"port": free_port()},
-            inference={"port": free_port()},
+            inference={"port": free_port(), "workers": args.workers},
         )
         services = [s for s in embedded_services(settings) if s.name in ("mlflow", "api", "inference")]
         sup = Supervisor(settings, services)
@@ -259,7 +260,7 @@ def main() -> None:
             f"in-process predict {inproc[name]:,.0f} rows/s -> miniml/in-process {b['rps'] * 1000 / inproc[name]:.2f}"
         )
     errors = {k: v["errors"] for k, v in results.items() if v["errors"]}
-    print(f"non-2xx or socket errors: {errors or 'none'}")
+    print(f"non-2xx or socket errors: {errors or 'none'}; miniml inference workers: {args.workers}; mlflow: 1 worker")
 
 
 if __name__ == "__main__":

@@ -123,6 +123,13 @@ class InferenceSettings(BaseModel):
         default=None, description="URL the api uses to push reconciles to this replica; default http://host:port."
     )
     reconcile_s: float = Field(default=10.0, gt=0, description="Seconds between reconciles with the api.")
+    workers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Server processes of one replica (uvicorn workers), e.g. one per core. Each reconciles on its own; "
+        "a push reaches one of them, the others follow within reconcile_s.",
+    )
     max_rows: int = Field(default=10_000, ge=1, description="Most rows one predict request may carry (422 above).")
     max_batch_rows: int = Field(
         default=4096, ge=1, description="Most rows the micro-batcher merges into one model call."

@@ -62,6 +62,7 @@ def child_env(settings: Settings) -> dict[str, str]:
             "MINIML_MLFLOW__PORT": str(settings.mlflow.port),
             "MINIML_PREFECT__PORT": str(settings.prefect.port),
             "MINIML_INFERENCE__PORT": str(settings.inference.port),
+            "MINIML_INFERENCE__WORKERS": str(settings.inference.workers),
             "MLFLOW_TRACKING_URI": settings.mlflow_uri,
             "PREFECT_API_URL": settings.prefect_api_url,
             "PREFECT_HOME": str(data / "prefect"),

@@ -70,14 +70,21 @@ def up() -> None:
         console.print("miniml: stopped.")
 
 
-def _serve(target: str, *, host: str, port: int) -> None:
+def _serve(target: str, *, host: str, port: int, workers: int = 1) -> None:
     """Run uvicorn; on SIGTERM it stops accepting, lets in-flight requests finish, and we exit 0."""
     import uvicorn
 
     # uvicorn re-raises the signal it caught after shutting down; a no-op handler makes that a clean exit.
     signal.signal(signal.SIGTERM, lambda *_: None)
     uvicorn.run(
-        target, factory=True, host=host, port=port, access_log=False, log_level="warning", timeout_graceful_shutdown=30
+        target,
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        access_log=False,
+        log_level="warning",
+        timeout_graceful_shutdown=30,
     )
 
 
@@ -96,7 +103,12 @@ def inference() -> None:
     from miniml.config import Settings
 
     settings = Settings()
-    _serve("miniml.inference.app:main_app", host=settings.inference.host, port=settings.inference.port)
+    _serve(
+        "miniml.inference.app:main_app",
+        host=settings.inference.host,
+        port=settings.inference.port,
+        workers=settings.inference.workers,
+    )
 
 
 @app.command()
