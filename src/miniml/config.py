@@ -91,8 +91,8 @@ class PrefectSettings(BaseModel):
 class WorkerSettings(BaseModel):
     api_key: str | None = Field(
         default=None,
-        description="Key (engineer or admin) the worker uses to report to the api. Unset in dev mode: "
-        "the bootstrap admin key in <data_dir>/admin.key.",
+        description="Key (engineer or admin) the worker uses to report to the api. Unset: the bootstrap admin "
+        "key in <data_dir>/admin.key (miniml up and compose share that folder).",
     )
     concurrency: int = Field(default=2, ge=1, description="Jobs one worker process runs at once.")
     trial_threads: int = Field(
@@ -115,8 +115,8 @@ class InferenceSettings(BaseModel):
     port: int = Field(default=8080, ge=1, le=65535, description="Port of the inference service.")
     api_key: str | None = Field(
         default=None,
-        description="Admin key the inference service reads desired deployments with. Unset in dev mode: "
-        "<data_dir>/admin.key.",
+        description="Admin key the inference service reads desired deployments with. Unset: "
+        "<data_dir>/admin.key (miniml up and compose share that folder).",
     )
     replica_id: str | None = Field(default=None, description="This replica's name; default host:port.")
     public_url: str | None = Field(

@@ -40,7 +40,7 @@ def inference_key(settings: Settings) -> str:
     if settings.inference.api_key:
         return settings.inference.api_key
     path = settings.data_dir / "admin.key"
-    if settings.mode.value == "dev" and path.exists():
+    if path.exists():  # written by the api on first start, on the data volume the roles share
         return path.read_text().strip()
     raise RuntimeError("The inference service has no API key: set MINIML_INFERENCE__API_KEY to an admin key.")
 
