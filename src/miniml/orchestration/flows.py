@@ -14,8 +14,9 @@ def worker_client(settings: Settings) -> object:
 
     key = settings.worker.api_key
     if not key:
+        # The key the api wrote on first start, on the data volume the roles share (miniml up, compose).
         path = settings.data_dir / "admin.key"
-        if settings.mode.value != "dev" or not path.exists():
+        if not path.exists():
             raise RuntimeError("The worker has no API key: set MINIML_WORKER__API_KEY to an engineer (or admin) key.")
         key = path.read_text().strip()
     return Client(settings.api_url, api_key=key, timeout=60)
