@@ -244,3 +244,11 @@ class LiveApi:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(15)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Background loops of in-process services may outlive the last test by a moment; keep their
+    log lines from landing after pytest's summary."""
+    import logging
+
+    logging.getLogger("miniml").disabled = True
