@@ -50,3 +50,15 @@ def test_every_setting_has_a_description() -> None:
         return missing
 
     assert walk(Settings, "") == []
+
+
+def test_settings_reference_is_up_to_date() -> None:
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("settings_reference", root / "scripts" / "settings_reference.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert (root / "docs" / "settings.md").read_text() == module.render(), "run scripts/settings_reference.py"
