@@ -115,30 +115,28 @@ def run_job(client: Client, settings: Settings, job_id: int, project: str, *, sh
 
 
 def _ensure_run(client: Client, tracker: Tracker, job: JobRead, shard: int) -> str:
-    """Shard 0 opens the job's MLflow parent run; other shards wait for it to appear."""
+    """Open the job's MLflow parent run; whichever shard gets there first wins, the others use its run.
+
+    No shard waits for another: a shard that waited for shard 0 would hold a worker slot that
+    shard 0 might need.
+    """
     if job.mlflow_run_id:
         return job.mlflow_run_id
-    if shard == 0:
-        version = client.datasets.version(job.project, job.dataset, job.dataset_version)
-        run_id = tracker.start_job_run(
-            job.project,
-            job.id,
-            {
-                "miniml.dataset": job.dataset,
-                "miniml.dataset_version": str(job.dataset_version),
-                "miniml.dataset_sha256": version.sha256,
-                "miniml.target": str(job.spec["target"]),
-            },
-        )
-        client.job_reports.set_run(job.project, job.id, run_id)
-        return run_id
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        time.sleep(1)
-        current = client.jobs.get(job.project, job.id)
-        if current.mlflow_run_id:
-            return current.mlflow_run_id
-    raise TimeoutError("the job's first shard never opened its MLflow run")
+    version = client.datasets.version(job.project, job.dataset, job.dataset_version)
+    run_id = tracker.start_job_run(
+        job.project,
+        job.id,
+        {
+            "miniml.dataset": job.dataset,
+            "miniml.dataset_version": str(job.dataset_version),
+            "miniml.dataset_sha256": version.sha256,
+            "miniml.target": str(job.spec["target"]),
+        },
+    )
+    winner = client.job_reports.set_run(job.project, job.id, run_id).mlflow_run_id or run_id
+    if winner != run_id:
+        tracker.client.delete_run(run_id)
+    return winner
 
 
 def _train(

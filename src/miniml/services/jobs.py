@@ -335,7 +335,9 @@ def claim_finalize(session: Session, job: tables.Job, worker: str) -> bool:
 
 
 def set_run(session: Session, job: tables.Job, run_id: str) -> tables.Job:
-    job.mlflow_run_id = run_id
+    """The first shard to open a parent run wins; later ones get the winner's id back."""
+    if job.mlflow_run_id is None:
+        job.mlflow_run_id = run_id
     session.flush()
     return job
 
