@@ -251,4 +251,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     log lines from landing after pytest's summary."""
     import logging
 
-    logging.getLogger("miniml").disabled = True
+    root = logging.getLogger("miniml")
+    # Child loggers reach the parent's handlers even when the parent is disabled: swap them out.
+    root.handlers[:] = [logging.NullHandler()]
+    root.propagate = False
