@@ -145,7 +145,7 @@ class _Column:
         elif kind is ColumnKind.datetime:
             out |= {"min": _iso(self.min), "max": _iso(self.max)}
         if kind in (ColumnKind.categorical, ColumnKind.boolean, ColumnKind.text):
-            out["top"] = [{"value": _json_value(v), "count": c} for v, c in self.counts.most_common(TOP_CATEGORIES)]
+            out["top"] = [{"value": json_value(v), "count": c} for v, c in self.counts.most_common(TOP_CATEGORIES)]
         return out
 
 
@@ -160,7 +160,7 @@ def _iso(value: Any) -> str | None:
     return None if value is None else value.isoformat()
 
 
-def _json_value(value: Any) -> Any:
+def json_value(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if hasattr(value, "isoformat"):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import uuid
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from miniml.data.formats import FileFormat, TableFile
-from miniml.data.profiles import schema_of
+from miniml.data.profiles import json_value, schema_of
 from miniml.data.validation import validate_table
 from miniml.db import tables
 from miniml.domain.names import check_name
@@ -241,15 +240,7 @@ def preview(table: TableFile, rows: int) -> PreviewRead:
         out.extend(batch.slice(0, rows - len(out)).to_pylist())
         if len(out) >= rows:
             break
-    return PreviewRead(columns=names, rows=[{k: _jsonable(v) for k, v in r.items()} for r in out])
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if hasattr(value, "isoformat"):
-        return value.isoformat()
-    return value
+    return PreviewRead(columns=names, rows=[{k: json_value(v) for k, v in r.items()} for r in out])
 
 
 def validate_version(row: tables.DatasetVersion, store: ObjectStore, body: ValidationRequest) -> ValidationReport:
