@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from typing import Protocol
 from pathlib import Path
 
 import httpx
@@ -20,7 +21,8 @@ from tests.conftest import LiveApi, free_port
 pytestmark = pytest.mark.slow
 IRIS = Path(__file__).resolve().parents[2] / "data" / "samples" / "iris.csv"
 
-Workers = Callable[[int], list[subprocess.Popen[bytes]]]
+class Workers(Protocol):
+    def __call__(self, n: int, *, wait: bool = False) -> list[subprocess.Popen[bytes]]: ...
 
 
 @pytest.fixture
@@ -38,7 +40,7 @@ def platform(
     )
     procs: list[subprocess.Popen[bytes]] = []
 
-    def start_workers(n: int) -> list[subprocess.Popen[bytes]]:
+    def start_workers(n: int, *, wait: bool = False) -> list[subprocess.Popen[bytes]]:
         env = dict(os.environ)
         env.update(
             {
@@ -55,9 +57,10 @@ def platform(
         )
         if db:
             env["MINIML_DB__URL"] = db["url"]
-        started = []
-        for i in range(n):
-            log = (tmp_path / f"worker{len(procs)}.log").open("wb")
+        started, logs = [], []
+        for _ in range(n):
+            logs.append(tmp_path / f"worker{len(procs)}.log")
+            log = logs[-1].open("wb")
             proc = subprocess.Popen(
                 [sys.executable, "-m", "miniml", "worker"],
                 env=env,
@@ -67,6 +70,8 @@ def platform(
             )
             procs.append(proc)
             started.append(proc)
+        if wait:  # each worker polls Prefect once it prints this
+            wait_for(lambda: all("is being served" in p.read_text(errors="replace") for p in logs), 120, "the workers")
         return started
 
     with LiveApi(settings) as api:
@@ -133,14 +138,14 @@ def test_killed_worker_fails_the_job_instead_of_leaving_it_running(platform: tup
 @pytest.mark.pg
 def test_two_workers_share_one_study_on_postgres(platform: tuple[LiveApi, Client, Workers]) -> None:
     _api, client, start_workers = platform
-    start_workers(2)
+    start_workers(2, wait=True)  # both polling before the job exists, so each shard finds its own worker
     job = client.jobs.create(
-        "demo", dataset="iris", target="target", max_trials=10, parallelism=2, families=["random_forest", "linear"]
+        "demo", dataset="iris", target="target", max_trials=12, parallelism=2, families=["random_forest"]
     )
     done = client.jobs.wait("demo", job.id, timeout_s=300)
     assert done.state == "succeeded", (done.reason, [line.message for line in client.jobs.logs("demo", job.id)])
     numbers = [t.number for t in done.leaderboard]
-    assert len(numbers) == 10 and sorted(numbers) == list(range(10))
+    assert len(numbers) == 12 and sorted(numbers) == list(range(12))
     assert len({t.worker for t in done.leaderboard}) == 2, {t.worker for t in done.leaderboard}
 
 

@@ -8,6 +8,7 @@ trials is exactly the budget.
 from __future__ import annotations
 
 import math
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import optuna
+import sqlalchemy.exc
 from sklearn.compose import ColumnTransformer
 from sklearn.impute import SimpleImputer
 from sklearn.metrics import (
@@ -161,7 +163,16 @@ def make_storage(url: str) -> optuna.storages.RDBStorage:
     kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith("sqlite"):
         kwargs["connect_args"] = {"timeout": 60}  # writers queue instead of "database is locked"
-    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=10, grace_period=60)
+    for attempt in range(5):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=10, grace_period=60)
+        except sqlalchemy.exc.DBAPIError:
+            # Two shards starting at once both create Optuna's tables; PostgreSQL refuses the
+            # second CREATE TABLE. The next attempt finds the tables made and goes on.
+            if attempt == 4:
+                raise
+            time.sleep(0.5 + random.random())  # noqa: S311
+    raise AssertionError("unreachable")
 
 
 def new_study(storage: optuna.storages.BaseStorage, name: str, spec: SearchSpec) -> optuna.Study:
