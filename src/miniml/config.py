@@ -110,6 +110,22 @@ class JobSettings(BaseModel):
     )
 
 
+class MonitoringSettings(BaseModel):
+    drift_min_rows: int = Field(
+        default=30, ge=1, description="A drift check with fewer captured rows in its window reports no_data."
+    )
+    quality_window_s: int = Field(default=3600, ge=60, description="Window of feedback behind the live quality gauges.")
+    prediction_memory_rows: int = Field(
+        default=200_000,
+        ge=0,
+        description="Recent predictions an inference replica keeps so feedback can be joined with them; "
+        "feedback for an older prediction answers 404.",
+    )
+    prometheus_port: int = Field(
+        default=9090, ge=1, le=65535, description="Port of Prometheus, which miniml up starts when it is installed."
+    )
+
+
 class InferenceSettings(BaseModel):
     host: str = Field(default="127.0.0.1", description="Interface the inference service binds.")
     port: int = Field(default=8080, ge=1, le=65535, description="Port of the inference service.")
@@ -167,6 +183,9 @@ class Settings(BaseSettings):
     inference: InferenceSettings = Field(default_factory=InferenceSettings, description="Data plane.")
     worker: WorkerSettings = Field(default_factory=WorkerSettings, description="Training workers.")
     jobs: JobSettings = Field(default_factory=JobSettings, description="Job supervision.")
+    monitoring: MonitoringSettings = Field(
+        default_factory=MonitoringSettings, description="Drift, feedback and Prometheus."
+    )
 
     @model_validator(mode="after")
     def _refuse_unsafe_production(self) -> Settings:

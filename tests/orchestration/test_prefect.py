@@ -71,7 +71,7 @@ def platform(
             procs.append(proc)
             started.append(proc)
         if wait:  # each worker polls Prefect once it prints this
-            wait_for(lambda: all("is being served" in p.read_text(errors="replace") for p in logs), 120, "the workers")
+            wait_for(lambda: all("being served" in p.read_text(errors="replace") for p in logs), 120, "the workers")
         return started
 
     with LiveApi(settings) as api:

@@ -15,10 +15,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from miniml import logs
 from miniml.api import errors
 from miniml.api.middleware import ApiMetrics, RequestMiddleware
-from miniml.api.routes import audit, auth, datasets, deployments, health, jobs, keys, models, projects, seed
+from miniml.api.routes import audit, auth, datasets, deployments, health, jobs, keys, models, monitoring, projects, seed
 from miniml.config import Settings
 from miniml.db.engine import make_engine, make_sessionmaker, upgrade
 from miniml.errors import MiniMLError
+from miniml.monitoring.collector import PlatformCollector
 from miniml.orchestration.submit import Orchestrator
 from miniml.services import jobs as job_service
 from miniml.services import keys as key_service
@@ -40,8 +41,10 @@ def write_admin_key(data_dir: Path, raw: str) -> Path:
     return path
 
 
-async def supervise_jobs(settings: Settings, db: sessionmaker[Session], orchestrator: Orchestrator) -> None:
-    """Retry submissions Prefect could not take, and fail jobs whose worker went silent."""
+async def supervise_jobs(
+    settings: Settings, db: sessionmaker[Session], orchestrator: Orchestrator, registry: Registry
+) -> None:
+    """Retry submissions Prefect could not take, fail jobs whose worker went silent, run monitoring schedules."""
 
     def tick() -> None:
         with db.begin() as session:
@@ -49,6 +52,7 @@ async def supervise_jobs(settings: Settings, db: sessionmaker[Session], orchestr
                 log.warning("job failed: no heartbeat", extra={"job_id": job_id})
         try:
             orchestrator.submit_pending()
+            orchestrator.supervise_monitoring(registry)
         except MiniMLError as exc:
             log.info("submission deferred", extra={"error": exc.detail[:300]})
 
@@ -79,7 +83,7 @@ def create_app(settings: Settings) -> FastAPI:
             # Printed once, on the start that created it; afterwards it is only in the file.
             print(f"miniml: created the first admin key (saved to {path}):\n  {raw}", flush=True)
         async with anyio.create_task_group() as tasks:
-            tasks.start_soon(supervise_jobs, settings, db, app.state.orchestrator)
+            tasks.start_soon(supervise_jobs, settings, db, app.state.orchestrator, app.state.registry)
             yield
             tasks.cancel_scope.cancel()
         engine.dispose()
@@ -97,8 +101,9 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.orchestrator = Orchestrator(settings, db)
     app.state.registry = Registry(settings.mlflow_uri)
     app.state.metrics = ApiMetrics()
+    app.state.metrics.registry.register(PlatformCollector(db, quality_window_s=settings.monitoring.quality_window_s))
     errors.install(app)
-    for module in (health, auth, keys, projects, datasets, jobs, models, deployments, audit, seed):
+    for module in (health, auth, keys, projects, datasets, jobs, models, deployments, monitoring, audit, seed):
         app.include_router(module.router)
     app.include_router(deployments.inference_router)
     app.add_middleware(

@@ -209,7 +209,78 @@ class Deployment(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     created_by: Mapped[str | None] = mapped_column(String(32))
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Drift schedule and window, and the retraining policy (None: no automatic retraining).
+    drift_interval_s: Mapped[int] = mapped_column(Integer, default=600, server_default="600")
+    drift_window_s: Mapped[int] = mapped_column(Integer, default=3600, server_default="3600")
+    retrain_policy: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     project: Mapped[Project] = relationship(lazy="joined")
+
+
+class DriftReport(Base):
+    """One drift check of a deployment: queued, run by a worker's Prefect flow, then stored."""
+
+    __tablename__ = "drift_report"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("project.id", ondelete="CASCADE"), index=True)
+    deployment: Mapped[str] = mapped_column(String(63), index=True)
+    trigger: Mapped[str] = mapped_column(String(16))  # schedule | manual
+    state: Mapped[str] = mapped_column(String(16), default="queued")  # queued | running | done | no_data | failed
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column()
+    window_s: Mapped[int] = mapped_column(Integer)
+    flow_run_id: Mapped[str | None] = mapped_column(String(64))
+    model_version: Mapped[str | None] = mapped_column(String(32))
+    reference: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # the dataset version compared against
+    rows: Mapped[int] = mapped_column(Integer, default=0)
+    features: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    prediction_psi: Mapped[float | None] = mapped_column()
+    max_psi: Mapped[float | None] = mapped_column()
+    drifted: Mapped[list[str]] = mapped_column(JSON, default=list)
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class Feedback(Base):
+    """A true label for one served prediction, joined with what the model predicted."""
+
+    __tablename__ = "feedback"
+    __table_args__ = (UniqueConstraint("deployment", "prediction_id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("project.id", ondelete="CASCADE"), index=True)
+    deployment: Mapped[str] = mapped_column(String(63), index=True)
+    prediction_id: Mapped[str] = mapped_column(String(100))
+    version: Mapped[str] = mapped_column(String(32))
+    predicted: Mapped[Any] = mapped_column(JSON)
+    label: Mapped[Any] = mapped_column(JSON)
+    predicted_at: Mapped[datetime] = mapped_column()
+    at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class Retraining(Base):
+    """One retraining of a deployment: the challenger's job, both scores, and the decision."""
+
+    __tablename__ = "retraining"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("project.id", ondelete="CASCADE"), index=True)
+    deployment: Mapped[str] = mapped_column(String(63), index=True)
+    trigger: Mapped[str] = mapped_column(String(16))  # schedule | drift | manual
+    drift_report_id: Mapped[int | None] = mapped_column(Integer)
+    # training -> evaluating -> promoted | kept | failed
+    state: Mapped[str] = mapped_column(String(16), default="training")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column()
+    policy: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    job_id: Mapped[int | None] = mapped_column(Integer)
+    flow_run_id: Mapped[str | None] = mapped_column(String(64))
+    metric: Mapped[str | None] = mapped_column(String(32))
+    champion_version: Mapped[str | None] = mapped_column(String(32))
+    challenger_version: Mapped[str | None] = mapped_column(String(32))
+    champion_score: Mapped[float | None] = mapped_column()
+    challenger_score: Mapped[float | None] = mapped_column()
+    promoted: Mapped[bool] = mapped_column(default=False)
+    reason: Mapped[str | None] = mapped_column(Text)
 
 
 class DeploymentEvent(Base):
@@ -245,6 +316,8 @@ __all__ = [
     "DatasetVersion",
     "Deployment",
     "DeploymentEvent",
+    "DriftReport",
+    "Feedback",
     "InferenceReplica",
     "Job",
     "JobLog",
@@ -252,5 +325,6 @@ __all__ = [
     "KeyGrant",
     "PlatformSecret",
     "Project",
+    "Retraining",
     "UniqueConstraint",
 ]

@@ -13,19 +13,23 @@ from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 import anyio
+import httpx
 import orjson
 from fastapi import FastAPI, Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
 from starlette.responses import Response
 
 from miniml import logs
 from miniml.api.errors import from_error, problem_response
 from miniml.config import Settings
-from miniml.errors import InvalidInput, MiniMLError, NotFound, Unauthorized
+from miniml.errors import InvalidInput, MiniMLError, NotFound, Unauthorized, UpstreamUnavailable
 from miniml.inference.capture import Capture
+from miniml.inference.feedback import PredictionMemory
 from miniml.inference.models import parse_rows
 from miniml.inference.state import ApiLink, Served, State
 from miniml.monitoring.metrics import InferenceMetrics
+from miniml.schemas.monitoring import FeedbackBatch
 from miniml.storage import make_store
 
 log = logging.getLogger("miniml.inference")
@@ -71,6 +75,8 @@ def create_inference_app(settings: Settings) -> FastAPI:
         max_rows=settings.inference.capture_buffer_rows,
         registry=metrics.registry,
     )
+
+    memory = PredictionMemory(settings.monitoring.prediction_memory_rows)
 
     async def flush_forever() -> None:
         while True:
@@ -187,6 +193,7 @@ def create_inference_app(settings: Settings) -> FastAPI:
             )
         values = preds.tolist()
         capture.add(served.project, served.name, variant.version, columns, values)
+        ids = memory.remember(served.name, variant.version, values)
         if served.shadow is not None and random.random() < served.shadow_fraction:  # noqa: S311
             shadow_tasks.add(
                 task := asyncio.get_running_loop().create_task(
@@ -199,6 +206,8 @@ def create_inference_app(settings: Settings) -> FastAPI:
             if seed
             else {"predictions": values, "model_version": variant.version, "deployment": served.name}
         )
+        if ids is not None:
+            out["prediction_ids"] = ids
         if probas is not None and model.classes is not None:
             out["probabilities"] = [dict(zip(map(str, model.classes), map(float, p), strict=True)) for p in probas]
         metrics.requests.labels(*labels, "200").inc()
@@ -220,6 +229,34 @@ def create_inference_app(settings: Settings) -> FastAPI:
         except MiniMLError as exc:
             return from_error(exc, request_id(request))
         return await predict(request, served)
+
+    @app.post("/v1/endpoints/{name}/feedback")
+    async def feedback_endpoint(name: str, request: Request) -> Response:
+        """True labels for served predictions: {"prediction_id", "label"} or {"feedback": [...]}; all or nothing."""
+        try:
+            served = await endpoint_for(request, name)
+            try:
+                body = orjson.loads(await request.body())
+            except orjson.JSONDecodeError as exc:
+                raise InvalidInput(f"The body is not valid JSON ({exc}).") from None
+            items = body.get("feedback", [body]) if isinstance(body, dict) else None
+            try:
+                batch = FeedbackBatch.model_validate({"feedback": items})
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                where = ".".join(str(p) for p in first["loc"])
+                raise InvalidInput(
+                    f'Send {{"prediction_id": <id from a prediction response>, "label": <true label>}} or '
+                    f'{{"feedback": [...]}} ({where}: {first["msg"]}).'
+                ) from None
+            records = memory.join(served.name, batch)
+            try:
+                await request.app.state.link.feedback(records)
+            except httpx.HTTPError as exc:
+                raise UpstreamUnavailable(f"The api did not take the feedback ({type(exc).__name__}); retry.") from exc
+        except MiniMLError as exc:
+            return from_error(exc, request_id(request))
+        return Response(orjson.dumps({"stored": len(records)}), media_type="application/json")
 
     # Open Inference Protocol v2 (KServe, Seldon MLServer): one named tensor per column.
 

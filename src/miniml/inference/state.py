@@ -210,6 +210,12 @@ class ApiLink:
     async def report(self, replica: str, url: str, status: dict[str, dict[str, Any]]) -> None:
         await self.http.post("/api/v1/inference/replicas", json={"replica": replica, "url": url, "deployments": status})
 
+    async def feedback(self, records: list[Any]) -> None:
+        """Joined feedback to the api, which keeps it and computes live quality."""
+        body = [r.model_dump(mode="json") for r in records]
+        response = await self.http.post("/api/v1/inference/feedback", json=body)
+        response.raise_for_status()
+
     async def whoami(self, headers: dict[str, str]) -> dict[str, Any] | None:
         """The caller behind these credentials, or None when the api refuses them."""
         import hashlib

@@ -6,7 +6,7 @@ from prefect import flow, get_run_logger
 
 from miniml import logs
 from miniml.config import Settings
-from miniml.orchestration import DEPLOYMENT_NAME, FLOW_NAME
+from miniml.orchestration import DEPLOYMENT_NAME, DRIFT_FLOW, EVALUATE_FLOW, FLOW_NAME
 
 
 def worker_client(settings: Settings) -> object:
@@ -38,6 +38,36 @@ def train_job_flow(job_id: int, project: str, shard: int = 0) -> str:
     return state
 
 
+@flow(name=DRIFT_FLOW, log_prints=True, retries=0)
+def drift_check_flow(report_id: int, project: str, deployment: str) -> str:
+    """Compare a deployment's captured requests with its training data; the api stores the report."""
+    from miniml.orchestration.monitor import run_drift_check
+    from miniml.sdk.client import Client
+
+    settings = Settings()
+    logs.configure(settings.log_level)
+    client = worker_client(settings)
+    assert isinstance(client, Client)
+    state = run_drift_check(client, settings, project, deployment, report_id)
+    get_run_logger().info("drift check %s of %s: %s", report_id, deployment, state)
+    return state
+
+
+@flow(name=EVALUATE_FLOW, log_prints=True, retries=0)
+def evaluate_flow(retraining_id: int, project: str, deployment: str) -> str:
+    """Score champion and challenger on the same held-out rows; the api promotes or keeps."""
+    from miniml.orchestration.monitor import run_evaluation
+    from miniml.sdk.client import Client
+
+    settings = Settings()
+    logs.configure(settings.log_level)
+    client = worker_client(settings)
+    assert isinstance(client, Client)
+    state = run_evaluation(client, settings, project, deployment, retraining_id)
+    get_run_logger().info("retraining %s of %s: %s", retraining_id, deployment, state)
+    return state
+
+
 def wait_for_prefect(settings: Settings, timeout_s: float = 120) -> None:
     """Compose and `miniml up` may start the worker before Prefect answers: wait instead of dying."""
     import time
@@ -58,6 +88,11 @@ def wait_for_prefect(settings: Settings, timeout_s: float = 120) -> None:
 
 
 def serve(settings: Settings) -> None:
-    """`miniml worker`: register the deployment and run flow runs as Prefect schedules them."""
+    """`miniml worker`: register the deployments (train, drift check, evaluate) and run their flow runs."""
+    from prefect import serve as serve_all
+    from prefect.deployments.runner import RunnerDeployment
+
     wait_for_prefect(settings)
-    train_job_flow.serve(name=DEPLOYMENT_NAME, limit=settings.worker.concurrency, print_starting_message=True)
+    deployments = [f.to_deployment(name=DEPLOYMENT_NAME) for f in (train_job_flow, drift_check_flow, evaluate_flow)]
+    assert all(isinstance(d, RunnerDeployment) for d in deployments)  # sync call: not a coroutine
+    serve_all(*deployments, limit=settings.worker.concurrency, print_starting_message=True)  # type: ignore[arg-type]

@@ -5,12 +5,15 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from miniml.config import Settings
-from miniml.errors import UpstreamUnavailable
-from miniml.orchestration import DEPLOYMENT
-from miniml.services import jobs
+from miniml.db import tables
+from miniml.errors import MiniMLError, UpstreamUnavailable
+from miniml.orchestration import DEPLOYMENT, DRIFT_DEPLOYMENT, EVALUATE_DEPLOYMENT
+from miniml.services import jobs, monitoring
+from miniml.tracking.registry import Registry
 
 log = logging.getLogger("miniml.orchestration")
 
@@ -25,14 +28,13 @@ class Orchestrator:
 
         return temporary_settings({PREFECT_API_URL: self.settings.prefect_api_url})
 
-    def _run_deployment(self, job_id: int, project: str, shard: int, created: float) -> str:
+    def _run(self, deployment: str, name: str, parameters: dict[str, Any], project: str, created: float) -> str:
         from prefect.deployments import run_deployment
 
-        name = f"job-{job_id}" if shard == 0 else f"job-{job_id}-shard-{shard}"
         with self._prefect():
             run = run_deployment(
-                name=DEPLOYMENT,
-                parameters={"job_id": job_id, "project": project, "shard": shard},
+                name=deployment,
+                parameters=parameters,
                 flow_run_name=name,
                 timeout=0,
                 # The same key twice gives the same flow run: a retried submission never doubles a job.
@@ -41,6 +43,11 @@ class Orchestrator:
                 tags=["miniml", f"project:{project}"],
             )
         return str(run.id)  # type: ignore[union-attr]  # sync call outside an event loop
+
+    def _run_deployment(self, job_id: int, project: str, shard: int, created: float) -> str:
+        name = f"job-{job_id}" if shard == 0 else f"job-{job_id}-shard-{shard}"
+        params = {"job_id": job_id, "project": project, "shard": shard}
+        return self._run(DEPLOYMENT, name, params, project, created)
 
     def submit_pending(self) -> list[int]:
         """Submit every queued job that has no flow run yet; return the ids submitted."""
@@ -59,6 +66,61 @@ class Orchestrator:
                 jobs.mark_submitted(session, job_id, run_ids[0])
             done.append(job_id)
         return done
+
+    def supervise_monitoring(self, registry: Registry) -> None:
+        """Start due drift checks and scheduled retrainings, move retrainings on, submit their flows."""
+        with self.db.begin() as session:
+            for dep in monitoring.due_drift_checks(session):
+                report = monitoring.create_drift_check(session, registry, dep, trigger="schedule")
+                log.info("drift check queued", extra={"deployment": dep.name, "report": report.id})
+            for dep in monitoring.due_retrainings(session):
+                try:
+                    with session.begin_nested():
+                        monitoring.create_retraining(session, registry, dep, trigger="schedule")
+                except MiniMLError as exc:
+                    log.warning("scheduled retraining not started", extra={"deployment": dep.name, "error": exc.detail})
+            monitoring.advance_retrainings(session)
+            drift = [
+                (r.id, r.project_id, r.deployment, r.created_at.timestamp())
+                for r in monitoring.unsubmitted_drift(session)
+            ]
+            evals = [
+                (r.id, r.project_id, r.deployment, r.created_at.timestamp())
+                for r in monitoring.unsubmitted_evaluations(session)
+            ]
+            projects = {p.id: p.name for p in session.scalars(select(tables.Project))}
+        for rid, pid, name, created in drift:
+            run = self._submit_monitoring(
+                DRIFT_DEPLOYMENT,
+                f"drift-{name}-{rid}",
+                {"report_id": rid, "project": projects[pid], "deployment": name},
+                projects[pid],
+                created,
+            )
+            with self.db.begin() as session:
+                row = session.get(tables.DriftReport, rid)
+                if row is not None:
+                    row.flow_run_id = run
+        for rid, pid, name, created in evals:
+            run = self._submit_monitoring(
+                EVALUATE_DEPLOYMENT,
+                f"evaluate-{name}-{rid}",
+                {"retraining_id": rid, "project": projects[pid], "deployment": name},
+                projects[pid],
+                created,
+            )
+            with self.db.begin() as session:
+                row2 = session.get(tables.Retraining, rid)
+                if row2 is not None:
+                    row2.flow_run_id = run
+
+    def _submit_monitoring(
+        self, deployment: str, name: str, params: dict[str, Any], project: str, created: float
+    ) -> str:
+        try:
+            return self._run(deployment, name, params, project, created)
+        except Exception as exc:
+            raise UpstreamUnavailable(f"Prefect did not take {name}: {type(exc).__name__}: {exc}") from exc
 
     def worker_status(self) -> tuple[bool, str]:
         """Is a worker serving the training deployment? (Prefect marks it ready while one polls.)"""

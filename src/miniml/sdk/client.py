@@ -50,7 +50,7 @@ class Client:
         self.headers = {"X-API-Key": api_key} if api_key else {}
         self.http = http or httpx.Client(base_url=url.rstrip("/"), timeout=timeout)
         from miniml.sdk.datasets import Datasets
-        from miniml.sdk.deployments import Deployments
+        from miniml.sdk.deployments import Deployments, MonitorReports
         from miniml.sdk.jobs import JobReports, Jobs
         from miniml.sdk.keys import Keys
         from miniml.sdk.models import Models
@@ -63,6 +63,7 @@ class Client:
         self.job_reports = JobReports(self)
         self.models = Models(self)
         self.deployments = Deployments(self)
+        self.monitor_reports = MonitorReports(self)
 
     def predict(self, endpoint: str, rows: list[dict[str, Any]], *, probabilities: bool = False) -> dict[str, Any]:
         """Predict with a deployment on the inference service.
@@ -74,6 +75,19 @@ class Client:
         from miniml.sdk.deployments import predict
 
         return predict(self, self.inference_url, endpoint, rows, probabilities=probabilities)
+
+    def feedback(self, endpoint: str, labels: dict[str, Any]) -> dict[str, Any]:
+        """Send true labels for served predictions: ``{prediction_id: label}``.
+
+        Raises:
+            NotFound: an id this replica no longer remembers, or an unknown endpoint.
+        """
+        body = {"feedback": [{"prediction_id": k, "label": v} for k, v in labels.items()]}
+        url = f"{self.inference_url.rstrip('/')}/v1/endpoints/{endpoint}/feedback"
+        response = self.http.post(url, json=body, headers=self.headers)
+        raise_for_problem(response)
+        result: dict[str, Any] = response.json()
+        return result
 
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:

@@ -4,6 +4,18 @@ import builtins
 from typing import TYPE_CHECKING, Any
 
 from miniml.schemas.deployments import DeploymentCreate, DeploymentEventRead, DeploymentRead, DeploymentUpdate
+from miniml.schemas.monitoring import (
+    DriftContext,
+    DriftReportRead,
+    DriftReports,
+    DriftResult,
+    EvaluationContext,
+    EvaluationResult,
+    MonitoringRead,
+    MonitoringUpdate,
+    QualityRead,
+    RetrainingRead,
+)
 
 if TYPE_CHECKING:
     from miniml.sdk.client import Client
@@ -78,6 +90,110 @@ class Deployments:
 
     def delete(self, project: str, name: str) -> None:
         self._c.request("DELETE", self._url(project, name))
+
+    # Monitoring: drift, quality, retraining
+
+    def monitoring(self, project: str, name: str) -> MonitoringRead:
+        """The drift schedule and window, and the retraining policy."""
+        return MonitoringRead.model_validate(self._c.request("GET", self._url(project, name, "monitoring")).json())
+
+    def set_monitoring(
+        self,
+        project: str,
+        name: str,
+        *,
+        drift_interval_s: int | None = None,
+        drift_window_s: int | None = None,
+        retrain: dict[str, Any] | bool | None = False,
+    ) -> MonitoringRead:
+        """Change the drift schedule or window; ``retrain`` sets the policy (None removes it, False leaves it).
+
+        Raises:
+            InvalidInput: a bad cron expression, a threshold ≤ 0, or a policy on a traffic split.
+        """
+        body: dict[str, Any] = {"drift_interval_s": drift_interval_s, "drift_window_s": drift_window_s}
+        body = {k: v for k, v in body.items() if v is not None}
+        if retrain is not False:
+            body["retrain"] = retrain
+        MonitoringUpdate.model_validate(body)
+        return MonitoringRead.model_validate(
+            self._c.request("PUT", self._url(project, name, "monitoring"), json=body).json()
+        )
+
+    def check_drift(self, project: str, name: str) -> DriftReportRead:
+        """Start a drift check now; the report fills in when a worker has run it (see ``drift``).
+
+        Raises:
+            Conflict: a check of this deployment is still running.
+            InvalidInput: the served version was not trained here (no reference profile).
+        """
+        return DriftReportRead.model_validate(
+            self._c.request("POST", self._url(project, name, "drift", "check")).json()
+        )
+
+    def drift(self, project: str, name: str, *, limit: int = 50) -> DriftReports:
+        """The latest finished drift report and the history."""
+        response = self._c.request("GET", self._url(project, name, "drift"), params={"limit": limit})
+        return DriftReports.model_validate(response.json())
+
+    def wait_drift(self, project: str, name: str, report_id: int, *, timeout_s: float = 300) -> DriftReportRead:
+        """Poll until a drift check has finished (done, no_data or failed)."""
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            found = next((r for r in self.drift(project, name).history if r.id == report_id), None)
+            if found is not None and found.state not in ("queued", "running"):
+                return found
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"drift check {report_id} did not finish within {timeout_s:.0f}s")
+            time.sleep(1)
+
+    def quality(self, project: str, name: str, *, window_s: int = 3600) -> QualityRead:
+        """Live accuracy/F1 or RMSE/MAE from the feedback of the last ``window_s`` seconds."""
+        response = self._c.request("GET", self._url(project, name, "quality"), params={"window_s": window_s})
+        return QualityRead.model_validate(response.json())
+
+    def retrain(self, project: str, name: str) -> RetrainingRead:
+        """Retrain now: a challenger is trained, scored against the champion, and promoted only if better.
+
+        Raises:
+            Conflict: a retraining of this deployment is still running.
+        """
+        return RetrainingRead.model_validate(self._c.request("POST", self._url(project, name, "retrain")).json())
+
+    def retrainings(self, project: str, name: str, *, limit: int = 50) -> builtins.list[RetrainingRead]:
+        """Every retraining, newest first, with its decision and why."""
+        response = self._c.request("GET", self._url(project, name, "retrainings"), params={"limit": limit})
+        return [RetrainingRead.model_validate(r) for r in response.json()]
+
+
+class MonitorReports:
+    """What a worker tells the api about drift checks and evaluations it runs (engineer or admin key)."""
+
+    def __init__(self, client: Client) -> None:
+        self._c = client
+
+    def _url(self, project: str, name: str, *parts: str) -> str:
+        return "/".join([f"/api/v1/projects/{project}/deployments/{name}", *parts])
+
+    def drift_context(self, project: str, name: str, report_id: int) -> DriftContext:
+        url = self._url(project, name, "drift", str(report_id), "context")
+        return DriftContext.model_validate(self._c.request("GET", url).json())
+
+    def drift_result(self, project: str, name: str, report_id: int, result: DriftResult) -> DriftReportRead:
+        url = self._url(project, name, "drift", str(report_id), "result")
+        return DriftReportRead.model_validate(self._c.request("POST", url, json=result.model_dump()).json())
+
+    def evaluation_context(self, project: str, name: str, retraining_id: int) -> EvaluationContext:
+        url = self._url(project, name, "retrainings", str(retraining_id), "context")
+        return EvaluationContext.model_validate(self._c.request("GET", url).json())
+
+    def evaluation_result(
+        self, project: str, name: str, retraining_id: int, result: EvaluationResult
+    ) -> RetrainingRead:
+        url = self._url(project, name, "retrainings", str(retraining_id), "result")
+        return RetrainingRead.model_validate(self._c.request("POST", url, json=result.model_dump()).json())
 
 
 def predict(
