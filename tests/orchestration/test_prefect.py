@@ -8,8 +8,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from typing import Protocol
 from pathlib import Path
+from typing import Protocol
 
 import httpx
 import pytest
@@ -20,6 +20,7 @@ from tests.conftest import LiveApi, free_port
 
 pytestmark = pytest.mark.slow
 IRIS = Path(__file__).resolve().parents[2] / "data" / "samples" / "iris.csv"
+
 
 class Workers(Protocol):
     def __call__(self, n: int, *, wait: bool = False) -> list[subprocess.Popen[bytes]]: ...

@@ -193,7 +193,8 @@ def create_inference_app(settings: Settings) -> FastAPI:
             )
         values = preds.tolist()
         capture.add(served.project, served.name, variant.version, columns, values)
-        ids = memory.remember(served.name, variant.version, values)
+        # The seed's route answers exactly {"preds": [...]}: ids (for feedback) come with the others.
+        ids = None if seed else memory.remember(served.name, variant.version, values)
         if served.shadow is not None and random.random() < served.shadow_fraction:  # noqa: S311
             shadow_tasks.add(
                 task := asyncio.get_running_loop().create_task(
