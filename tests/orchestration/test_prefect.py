@@ -9,7 +9,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import httpx
 import pytest
@@ -190,3 +190,73 @@ def test_the_seed_flow_end_to_end_over_http(platform: tuple[LiveApi, Client, Wor
             assert time.monotonic() < deadline, answer.text
             time.sleep(0.3)
         assert answer.json() == {"preds": ["Iris-setosa"]}
+
+
+def test_drift_over_the_threshold_retrains_and_promotes_only_a_better_challenger(
+    platform: tuple[LiveApi, Client, Workers], mlflow_uri: str
+) -> None:
+    """Drift check, retraining job, evaluation: three kinds of Prefect flow runs on a real worker."""
+    import pandas as pd
+    from fastapi.testclient import TestClient
+    from sklearn.dummy import DummyClassifier
+
+    from miniml.inference.app import create_inference_app
+    from miniml.tracking.runs import Tracker
+    from tests.inference.test_serving import register, wait_served
+
+    api, client, start_workers = platform
+    start_workers(1)
+    first = client.jobs.create("demo", dataset="iris", target="target", max_trials=2, families=["linear"])
+    assert client.jobs.wait("demo", first.id, timeout_s=240).state == "succeeded"
+    # A poor champion with the same lineage (job, dataset): the retrained challenger must beat it.
+    poor = DummyClassifier(strategy="constant", constant="Iris-virginica")
+    assert register(Tracker(mlflow_uri), "demo", "iris", poor, job=first.id) == "2"
+    client.deployments.create("demo", "auto", "iris", target=2)
+    client.deployments.set_monitoring(
+        "demo", "auto", drift_interval_s=0, retrain={"drift_threshold": 0.25, "min_improvement": 0.05}
+    )
+    settings = api.settings.model_copy(
+        update={"inference": api.settings.inference.model_copy(update={"reconcile_s": 0.5})}
+    )
+    with TestClient(create_inference_app(settings)) as inference:
+        wait_served(inference, "auto", {"2"}, timeout=30)
+        rows = pd.read_csv(IRIS).sample(300, replace=True, random_state=0).drop(columns="target")
+        rows["petal_length"] += 3
+        for start in range(0, 300, 100):
+            chunk = rows.iloc[start : start + 100].to_dict("records")
+            r = inference.post("/v1/endpoints/auto/predict", json={"rows": chunk}, headers=api.headers)
+            assert r.status_code == 200, r.text
+        inference.app.state.capture.flush()  # type: ignore[attr-defined]
+
+        check = client.deployments.check_drift("demo", "auto")
+        report = client.deployments.wait_drift("demo", "auto", check.id, timeout_s=120)
+        assert report.state == "done" and "petal_length" in report.drifted, report
+        assert report.flow_run_id
+
+        def settled() -> list[Any]:
+            found = client.deployments.retrainings("demo", "auto")
+            return found if found and found[0].state not in ("training", "evaluating") else []
+
+        wait_for(lambda: bool(settled()), 300, "the drift-triggered retraining")
+        [won] = settled()
+        assert won.trigger == "drift" and won.drift_report_id == report.id
+        assert won.state == "promoted" and won.promoted and won.challenger_version == "3", won.reason
+        assert won.challenger_score is not None and won.champion_score is not None
+        assert won.challenger_score >= won.champion_score + 0.05
+        assert client.deployments.get("demo", "auto").desired[0].version == "3"
+        wait_served(inference, "auto", {"3"}, timeout=30)
+
+        # The same spec on the same data again: the challenger is no better, so v3 stays.
+        again = client.deployments.retrain("demo", "auto")
+        assert again.trigger == "manual" and again.champion_version == "3"
+        wait_for(
+            lambda: client.deployments.retrainings("demo", "auto")[0].state not in ("training", "evaluating"),
+            300,
+            "the manual retraining",
+        )
+        kept = client.deployments.retrainings("demo", "auto")[0]
+        assert kept.state == "kept" and not kept.promoted and "not promoted" in (kept.reason or ""), kept
+        assert client.deployments.get("demo", "auto").desired[0].version == "3"
+        audit = httpx.get(f"{api.url}/api/v1/audit", params={"project": "demo"}, headers=api.headers).json()
+        assert any("retrain" in e["action"] and "promoted" in e["action"] for e in audit)
+        assert any("retrain" in e["action"] and "kept" in e["action"] for e in audit)
