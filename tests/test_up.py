@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,6 +19,7 @@ import pytest
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
+SERVICES = ("api", "mlflow", "prefect", "inference", "prometheus", "worker_metrics")
 
 
 def _start(tmp_path: Path, ports: dict[str, int]) -> subprocess.Popen[str]:
@@ -29,6 +31,8 @@ def _start(tmp_path: Path, ports: dict[str, int]) -> subprocess.Popen[str]:
             "MINIML_MLFLOW__PORT": str(ports["mlflow"]),
             "MINIML_PREFECT__PORT": str(ports["prefect"]),
             "MINIML_INFERENCE__PORT": str(ports["inference"]),
+            "MINIML_MONITORING__PROMETHEUS_PORT": str(ports["prometheus"]),
+            "MINIML_WORKER__METRICS_PORT": str(ports["worker_metrics"]),
             "COLUMNS": "200",
         }
     )
@@ -57,7 +61,7 @@ def _read_until(proc: subprocess.Popen[str], pattern: str, timeout: float) -> st
 
 
 def test_up_starts_every_service_and_stops_them_all(tmp_path: Path) -> None:
-    ports = {name: free_port() for name in ("api", "mlflow", "prefect", "inference")}
+    ports = {name: free_port() for name in SERVICES}
     proc = _start(tmp_path, ports)
     try:
         out = _read_until(proc, r"Press Ctrl-C", 180)
@@ -73,6 +77,19 @@ def test_up_starts_every_service_and_stops_them_all(tmp_path: Path) -> None:
         headers = {"X-API-Key": key.group(1)}
         created = httpx.post(f"http://127.0.0.1:{ports['api']}/api/v1/projects", json={"name": "demo"}, headers=headers)
         assert created.status_code == 201
+        if shutil.which("prometheus"):  # scripts/test installs it; then up starts it and it scrapes all three
+            assert f"Prometheus http://127.0.0.1:{ports['prometheus']}" in out
+            url = f"http://127.0.0.1:{ports['prometheus']}/api/v1/targets"
+            deadline = time.monotonic() + 60
+            while True:
+                targets = httpx.get(url, timeout=5).json()["data"]["activeTargets"]
+                health = {t["labels"]["job"]: t["health"] for t in targets}
+                if set(health.values()) == {"up"} or time.monotonic() > deadline:
+                    break
+                time.sleep(1)
+            assert health == {"miniml-api": "up", "miniml-inference": "up", "miniml-worker": "up"}, targets
+        else:
+            assert "Prometheus not installed" in out
         children = psutil.Process(proc.pid).children(recursive=True)
         assert any("worker" in " ".join(c.cmdline()) for c in children)
         assert len(children) >= 4
@@ -99,7 +116,7 @@ def test_up_starts_every_service_and_stops_them_all(tmp_path: Path) -> None:
 
 
 def test_up_names_a_taken_port(tmp_path: Path) -> None:
-    ports = {name: free_port() for name in ("api", "mlflow", "prefect", "inference")}
+    ports = {name: free_port() for name in SERVICES}
     with socket.socket() as blocker:
         blocker.bind(("127.0.0.1", ports["prefect"]))
         blocker.listen(1)

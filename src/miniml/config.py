@@ -99,6 +99,10 @@ class WorkerSettings(BaseModel):
         default=0, ge=0, description="Parallel trials inside one job; 0 = the number of CPU cores."
     )
     heartbeat_s: float = Field(default=5.0, gt=0, description="Seconds between a running job's heartbeats.")
+    metrics_port: int = Field(
+        default=9101, ge=0, le=65535, description="Port of the worker's Prometheus /metrics; 0 turns it off."
+    )
+    metrics_host: str = Field(default="127.0.0.1", description="Interface the worker's /metrics binds.")
 
 
 class JobSettings(BaseModel):

@@ -37,6 +37,8 @@ class Service:
     ready_timeout_s: float = 120.0
     # Services of one phase start together; the next phase starts once they all answer.
     phase: int = 0
+    # The variable that moves it to another port (named when its port is taken).
+    port_env: str | None = None
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
@@ -131,6 +133,50 @@ def embedded_services(settings: Settings) -> list[Service]:
             health_url=f"{settings.inference_url}/healthz",
             phase=1,
         ),
+        *prometheus_service(settings),
+    ]
+
+
+def prometheus_binary() -> str | None:
+    import shutil
+
+    return shutil.which("prometheus")
+
+
+def prometheus_service(settings: Settings) -> list[Service]:
+    """Prometheus scraping the local api, inference and worker, with miniml's alert rules; [] if not installed."""
+    import yaml
+
+    from miniml.monitoring.dashboards import alert_rules, scrape_config
+
+    binary = prometheus_binary()
+    if binary is None:
+        return []
+    folder = settings.data_dir.resolve() / "prometheus"
+    folder.mkdir(parents=True, exist_ok=True)
+    local = "127.0.0.1"
+    worker = [f"{local}:{settings.worker.metrics_port}"] if settings.worker.metrics_port else []
+    config = scrape_config(
+        api=[f"{local}:{settings.api.port}"], inference=[f"{local}:{settings.inference.port}"], worker=worker
+    )
+    (folder / "prometheus.yml").write_text(yaml.safe_dump(config, sort_keys=False))
+    (folder / "alerts.yml").write_text(yaml.safe_dump(alert_rules(), sort_keys=False))
+    port = settings.monitoring.prometheus_port
+    return [
+        Service(
+            name="prometheus",
+            argv=[
+                binary,
+                f"--config.file={folder / 'prometheus.yml'}",
+                f"--storage.tsdb.path={folder / 'data'}",
+                f"--web.listen-address={local}:{port}",
+                "--storage.tsdb.retention.time=15d",
+            ],
+            port=port,
+            health_url=f"http://{local}:{port}/-/ready",
+            phase=1,
+            port_env="MINIML_MONITORING__PROMETHEUS_PORT",
+        )
     ]
 
 
@@ -146,7 +192,7 @@ class Supervisor:
             if svc.port is not None and not port_is_free(svc.port):
                 raise Conflict(
                     f"Port {svc.port} for {svc.name} is already in use. Stop what holds it, or choose another "
-                    f"port (e.g. MINIML_{svc.name.upper()}__PORT=...)."
+                    f"port ({svc.port_env or f'MINIML_{svc.name.upper()}__PORT'}=...)."
                 )
 
     def start(self, svc: Service) -> None:

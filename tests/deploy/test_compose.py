@@ -125,6 +125,11 @@ def test_workers_and_inference_can_scale(tmp_path: Path) -> None:
     prometheus = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
     jobs = {j["job_name"]: j for j in prometheus["scrape_configs"]}
     assert jobs["miniml-inference"]["dns_sd_configs"][0]["names"] == ["inference"]
+    worker = jobs["miniml-worker"]["dns_sd_configs"][0]
+    assert worker["names"] == ["worker"] and str(worker["port"]) in [str(p) for p in services["worker"]["expose"]]
+    assert Settings(**_nested(services["worker"]["environment"])).worker.metrics_port == worker["port"]
+    assert services["prometheus"]["volumes"][0].endswith(":/etc/prometheus:ro")
+    assert prometheus["rule_files"] == ["alerts.yml"] and (ROOT / "deploy" / "prometheus" / "alerts.yml").exists()
 
 
 def _nested(env: dict[str, str]) -> dict[str, object]:

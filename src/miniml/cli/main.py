@@ -48,6 +48,13 @@ def up() -> None:
         console.print(f"  MLflow UI  {settings.mlflow_uri}")
         console.print(f"  Prefect UI {settings.prefect_api_url.removesuffix('/api')}")
         console.print(f"  inference  {settings.inference_url}  (POST /v1/endpoints/<name>/predict)")
+        if "prometheus" in sup.procs:
+            console.print(f"  Prometheus http://127.0.0.1:{settings.monitoring.prometheus_port}  (alerts: /alerts)")
+        else:
+            console.print(
+                "  Prometheus not installed (sudo apt-get install prometheus): metrics stay at "
+                f"{settings.api_url}/metrics and {settings.inference_url}/metrics"
+            )
         console.print(f"  logs       {sup.log_dir}")
         if key_file.exists() and not had_key:
             console.print(f"  admin key  {key_file.read_text().strip()}  (shown once; saved in {key_file})")
@@ -124,6 +131,9 @@ def worker() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # Poll often: a submitted job starts within a few seconds instead of ~10.
     os.environ.setdefault("PREFECT_RUNNER_POLL_FREQUENCY", "2")
+    from miniml.monitoring.metrics import start_worker_metrics
+
+    start_worker_metrics(settings)
     serve(settings)
 
 

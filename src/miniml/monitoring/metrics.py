@@ -2,7 +2,36 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import socket
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from miniml.config import Settings
+
+log = logging.getLogger("miniml.worker")
+
+
+def start_worker_metrics(settings: Settings) -> None:
+    """The worker's /metrics: its process (CPU, memory) and what it is; Prometheus scrapes it."""
+    from prometheus_client import REGISTRY, start_http_server
+
+    port = settings.worker.metrics_port
+    if port == 0:
+        return
+    info = Gauge("miniml_worker_info", "A training worker process.", ["worker"], registry=REGISTRY)
+    info.labels(f"{socket.gethostname()}:{os.getpid()}").set(1)
+    Gauge("miniml_worker_concurrency", "Flow runs this worker runs at once.", registry=REGISTRY).set(
+        settings.worker.concurrency
+    )
+    try:
+        start_http_server(port, addr=settings.worker.metrics_host)
+    except OSError as exc:  # another worker on this machine holds the port: train anyway
+        log.warning(
+            "worker metrics not served",
+            extra={"port": port, "error": str(exc), "hint": "set MINIML_WORKER__METRICS_PORT to a free port, or 0"},
+        )
 
 
 class InferenceMetrics:
