@@ -246,6 +246,39 @@ class LiveApi:
         self.thread.join(15)
 
 
+class LiveInference:
+    """The inference service served by uvicorn on its configured port, in a thread of the test process."""
+
+    def __init__(self, settings: Settings) -> None:
+        import threading
+
+        import uvicorn
+
+        from miniml.inference.app import create_inference_app
+
+        self.app = create_inference_app(settings)
+        self.url = f"http://127.0.0.1:{settings.inference.port}"
+        self.server = uvicorn.Server(
+            uvicorn.Config(self.app, host="127.0.0.1", port=settings.inference.port, log_level="warning")
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> LiveInference:
+        import time
+
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the inference service did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Background loops of in-process services may outlive the last test by a moment; keep their
     log lines from landing after pytest's summary."""

@@ -4,100 +4,17 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import httpx
 import pytest
 
-from miniml.config import Settings
 from miniml.sdk.client import Client
-from tests.conftest import LiveApi, free_port
+from tests.conftest import LiveApi
+from tests.orchestration.conftest import IRIS, Workers, wait_for
 
 pytestmark = pytest.mark.slow
-IRIS = Path(__file__).resolve().parents[2] / "data" / "samples" / "iris.csv"
-
-
-class Workers(Protocol):
-    def __call__(self, n: int, *, wait: bool = False) -> list[subprocess.Popen[bytes]]: ...
-
-
-@pytest.fixture
-def platform(
-    tmp_path: Path, mlflow_uri: str, prefect_api: str, request: pytest.FixtureRequest
-) -> Iterator[tuple[LiveApi, Client, Workers]]:
-    db = {"url": request.getfixturevalue("pg_url")} if "pg" in request.keywords else {}
-    settings = Settings(
-        data_dir=tmp_path / "d",
-        api={"port": free_port()},
-        db=db,
-        prefect={"api_url": prefect_api},
-        mlflow={"tracking_uri": mlflow_uri},
-        jobs={"heartbeat_timeout_s": 8, "loop_interval_s": 0.5},
-    )
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def start_workers(n: int, *, wait: bool = False) -> list[subprocess.Popen[bytes]]:
-        env = dict(os.environ)
-        env.update(
-            {
-                "MINIML_DATA_DIR": str(settings.data_dir),
-                "MINIML_API__PORT": str(settings.api.port),
-                "MINIML_PREFECT__API_URL": prefect_api,
-                "PREFECT_API_URL": prefect_api,
-                "MINIML_MLFLOW__TRACKING_URI": mlflow_uri,
-                "MINIML_WORKER__HEARTBEAT_S": "1",
-                "MINIML_WORKER__CONCURRENCY": "1",
-                "MINIML_WORKER__TRIAL_THREADS": "1",
-                "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            }
-        )
-        if db:
-            env["MINIML_DB__URL"] = db["url"]
-        started, logs = [], []
-        for _ in range(n):
-            logs.append(tmp_path / f"worker{len(procs)}.log")
-            log = logs[-1].open("wb")
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "miniml", "worker"],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-            procs.append(proc)
-            started.append(proc)
-        if wait:  # each worker polls Prefect once it prints this
-            wait_for(lambda: all("being served" in p.read_text(errors="replace") for p in logs), 120, "the workers")
-        return started
-
-    with LiveApi(settings) as api:
-        client = Client(api.url, api_key=api.key, timeout=30)
-        client.projects.create("demo")
-        client.datasets.upload("demo", IRIS)
-        try:
-            yield api, client, start_workers
-        finally:
-            for proc in procs:
-                if proc.poll() is None:
-                    os.killpg(proc.pid, signal.SIGINT)
-            for proc in procs:
-                try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.5)
 
 
 def test_job_waits_for_a_worker_then_runs_through_prefect(

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from miniml.db import tables
 from miniml.db.tables import utcnow
+from miniml.domain.jobs import JobState
 from miniml.services import monitoring
 
 log = logging.getLogger("miniml.api")
@@ -96,9 +97,13 @@ class PlatformCollector(Collector):
 
     def _jobs(self, session: Session) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         by_state = GaugeMetricFamily("miniml_jobs", "Jobs by state and kind.", labels=["state", "kind"])
+        # Every state of every kind, zeros included: a panel shows 0 rather than "no data".
+        counts = {(state.value, kind): 0 for state in JobState for kind in ("train", "batch")}
         for state, kind, n in session.execute(
             select(tables.Job.state, tables.Job.kind, func.count()).group_by(tables.Job.state, tables.Job.kind)
         ):
+            counts[(state, kind)] = n
+        for (state, kind), n in sorted(counts.items()):
             by_state.add_metric([state, kind], n)
         trials = CounterMetricFamily("miniml_job_trials", "Trials reported, by state.", labels=["state"])
         for state, n in session.execute(select(tables.JobTrial.state, func.count()).group_by(tables.JobTrial.state)):
