@@ -244,3 +244,46 @@ def test_feedback_gives_the_accuracy_computed_here(stack: Stack) -> None:
     assert q.by_version["1"]["labelled"] == 120
     g = gauges(api)
     assert g[("miniml_model_quality", (("deployment", "graded"), ("metric", "accuracy")))] == pytest.approx(q.accuracy)
+
+
+def test_monitoring_through_the_cli(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from miniml.cli import context
+    from miniml.cli.main import app
+
+    api, client, inference, project, settings = stack
+    client.deployments.create(project, "cli", "iris", target=1)
+    wait_served(inference, "cli", {"1"})
+    monkeypatch.setenv("MINIML_URL", api.url)
+    monkeypatch.setenv("MINIML_API_KEY", api.key)
+    monkeypatch.setattr(context.console, "width", 250)
+    monkeypatch.setattr(context.err_console, "width", 250)
+    runner = CliRunner()
+
+    def cli(*args: str) -> Any:
+        result = runner.invoke(app, ["deployments", *args])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.output) if "--json" in args else result.output
+
+    changed = cli("monitoring", project, "cli", "--drift-interval", "120", "--retrain-threshold", "0.3", "--json")
+    assert changed["drift_interval_s"] == 120 and changed["retrain"]["drift_threshold"] == 0.3
+    bad = runner.invoke(app, ["deployments", "monitoring", project, "cli", "--retrain-schedule", "often"])
+    assert bad.exit_code == 1 and "cron" in bad.output
+    assert cli("monitoring", project, "cli", "--json")["retrain"]["schedule"] is None  # nothing was written
+    assert cli("monitoring", project, "cli", "--no-retrain", "--json")["retrain"] is None
+
+    send(inference, "cli", api.key, sample(200, seed=5).drop(columns="target").to_dict("records"))
+    inference.app.state.capture.flush()  # type: ignore[attr-defined]
+    queued = cli("check-drift", project, "cli", "--json")
+    assert queued["state"] == "queued"
+    assert run_drift_check(client, settings, project, "cli", queued["id"]) == "done"
+    shown = cli("drift", project, "cli")
+    assert f"drift check {queued['id']} of cli: done, 200 rows" in shown and all(f in shown for f in FEATURES)
+    assert cli("quality", project, "cli", "--json")["labelled"] == 0
+    assert cli("retrainings", project, "cli", "--json") == []
+    monkeypatch.setenv("MINIML_API_KEY", client.keys.create("engineer", projects=[project]).key)
+    refused = runner.invoke(app, ["deployments", "retrain", project, "cli"])
+    assert refused.exit_code == 1 and "error (403)" in refused.output and "admin" in refused.output

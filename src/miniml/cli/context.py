@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import typer
 from pydantic import BaseModel
@@ -15,6 +17,8 @@ from rich.table import Table
 from miniml.errors import MiniMLError
 from miniml.sdk.client import Client
 
+P = ParamSpec("P")
+R = TypeVar("R")
 console = Console()
 err_console = Console(stderr=True)
 
@@ -56,6 +60,20 @@ def client() -> Client:
 def fail(exc: MiniMLError) -> None:
     err_console.print(f"[red]error ({exc.status}):[/red] {exc.detail}")
     raise typer.Exit(1)
+
+
+def api_errors(fn: Callable[P, R]) -> Callable[P, R]:
+    """A command whose API errors print as one red line (status and detail) and exit 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except MiniMLError as exc:
+            fail(exc)
+            raise  # unreachable: fail exits
+
+    return wrapper
 
 
 def show(items: BaseModel | list[Any], *, as_json: bool, columns: list[str] | None = None) -> None:

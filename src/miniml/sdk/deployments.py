@@ -12,7 +12,6 @@ from miniml.schemas.monitoring import (
     EvaluationContext,
     EvaluationResult,
     MonitoringRead,
-    MonitoringUpdate,
     QualityRead,
     RetrainingRead,
 )
@@ -115,7 +114,6 @@ class Deployments:
         body = {k: v for k, v in body.items() if v is not None}
         if retrain is not False:
             body["retrain"] = retrain
-        MonitoringUpdate.model_validate(body)
         return MonitoringRead.model_validate(
             self._c.request("PUT", self._url(project, name, "monitoring"), json=body).json()
         )
