@@ -287,3 +287,42 @@ def test_monitoring_through_the_cli(stack: Stack, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("MINIML_API_KEY", client.keys.create("engineer", projects=[project]).key)
     refused = runner.invoke(app, ["deployments", "retrain", project, "cli"])
     assert refused.exit_code == 1 and "error (403)" in refused.output and "admin" in refused.output
+
+
+def test_the_api_loop_runs_drift_and_retraining_schedules(stack: Stack) -> None:
+    import time
+    from datetime import timedelta
+
+    from miniml.db import tables
+    from miniml.db.tables import utcnow
+
+    api, client, _inference, project, _settings = stack
+    client.deployments.create(project, "sched", "iris", target=1)
+    client.deployments.set_monitoring(project, "sched", drift_interval_s=1)
+
+    def wait(what: str, found: Any, timeout: float = 30) -> Any:
+        deadline = time.monotonic() + timeout
+        while not (value := found()):
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.5)
+        return value
+
+    [scheduled] = wait("a scheduled drift check", lambda: client.deployments.drift(project, "sched").history)
+    assert scheduled.trigger == "schedule" and scheduled.state == "queued"  # Prefect is not running here
+    time.sleep(6)  # more loop ticks: a queued check is not doubled
+    assert [r.id for r in client.deployments.drift(project, "sched").history] == [scheduled.id]
+
+    yearly = "0 0 1 1 *"  # midnight, January 1st
+    client.deployments.set_monitoring(project, "sched", drift_interval_s=0, retrain={"schedule": yearly})
+    time.sleep(6)
+    assert client.deployments.retrainings(project, "sched") == []  # the cron has not fired since it was set
+    with api.app.state.db.begin() as session:  # as if the policy had been set 400 days ago
+        dep = session.query(tables.Deployment).filter_by(name="sched").one()
+        dep.retrain_policy = dict(dep.retrain_policy or {}) | {"_since": (utcnow() - timedelta(days=400)).isoformat()}
+    [run] = wait("the scheduled retraining", lambda: client.deployments.retrainings(project, "sched"))
+    assert run.trigger == "schedule" and run.state == "training" and run.champion_version == "1"
+    job = client.jobs.get(project, run.job_id)
+    assert job.state == "queued" and job.spec["promote_to"] == "none"
+    assert any(
+        "retraining of deployment sched (schedule)" in line.message for line in client.jobs.logs(project, job.id)
+    )

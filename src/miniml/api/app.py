@@ -50,11 +50,11 @@ async def supervise_jobs(
         with db.begin() as session:
             for job_id in job_service.reap_stale_jobs(session, timeout_s=settings.jobs.heartbeat_timeout_s):
                 log.warning("job failed: no heartbeat", extra={"job_id": job_id})
-        try:
-            orchestrator.submit_pending()
-            orchestrator.supervise_monitoring(registry)
-        except MiniMLError as exc:
-            log.info("submission deferred", extra={"error": exc.detail[:300]})
+        for step in (orchestrator.submit_pending, lambda: orchestrator.supervise_monitoring(registry)):
+            try:  # each step on its own: Prefect refusing a job must not stop the drift schedule
+                step()
+            except MiniMLError as exc:
+                log.info("submission deferred", extra={"error": exc.detail[:300]})
 
     while True:
         try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from datetime import timedelta
+from datetime import UTC, timedelta
 from typing import Any
 
 from sqlalchemy import func, select
@@ -48,8 +48,15 @@ ACTIVE_RETRAINING = ("training", "evaluating")
 # Settings -----------------------------------------------------------------------------------
 
 
+def policy_of(dep: tables.Deployment) -> RetrainPolicy | None:
+    """The retraining policy (stored with "_since", when it was set: its cron counts from then)."""
+    if not dep.retrain_policy:
+        return None
+    return RetrainPolicy.model_validate({k: v for k, v in dep.retrain_policy.items() if not k.startswith("_")})
+
+
 def monitoring_read(dep: tables.Deployment) -> MonitoringRead:
-    policy = RetrainPolicy.model_validate(dep.retrain_policy) if dep.retrain_policy else None
+    policy = policy_of(dep)
     return MonitoringRead(
         deployment=dep.name, drift_interval_s=dep.drift_interval_s, drift_window_s=dep.drift_window_s, retrain=policy
     )
@@ -69,7 +76,9 @@ def update_monitoring(
                 f"Deployment {name!r} splits traffic between versions; retraining replaces one champion. "
                 "Point it at an alias or a version first."
             )
-        dep.retrain_policy = body.retrain.model_dump() if body.retrain is not None else None
+        dep.retrain_policy = (
+            body.retrain.model_dump() | {"_since": utcnow().isoformat()} if body.retrain is not None else None
+        )
     session.flush()
     return dep
 
@@ -171,7 +180,7 @@ def record_drift(
     report.error, report.finished_at = body.error, utcnow()
     session.flush()
     dep = read_deployment(session, caller, project, name)
-    policy = RetrainPolicy.model_validate(dep.retrain_policy) if dep.retrain_policy else None
+    policy = policy_of(dep)
     retraining = None
     if (
         body.state == "done"
@@ -351,7 +360,7 @@ def create_retraining(
         raise Conflict(f"Retraining {busy.id} of {dep.name!r} is still {busy.state}; wait for it to finish.")
     if dep.target.get("kind") == "split":
         raise InvalidInput(f"Deployment {dep.name!r} splits traffic; retraining needs one champion (alias or version).")
-    policy = RetrainPolicy.model_validate(dep.retrain_policy or {})
+    policy = policy_of(dep) or RetrainPolicy()
     version, old = champion(session, registry, dep)
     dataset = old.dataset_version.dataset
     query = select(tables.DatasetVersion).where(tables.DatasetVersion.dataset_id == dataset.id)
@@ -539,7 +548,9 @@ def retrainings(session: Session, caller: Caller, project: str, name: str, *, li
 
 
 def due_retrainings(session: Session) -> list[tables.Deployment]:
-    """Deployments whose retraining cron schedule has fired since their last retraining (or creation)."""
+    """Deployments whose retraining cron schedule has fired since their last retraining (or the policy's setting)."""
+    from datetime import datetime
+
     from cronsim import CronSim
 
     now = utcnow()
@@ -555,7 +566,9 @@ def due_retrainings(session: Session) -> list[tables.Deployment]:
         schedule = (dep.retrain_policy or {}).get("schedule")
         if not schedule:
             continue
-        since = max(last.get(dep.name, dep.updated_at), dep.updated_at)
-        if next(CronSim(schedule, since.replace(tzinfo=None))) <= now.replace(tzinfo=None):
+        set_at = datetime.fromisoformat(str((dep.retrain_policy or {}).get("_since") or dep.updated_at.isoformat()))
+        previous = last.get(dep.name)
+        since = max(previous, set_at) if previous is not None else set_at
+        if next(CronSim(schedule, since.astimezone(UTC).replace(tzinfo=None))) <= now.replace(tzinfo=None):
             due.append(dep)
     return due
