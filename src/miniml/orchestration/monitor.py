@@ -12,6 +12,7 @@ import logging
 import tempfile
 import time
 from collections import Counter
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,11 @@ MAX_ROWS = 200_000
 def read_capture(store: ObjectStore, prefix: str, since: float) -> tuple[dict[str, list[Any]], list[Any], Counter[str]]:
     """Columns, predictions and model versions of the rows captured since ``since`` (newest first, capped)."""
     keys = []
-    for key in store.list_keys(prefix):
+    first = datetime.fromtimestamp(since, UTC).date()
+    days = [first + timedelta(days=i) for i in range((datetime.now(UTC).date() - first).days + 1)]
+    # Only the day folders the window touches: old capture is never listed.
+    listed = [k for day in days for k in store.list_keys(f"{prefix}{day.isoformat()}/")]
+    for key in listed:
         stem = key.rsplit("/", 1)[-1].split("-", 1)[0]
         # A file is written at flush time, after every line in it: older files hold only older rows.
         if stem.isdigit() and int(stem) >= since * 1000:

@@ -68,9 +68,12 @@ class LocalStore:
         return self._path(key).is_file()
 
     def list_keys(self, prefix: str = "") -> list[str]:
+        folder = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root  # walk only below it
+        if not folder.is_dir():
+            return []
         return sorted(
             str(p.relative_to(self.root))
-            for p in self.root.rglob("*")
+            for p in folder.rglob("*")
             if p.is_file() and str(p.relative_to(self.root)).startswith(prefix)
         )
 
