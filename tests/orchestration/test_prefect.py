@@ -126,9 +126,10 @@ def test_drift_over_the_threshold_retrains_and_promotes_only_a_better_challenger
     first = client.jobs.create("demo", dataset="iris", target="target", max_trials=2, families=["linear"])
     assert client.jobs.wait("demo", first.id, timeout_s=240).state == "succeeded"
     # A poor champion with the same lineage (job, dataset): the retrained challenger must beat it.
+    # (Version numbers depend on earlier tests: MLflow is shared by the session.)
     poor = DummyClassifier(strategy="constant", constant="Iris-virginica")
-    assert register(Tracker(mlflow_uri), "demo", "iris", poor, job=first.id) == "2"
-    client.deployments.create("demo", "auto", "iris", target=2)
+    champion = register(Tracker(mlflow_uri), "demo", "iris", poor, job=first.id)
+    client.deployments.create("demo", "auto", "iris", target=int(champion))
     client.deployments.set_monitoring(
         "demo", "auto", drift_interval_s=0, retrain={"drift_threshold": 0.25, "min_improvement": 0.05}
     )
@@ -136,7 +137,7 @@ def test_drift_over_the_threshold_retrains_and_promotes_only_a_better_challenger
         update={"inference": api.settings.inference.model_copy(update={"reconcile_s": 0.5})}
     )
     with TestClient(create_inference_app(settings)) as inference:
-        wait_served(inference, "auto", {"2"}, timeout=30)
+        wait_served(inference, "auto", {champion}, timeout=30)
         rows = pd.read_csv(IRIS).sample(300, replace=True, random_state=0).drop(columns="target")
         rows["petal_length"] += 3
         for start in range(0, 300, 100):
@@ -157,15 +158,17 @@ def test_drift_over_the_threshold_retrains_and_promotes_only_a_better_challenger
         wait_for(lambda: bool(settled()), 300, "the drift-triggered retraining")
         [won] = settled()
         assert won.trigger == "drift" and won.drift_report_id == report.id
-        assert won.state == "promoted" and won.promoted and won.challenger_version == "3", won.reason
+        assert won.state == "promoted" and won.promoted and won.champion_version == champion, won.reason
+        challenger = won.challenger_version
+        assert challenger == client.jobs.get("demo", won.job_id).model_version
         assert won.challenger_score is not None and won.champion_score is not None
         assert won.challenger_score >= won.champion_score + 0.05
-        assert client.deployments.get("demo", "auto").desired[0].version == "3"
-        wait_served(inference, "auto", {"3"}, timeout=30)
+        assert client.deployments.get("demo", "auto").desired[0].version == challenger
+        wait_served(inference, "auto", {challenger}, timeout=30)
 
         # The same spec on the same data again: the challenger is no better, so v3 stays.
         again = client.deployments.retrain("demo", "auto")
-        assert again.trigger == "manual" and again.champion_version == "3"
+        assert again.trigger == "manual" and again.champion_version == challenger
         wait_for(
             lambda: client.deployments.retrainings("demo", "auto")[0].state not in ("training", "evaluating"),
             300,
@@ -173,7 +176,7 @@ def test_drift_over_the_threshold_retrains_and_promotes_only_a_better_challenger
         )
         kept = client.deployments.retrainings("demo", "auto")[0]
         assert kept.state == "kept" and not kept.promoted and "not promoted" in (kept.reason or ""), kept
-        assert client.deployments.get("demo", "auto").desired[0].version == "3"
+        assert client.deployments.get("demo", "auto").desired[0].version == challenger
         audit = httpx.get(f"{api.url}/api/v1/audit", params={"project": "demo"}, headers=api.headers).json()
         assert any("retrain" in e["action"] and "promoted" in e["action"] for e in audit)
         assert any("retrain" in e["action"] and "kept" in e["action"] for e in audit)

@@ -19,13 +19,21 @@ def create(
     name: str,
     model: str,
     target: str = typer.Option("staging", help="Alias or version."),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait until the inference replicas serve it."),
     as_json: bool = JSON,
 ) -> None:
     """Deploy a model under an endpoint name."""
     try:
-        show(client().deployments.create(project, name, model, target=target), as_json=as_json, columns=COLUMNS)
+        sdk = client().deployments
+        dep = sdk.create(project, name, model, target=target)
+        if wait:
+            with console.status(f"waiting for the inference replicas to load {name}"):
+                dep = sdk.wait_ready(project, name)
+        show(dep, as_json=as_json, columns=COLUMNS)
     except MiniMLError as exc:
         fail(exc)
+    except TimeoutError as exc:
+        fail(MiniMLError(str(exc)))
 
 
 @app.command("list")

@@ -57,6 +57,25 @@ class Deployments:
         """Desired target, what each replica serves, readiness."""
         return DeploymentRead.model_validate(self._c.request("GET", self._url(project, name)).json())
 
+    def wait_ready(self, project: str, name: str, *, timeout_s: float = 120) -> DeploymentRead:
+        """Poll until every live inference replica serves the desired versions.
+
+        Raises:
+            TimeoutError: not ready in time (the deployment's ``error`` says why, if a load failed).
+        """
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            dep = self.get(project, name)
+            if dep.ready:
+                return dep
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"deployment {name!r} not ready within {timeout_s:.0f}s: {dep.error or dep.replicas}"
+                )
+            time.sleep(0.5)
+
     def status(self, project: str, name: str) -> DeploymentRead:
         """Alias of ``get``."""
         return self.get(project, name)
