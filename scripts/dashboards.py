@@ -1,7 +1,7 @@
 """Writes the Grafana dashboards and Prometheus files under deploy/ from miniml.monitoring.dashboards.
 
-    .venv/bin/python scripts/dashboards.py          # write them
-    .venv/bin/python scripts/dashboards.py --check  # exit 1 if a file is not current (the tests run this)
+.venv/bin/python scripts/dashboards.py          # write them
+.venv/bin/python scripts/dashboards.py --check  # exit 1 if a file is not current (the tests run this)
 """
 
 from __future__ import annotations
