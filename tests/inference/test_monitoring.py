@@ -33,17 +33,21 @@ FEATURES = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
 Stack = tuple[LiveApi, Client, TestClient, str, Settings]
 
 
-@pytest.fixture
-def stack(tmp_path: Path, mlflow_uri: str) -> Iterator[Stack]:
-    """A project with iris uploaded, a (queued) job on it, and version 1 registered as that job's model."""
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, mlflow_uri: str) -> Iterator[Stack]:
+    """A project with iris uploaded, a (queued) job on it, and version 1 registered as that job's model.
+
+    Shared by the module's tests (each uses deployments of its own) to save the setup's seconds.
+    """
     project = f"m{uuid.uuid4().hex[:8]}"
     settings = Settings(
-        data_dir=tmp_path / "d",
+        data_dir=tmp_path_factory.mktemp("monitoring") / "d",
         api={"port": free_port()},
         prefect={"port": free_port()},  # nothing listens: checks stay queued, the test runs the worker part
         mlflow={"tracking_uri": mlflow_uri},
         inference={"port": free_port(), "reconcile_s": 0.5, "key_cache_s": 0, "capture_flush_s": 3600},
         monitoring={"drift_min_rows": 50},
+        jobs={"loop_interval_s": 1},
     )
     with LiveApi(settings) as api:
         client = Client(api.url, api_key=api.key)
@@ -309,12 +313,12 @@ def test_the_api_loop_runs_drift_and_retraining_schedules(stack: Stack) -> None:
 
     [scheduled] = wait("a scheduled drift check", lambda: client.deployments.drift(project, "sched").history)
     assert scheduled.trigger == "schedule" and scheduled.state == "queued"  # Prefect is not running here
-    time.sleep(6)  # more loop ticks: a queued check is not doubled
+    time.sleep(3)  # more loop ticks: a queued check is not doubled
     assert [r.id for r in client.deployments.drift(project, "sched").history] == [scheduled.id]
 
     yearly = "0 0 1 1 *"  # midnight, January 1st
     client.deployments.set_monitoring(project, "sched", drift_interval_s=0, retrain={"schedule": yearly})
-    time.sleep(6)
+    time.sleep(3)
     assert client.deployments.retrainings(project, "sched") == []  # the cron has not fired since it was set
     with api.app.state.db.begin() as session:  # as if the policy had been set 400 days ago
         dep = session.query(tables.Deployment).filter_by(name="sched").one()

@@ -122,9 +122,10 @@ def test_drift_over_the_threshold_retrains_and_promotes_only_a_better_challenger
     from tests.inference.test_serving import register, wait_served
 
     api, client, start_workers = platform
-    start_workers(1)
-    first = client.jobs.create("demo", dataset="iris", target="target", max_trials=2, families=["linear"])
-    assert client.jobs.wait("demo", first.id, timeout_s=240).state == "succeeded"
+    start_workers(1, extra={"MINIML_WORKER__CONCURRENCY": "3"})  # both retrainings run side by side
+    first = client.jobs.create("demo", dataset="iris", target="target", max_trials=1, families=["linear"])
+    good = client.jobs.wait("demo", first.id, timeout_s=240)
+    assert good.state == "succeeded" and good.model_version
     # A poor champion with the same lineage (job, dataset): the retrained challenger must beat it.
     # (Version numbers depend on earlier tests: MLflow is shared by the session.)
     poor = DummyClassifier(strategy="constant", constant="Iris-virginica")
@@ -133,6 +134,8 @@ def test_drift_over_the_threshold_retrains_and_promotes_only_a_better_challenger
     client.deployments.set_monitoring(
         "demo", "auto", drift_interval_s=0, retrain={"drift_threshold": 0.25, "min_improvement": 0.05}
     )
+    # The good champion, retrained with the same spec on the same data: the challenger is no better.
+    client.deployments.create("demo", "steady", "iris", target=int(good.model_version))
     settings = api.settings.model_copy(
         update={"inference": api.settings.inference.model_copy(update={"reconcile_s": 0.5})}
     )
@@ -147,16 +150,18 @@ def test_drift_over_the_threshold_retrains_and_promotes_only_a_better_challenger
         inference.app.state.capture.flush()  # type: ignore[attr-defined]
 
         check = client.deployments.check_drift("demo", "auto")
+        again = client.deployments.retrain("demo", "steady")
+        assert again.trigger == "manual" and again.champion_version == good.model_version
         report = client.deployments.wait_drift("demo", "auto", check.id, timeout_s=120)
         assert report.state == "done" and "petal_length" in report.drifted, report
         assert report.flow_run_id
 
-        def settled() -> list[Any]:
-            found = client.deployments.retrainings("demo", "auto")
+        def settled(name: str) -> list[Any]:
+            found = client.deployments.retrainings("demo", name)
             return found if found and found[0].state not in ("training", "evaluating") else []
 
-        wait_for(lambda: bool(settled()), 300, "the drift-triggered retraining")
-        [won] = settled()
+        wait_for(lambda: bool(settled("auto")) and bool(settled("steady")), 300, "both retrainings")
+        [won] = settled("auto")
         assert won.trigger == "drift" and won.drift_report_id == report.id
         assert won.state == "promoted" and won.promoted and won.champion_version == champion, won.reason
         challenger = won.challenger_version
@@ -166,17 +171,9 @@ def test_drift_over_the_threshold_retrains_and_promotes_only_a_better_challenger
         assert client.deployments.get("demo", "auto").desired[0].version == challenger
         wait_served(inference, "auto", {challenger}, timeout=30)
 
-        # The same spec on the same data again: the challenger is no better, so v3 stays.
-        again = client.deployments.retrain("demo", "auto")
-        assert again.trigger == "manual" and again.champion_version == challenger
-        wait_for(
-            lambda: client.deployments.retrainings("demo", "auto")[0].state not in ("training", "evaluating"),
-            300,
-            "the manual retraining",
-        )
-        kept = client.deployments.retrainings("demo", "auto")[0]
+        [kept] = settled("steady")
         assert kept.state == "kept" and not kept.promoted and "not promoted" in (kept.reason or ""), kept
-        assert client.deployments.get("demo", "auto").desired[0].version == challenger
+        assert client.deployments.get("demo", "steady").desired[0].version == good.model_version
         audit = httpx.get(f"{api.url}/api/v1/audit", params={"project": "demo"}, headers=api.headers).json()
         assert any("retrain" in e["action"] and "promoted" in e["action"] for e in audit)
         assert any("retrain" in e["action"] and "kept" in e["action"] for e in audit)

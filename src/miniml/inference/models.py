@@ -64,7 +64,9 @@ def load(tracking_uri: str, registered: str, version: str, *, max_batch_rows: in
         model=model,
         columns=columns,
         classes=classes,
-        batcher=Batcher(model, names, max_rows=max_batch_rows),
+        batcher=Batcher(
+            model, names, max_rows=max_batch_rows, numeric=bool(columns) and all(c.kind == "number" for c in columns)
+        ),
         load_seconds=time.perf_counter() - start,
     )
 
