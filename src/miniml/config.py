@@ -120,7 +120,7 @@ class MonitoringSettings(BaseModel):
     )
     quality_window_s: int = Field(default=3600, ge=60, description="Window of feedback behind the live quality gauges.")
     prediction_memory_rows: int = Field(
-        default=200_000,
+        default=20_000,
         ge=0,
         description="Recent predictions an inference replica keeps so feedback can be joined with them; "
         "feedback for an older prediction answers 404.",

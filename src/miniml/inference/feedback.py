@@ -9,22 +9,17 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from miniml.errors import NotFound
 from miniml.schemas.monitoring import FeedbackBatch, FeedbackRecord
 
-
-@dataclass
-class _Served:
-    deployment: str
-    version: str
-    values: list[Any]
-    at: datetime
+# (deployment, version, predicted values, Unix time): a plain tuple, few objects for the collector.
+_Served = tuple[str, str, list[Any], float]
 
 
 class PredictionMemory:
@@ -42,11 +37,11 @@ class PredictionMemory:
             return None
         base = f"{self.tag}.{next(self._next)}"
         with self._lock:
-            self._items[base] = _Served(deployment, version, values, datetime.now(UTC))
+            self._items[base] = (deployment, version, values, time.time())
             self._rows += len(values)
             while self._rows > self.max_rows and self._items:
                 _, old = self._items.popitem(last=False)
-                self._rows -= len(old.values)
+                self._rows -= len(old[2])
         return [f"{base}.{i}" for i in range(len(values))]
 
     def join(self, deployment: str, batch: FeedbackBatch) -> list[FeedbackRecord]:
@@ -55,17 +50,17 @@ class PredictionMemory:
         for item in batch.feedback:
             base, _, row = item.prediction_id.rpartition(".")
             served = self._items.get(base)
-            if served is None or served.deployment != deployment or not row.isdigit() or int(row) >= len(served.values):
+            if served is None or served[0] != deployment or not row.isdigit() or int(row) >= len(served[2]):
                 unknown.append(item.prediction_id)
                 continue
             out.append(
                 FeedbackRecord(
                     deployment=deployment,
                     prediction_id=item.prediction_id,
-                    version=served.version,
-                    predicted=served.values[int(row)],
+                    version=served[1],
+                    predicted=served[2][int(row)],
                     label=item.label,
-                    predicted_at=served.at,
+                    predicted_at=datetime.fromtimestamp(served[3], UTC),
                 )
             )
         if unknown:
