@@ -272,6 +272,8 @@ def test_monitoring_through_the_cli(stack: Stack, monkeypatch: pytest.MonkeyPatc
         assert result.exit_code == 0, result.output
         return json.loads(result.output) if "--json" in args else result.output
 
+    deployed = runner.invoke(app, ["deploy", project, "cli-2", "iris", "--target", "1", "--json"])
+    assert deployed.exit_code == 0 and json.loads(deployed.output)["desired"] == [{"version": "1", "weight": 100}]
     changed = cli("monitoring", project, "cli", "--drift-interval", "120", "--retrain-threshold", "0.3", "--json")
     assert changed["drift_interval_s"] == 120 and changed["retrain"]["drift_threshold"] == 0.3
     bad = runner.invoke(app, ["deployments", "monitoring", project, "cli", "--retrain-schedule", "often"])

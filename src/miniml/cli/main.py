@@ -20,6 +20,7 @@ app.add_typer(jobs.app, name="jobs")
 app.add_typer(models.app, name="models")
 app.add_typer(deployments.app, name="deployments")
 app.command("predict")(deployments.predict_command)
+app.command("deploy", help="Deploy a model under an endpoint name (= miniml deployments create).")(deployments.create)
 
 
 @app.command()
