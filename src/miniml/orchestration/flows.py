@@ -38,34 +38,31 @@ def train_job_flow(job_id: int, project: str, shard: int = 0) -> str:
     return state
 
 
-@flow(name=DRIFT_FLOW, log_prints=True, retries=0)
-def drift_check_flow(report_id: int, project: str, deployment: str) -> str:
-    """Compare a deployment's captured requests with its training data; the api stores the report."""
-    from miniml.orchestration.monitor import run_drift_check
+def _monitor(kind: str, run_id: int, project: str, deployment: str) -> str:
+    """Run a drift check or an evaluation with the worker's settings and key; log how it ended."""
+    from miniml.orchestration import monitor
     from miniml.sdk.client import Client
 
     settings = Settings()
     logs.configure(settings.log_level)
     client = worker_client(settings)
     assert isinstance(client, Client)
-    state = run_drift_check(client, settings, project, deployment, report_id)
-    get_run_logger().info("drift check %s of %s: %s", report_id, deployment, state)
+    run = monitor.run_drift_check if kind == "drift check" else monitor.run_evaluation
+    state = run(client, settings, project, deployment, run_id)
+    get_run_logger().info("%s %s of %s: %s", kind, run_id, deployment, state)
     return state
+
+
+@flow(name=DRIFT_FLOW, log_prints=True, retries=0)
+def drift_check_flow(report_id: int, project: str, deployment: str) -> str:
+    """Compare a deployment's captured requests with its training data; the api stores the report."""
+    return _monitor("drift check", report_id, project, deployment)
 
 
 @flow(name=EVALUATE_FLOW, log_prints=True, retries=0)
 def evaluate_flow(retraining_id: int, project: str, deployment: str) -> str:
     """Score champion and challenger on the same held-out rows; the api promotes or keeps."""
-    from miniml.orchestration.monitor import run_evaluation
-    from miniml.sdk.client import Client
-
-    settings = Settings()
-    logs.configure(settings.log_level)
-    client = worker_client(settings)
-    assert isinstance(client, Client)
-    state = run_evaluation(client, settings, project, deployment, retraining_id)
-    get_run_logger().info("retraining %s of %s: %s", retraining_id, deployment, state)
-    return state
+    return _monitor("retraining", retraining_id, project, deployment)
 
 
 def wait_for_prefect(settings: Settings, timeout_s: float = 120) -> None:

@@ -16,6 +16,7 @@ from miniml.services import jobs, monitoring
 from miniml.tracking.registry import Registry
 
 log = logging.getLogger("miniml.orchestration")
+Table = type[tables.DriftReport] | type[tables.Retraining]
 
 
 class Orchestrator:
@@ -80,47 +81,39 @@ class Orchestrator:
                 except MiniMLError as exc:
                     log.warning("scheduled retraining not started", extra={"deployment": dep.name, "error": exc.detail})
             monitoring.advance_retrainings(session)
-            drift = [
-                (r.id, r.project_id, r.deployment, r.created_at.timestamp())
-                for r in monitoring.unsubmitted_drift(session)
-            ]
-            evals = [
-                (r.id, r.project_id, r.deployment, r.created_at.timestamp())
-                for r in monitoring.unsubmitted_evaluations(session)
+            # Each: its table, the Prefect deployment, the flow run's name prefix and id parameter.
+            kinds: list[tuple[Table, str, str, str, list[Any]]] = [
+                (tables.DriftReport, DRIFT_DEPLOYMENT, "drift", "report_id", monitoring.unsubmitted_drift(session)),
+                (
+                    tables.Retraining,
+                    EVALUATE_DEPLOYMENT,
+                    "evaluate",
+                    "retraining_id",
+                    monitoring.unsubmitted_evaluations(session),
+                ),
             ]
             projects = {p.id: p.name for p in session.scalars(select(tables.Project))}
-        for rid, pid, name, created in drift:
-            run = self._submit_monitoring(
-                DRIFT_DEPLOYMENT,
-                f"drift-{name}-{rid}",
-                {"report_id": rid, "project": projects[pid], "deployment": name},
-                projects[pid],
-                created,
-            )
+            work = [
+                (
+                    table,
+                    target,
+                    f"{prefix}-{r.deployment}-{r.id}",
+                    {key: r.id, "project": projects[r.project_id], "deployment": r.deployment},
+                    r.id,
+                    r.created_at.timestamp(),
+                )
+                for table, target, prefix, key, rows in kinds
+                for r in rows
+            ]
+        for table, target, name, params, rid, created in work:
+            try:
+                run = self._run(target, name, params, params["project"], created)
+            except Exception as exc:
+                raise UpstreamUnavailable(f"Prefect did not take {name}: {type(exc).__name__}: {exc}") from exc
             with self.db.begin() as session:
-                row = session.get(tables.DriftReport, rid)
-                if row is not None:
+                row = session.get(table, rid)
+                if isinstance(row, tables.DriftReport | tables.Retraining):
                     row.flow_run_id = run
-        for rid, pid, name, created in evals:
-            run = self._submit_monitoring(
-                EVALUATE_DEPLOYMENT,
-                f"evaluate-{name}-{rid}",
-                {"retraining_id": rid, "project": projects[pid], "deployment": name},
-                projects[pid],
-                created,
-            )
-            with self.db.begin() as session:
-                row2 = session.get(tables.Retraining, rid)
-                if row2 is not None:
-                    row2.flow_run_id = run
-
-    def _submit_monitoring(
-        self, deployment: str, name: str, params: dict[str, Any], project: str, created: float
-    ) -> str:
-        try:
-            return self._run(deployment, name, params, project, created)
-        except Exception as exc:
-            raise UpstreamUnavailable(f"Prefect did not take {name}: {type(exc).__name__}: {exc}") from exc
 
     def worker_status(self) -> tuple[bool, str]:
         """Is a worker serving the training deployment? (Prefect marks it ready while one polls.)"""

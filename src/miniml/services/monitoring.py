@@ -208,16 +208,16 @@ def drift_reports(session: Session, caller: Caller, project: str, name: str, *, 
     return DriftReports(latest=latest, history=history)
 
 
+def _last_by_deployment(session: Session, table: type[tables.DriftReport] | type[tables.Retraining]) -> dict[str, Any]:
+    """When each deployment last got a row of this table."""
+    query = select(table.deployment, func.max(table.created_at)).group_by(table.deployment)
+    return {name: at for name, at in session.execute(query).all()}
+
+
 def due_drift_checks(session: Session) -> list[tables.Deployment]:
     """Deployments whose scheduled drift check is due (none queued or running, the last one old enough)."""
     now = utcnow()
-    last = dict(
-        session.execute(
-            select(tables.DriftReport.deployment, func.max(tables.DriftReport.created_at)).group_by(
-                tables.DriftReport.deployment
-            )
-        ).all()
-    )
+    last = _last_by_deployment(session, tables.DriftReport)
     due = []
     for dep in session.scalars(select(tables.Deployment).where(tables.Deployment.drift_interval_s > 0)):
         previous = last.get(dep.name)
@@ -554,13 +554,7 @@ def due_retrainings(session: Session) -> list[tables.Deployment]:
     from cronsim import CronSim
 
     now = utcnow()
-    last = dict(
-        session.execute(
-            select(tables.Retraining.deployment, func.max(tables.Retraining.created_at)).group_by(
-                tables.Retraining.deployment
-            )
-        ).all()
-    )
+    last = _last_by_deployment(session, tables.Retraining)
     due = []
     for dep in session.scalars(select(tables.Deployment).where(tables.Deployment.retrain_policy.is_not(None))):
         schedule = (dep.retrain_policy or {}).get("schedule")
