@@ -49,6 +49,13 @@ def inference_key(settings: Settings) -> str:
     raise RuntimeError("The inference service has no API key: set MINIML_INFERENCE__API_KEY to an admin key.")
 
 
+async def json_body(request: Request) -> Any:
+    try:
+        return orjson.loads(await request.body())
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"The body is not valid JSON ({exc}).") from None
+
+
 _OIP_TYPES = {"number": "FP64", "string": "BYTES", "boolean": "BOOL"}
 
 
@@ -173,10 +180,7 @@ def create_inference_app(settings: Settings) -> FastAPI:
         labels = (served.name, variant.version)
         try:
             if body is None:
-                try:
-                    body = orjson.loads(await request.body())
-                except orjson.JSONDecodeError as exc:
-                    raise InvalidInput(f"The body is not valid JSON ({exc}).") from None
+                body = await json_body(request)
             columns, rows, ignored = parse_rows(body, model, max_rows=settings.inference.max_rows)
             want_proba = request.query_params.get("probabilities", "").lower() in ("1", "true", "yes")
             preds, probas = await model.batcher.predict(columns, rows, want_proba and model.classes is not None)
@@ -236,10 +240,7 @@ def create_inference_app(settings: Settings) -> FastAPI:
         """True labels for served predictions: {"prediction_id", "label"} or {"feedback": [...]}; all or nothing."""
         try:
             served = await endpoint_for(request, name)
-            try:
-                body = orjson.loads(await request.body())
-            except orjson.JSONDecodeError as exc:
-                raise InvalidInput(f"The body is not valid JSON ({exc}).") from None
+            body = await json_body(request)
             items = body.get("feedback", [body]) if isinstance(body, dict) else None
             try:
                 batch = FeedbackBatch.model_validate({"feedback": items})
@@ -294,10 +295,7 @@ def create_inference_app(settings: Settings) -> FastAPI:
         """OIP v2 inference: {"inputs": [{"name", "shape", "datatype", "data"}, ...]}."""
         try:
             served = await endpoint_for(request, name)
-            try:
-                body = orjson.loads(await request.body())
-            except orjson.JSONDecodeError as exc:
-                raise InvalidInput(f"The body is not valid JSON ({exc}).") from None
+            body = await json_body(request)
             inputs = body.get("inputs") if isinstance(body, dict) else None
             if (
                 not isinstance(inputs, list)
