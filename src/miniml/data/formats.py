@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -45,11 +45,15 @@ class TableFile:
     delimiter: str = ","
     column_types: dict[str, pa.DataType] = field(default_factory=dict)
 
-    def batches(self, *, batch_bytes: int = 1 << 20) -> Iterator[pa.RecordBatch]:
+    def batches(
+        self, *, batch_bytes: int = 1 << 20, columns: Sequence[str] = (), types: dict[str, pa.DataType] | None = None
+    ) -> Iterator[pa.RecordBatch]:
+        """Record batches of the file: every column, or only ``columns``; ``types`` (every column's
+        type, known after a first pass) spares a CSV pass the type inference."""
         if self.format is FileFormat.parquet:
-            yield from _parquet_batches(self.path)
+            yield from _parquet_batches(self.path, list(columns) or None)
             return
-        yield from _csv_batches(self, batch_bytes)
+        yield from _csv_batches(self, batch_bytes, list(columns), types or self.column_types)
 
     def widen(self, exc: WidenColumn) -> None:
         self.column_types[exc.column] = exc.to
@@ -134,9 +138,11 @@ def _check_header(names: list[str]) -> None:
         seen.add(name)
 
 
-def _csv_batches(table: TableFile, batch_bytes: int) -> Iterator[pa.RecordBatch]:
+def _csv_batches(
+    table: TableFile, batch_bytes: int, columns: list[str], types: dict[str, pa.DataType]
+) -> Iterator[pa.RecordBatch]:
     with table.path.open("rb") as fh:
-        reader = _open_csv(fh, table, batch_bytes)
+        reader = _open_csv(fh, table, batch_bytes, columns, types)
         names = reader.schema.names
         rows = 0
         while True:
@@ -153,13 +159,15 @@ def _csv_batches(table: TableFile, batch_bytes: int) -> Iterator[pa.RecordBatch]
             raise InvalidInput("The file has a header but no data rows; add at least one row.")
 
 
-def _open_csv(fh: io.BufferedReader, table: TableFile, batch_bytes: int) -> pacsv.CSVStreamingReader:
+def _open_csv(
+    fh: io.BufferedReader, table: TableFile, batch_bytes: int, columns: list[str], types: dict[str, pa.DataType]
+) -> pacsv.CSVStreamingReader:
     try:
         return pacsv.open_csv(
             fh,
             read_options=pacsv.ReadOptions(use_threads=False, block_size=batch_bytes),
             parse_options=pacsv.ParseOptions(delimiter=table.delimiter, newlines_in_values=True),
-            convert_options=pacsv.ConvertOptions(column_types=table.column_types, strings_can_be_null=True),
+            convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=True, include_columns=columns),
         )
     except pa.ArrowInvalid as exc:
         _raise_for_csv_error(str(exc), [], table)
@@ -184,9 +192,9 @@ def _raise_for_csv_error(message: str, names: list[str], table: TableFile) -> No
     raise InvalidInput(f"The CSV file could not be parsed: {message.split(chr(10), maxsplit=1)[0][:300]}.")
 
 
-def _parquet_batches(path: Path) -> Iterator[pa.RecordBatch]:
+def _parquet_batches(path: Path, columns: list[str] | None) -> Iterator[pa.RecordBatch]:
     try:
-        yield from pq.ParquetFile(path).iter_batches(batch_size=65536)
+        yield from pq.ParquetFile(path).iter_batches(batch_size=65536, columns=columns)
     except (pa.ArrowInvalid, OSError) as exc:
         raise InvalidInput(f"The Parquet file is corrupt: {exc}.") from None
 

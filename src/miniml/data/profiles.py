@@ -185,8 +185,11 @@ def profile_table(table: TableFile) -> dict[str, Any]:
             table.widen(widen)
     for col in columns.values():
         col.prepare_histogram()
-    if any(c.edges is not None for c in columns.values()):
-        for batch in table.batches():
+    binned = [name for name, c in columns.items() if c.edges is not None]
+    if binned:
+        # Types are settled now: the second pass converts only the binned columns, inferring nothing.
+        types = {name: c.dtype for name, c in columns.items()}
+        for batch in table.batches(columns=binned, types=types):
             for name, arr in zip(batch.schema.names, batch.columns, strict=True):
                 columns[name].add_histogram(arr)
     profiled = [c.result(rows) for c in columns.values()]

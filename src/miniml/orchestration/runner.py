@@ -26,7 +26,8 @@ from miniml.domain.tasks import Task
 from miniml.errors import Conflict, MiniMLError
 from miniml.schemas.jobs import JobFinish, JobRead, TrialReport
 from miniml.sdk.client import Client
-from miniml.tracking.runs import Tracker, registered_name
+from miniml.tracking.registry import registered_name
+from miniml.tracking.runs import Tracker
 from miniml.training import plots
 from miniml.training.data import features_from_profile, load_frame, split
 from miniml.training.search import (

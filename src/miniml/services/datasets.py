@@ -29,9 +29,9 @@ from miniml.services.projects import read_project
 from miniml.storage import ObjectStore
 
 
-def object_key(project: tables.Project, dataset: tables.Dataset, fmt: FileFormat) -> str:
+def object_key(project_id: int, fmt: FileFormat) -> str:
     """Built from ids only: nothing a user typed reaches the store's key space."""
-    return f"projects/{project.id}/datasets/{dataset.id}/{uuid.uuid4().hex}.{fmt.value}"
+    return f"projects/{project_id}/datasets/{uuid.uuid4().hex}.{fmt.value}"
 
 
 def name_from_upload(given: str | None, filename: str) -> str:
@@ -129,22 +129,48 @@ def read_version_by_uri(
     return row
 
 
+def _same_bytes(session: Session, project_id: int, name: str, sha256: str) -> tables.DatasetVersion | None:
+    return session.scalar(
+        select(tables.DatasetVersion)
+        .join(tables.Dataset)
+        .where(
+            tables.Dataset.project_id == project_id,
+            tables.Dataset.name == name,
+            tables.DatasetVersion.sha256 == sha256,
+        )
+    )
+
+
+def find_same(
+    session: Session, caller: Caller, project: str, name: str, sha256: str
+) -> tuple[int, tables.DatasetVersion | None]:
+    """The project's id, and the version of ``name`` that already holds these bytes (if any)."""
+    proj = read_project(session, caller, project)
+    return proj.id, _same_bytes(session, proj.id, name, sha256)
+
+
 def create_version(
     session: Session,
-    store: ObjectStore,
     caller: Caller,
     project: str,
     name: str,
     *,
-    path: Path,
+    key: str,
     sha256: str,
     size: int,
     filename: str,
     table: TableFile,
     profile: dict[str, Any],
 ) -> tuple[tables.DatasetVersion, bool]:
-    """Store a new version, or return the existing one holding the same bytes (created=False)."""
+    """Record a new version whose bytes are already stored under ``key``.
+
+    Returns the version holding the same bytes instead (created=False) when one appeared since
+    ``find_same`` (two identical uploads at once): the caller then deletes its object.
+    """
     proj = read_project(session, caller, project)
+    same = _same_bytes(session, proj.id, name, sha256)
+    if same is not None:
+        return same, False
     dataset = session.scalar(
         select(tables.Dataset).where(tables.Dataset.project_id == proj.id, tables.Dataset.name == name)
     )
@@ -152,38 +178,25 @@ def create_version(
         dataset = tables.Dataset(project_id=proj.id, name=name, created_by=caller.key_id)
         session.add(dataset)
         session.flush()
-    same = session.scalar(
-        select(tables.DatasetVersion).where(
-            tables.DatasetVersion.dataset_id == dataset.id, tables.DatasetVersion.sha256 == sha256
-        )
-    )
-    if same is not None:
-        return same, False
     latest = session.scalar(
         select(func.max(tables.DatasetVersion.version)).where(tables.DatasetVersion.dataset_id == dataset.id)
     )
-    key = object_key(proj, dataset, table.format)
-    store.put_file(key, path)
-    try:
-        row = tables.DatasetVersion(
-            dataset_id=dataset.id,
-            version=(latest or 0) + 1,
-            sha256=sha256,
-            size_bytes=size,
-            format=table.format.value,
-            delimiter=table.delimiter,
-            filename=filename[:255],
-            object_key=key,
-            row_count=profile["rows"],
-            column_types={k: str(v) for k, v in table.column_types.items()},
-            profile=profile,
-            created_by=caller.key_id,
-        )
-        session.add(row)
-        session.flush()
-    except Exception:
-        store.delete(key)
-        raise
+    row = tables.DatasetVersion(
+        dataset_id=dataset.id,
+        version=(latest or 0) + 1,
+        sha256=sha256,
+        size_bytes=size,
+        format=table.format.value,
+        delimiter=table.delimiter,
+        filename=filename[:255],
+        object_key=key,
+        row_count=profile["rows"],
+        column_types={k: str(v) for k, v in table.column_types.items()},
+        profile=profile,
+        created_by=caller.key_id,
+    )
+    session.add(row)
+    session.flush()
     return row, True
 
 

@@ -26,8 +26,7 @@ from miniml.schemas.deployments import (
     Variant,
 )
 from miniml.services.projects import read_project
-from miniml.tracking.registry import Registry
-from miniml.tracking.runs import registered_name
+from miniml.tracking.registry import Registry, registered_name
 
 # A replica that has not reported for this long is left out of a deployment's status.
 REPLICA_STALE = timedelta(minutes=2)

@@ -21,8 +21,7 @@ from miniml.schemas.jobs import BatchCreate, JobCreate, JobFinish, JobRead, Prog
 from miniml.services import datasets
 from miniml.services.projects import read_project
 from miniml.storage import ObjectStore
-from miniml.tracking.registry import Registry
-from miniml.tracking.runs import registered_name
+from miniml.tracking.registry import Registry, registered_name
 
 ALL_FAMILIES = ["linear", "random_forest", "hist_gradient_boosting", "lightgbm", "xgboost", "torch_mlp"]
 DEFAULT_MAX_TRIALS = 20

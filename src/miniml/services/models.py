@@ -12,8 +12,7 @@ from miniml.domain.tenancy import Caller
 from miniml.errors import Conflict, Forbidden
 from miniml.schemas.models import ModelComparison, ModelRead, ModelVersionRead
 from miniml.services.projects import read_project
-from miniml.tracking.registry import Registry
-from miniml.tracking.runs import registered_name
+from miniml.tracking.registry import Registry, registered_name
 
 
 def _bare(project: str, name: str) -> str:

@@ -38,8 +38,7 @@ from miniml.schemas.monitoring import (
 from miniml.services import audit
 from miniml.services.deployments import read_deployment, resolve
 from miniml.services.jobs import log as job_log
-from miniml.tracking.registry import STAGES, Registry
-from miniml.tracking.runs import registered_name
+from miniml.tracking.registry import STAGES, Registry, registered_name
 
 ACTIVE_DRIFT = ("queued", "running")
 ACTIVE_RETRAINING = ("training", "evaluating")

@@ -9,11 +9,18 @@ from typing import Protocol
 class ObjectStore(Protocol):
     """Keys are built by miniml from validated names and ids, never from a user's raw string."""
 
+    #: True when storing means sending the bytes elsewhere (S3): worth doing while other work runs.
+    remote: bool
+
     def prepare(self) -> None:
         """Create what the store needs (folder, bucket); called once when a process starts."""
 
-    def put_file(self, key: str, path: Path) -> None:
-        """Store a local file under ``key`` (S3: multipart for large files)."""
+    def put_file(self, key: str, path: Path, *, move: bool = False) -> None:
+        """Store a local file under ``key`` (S3: multipart for large files).
+
+        ``move=True``: the caller is done with the file; a local store may rename it into place
+        instead of copying it (the file is gone afterwards). A remote store leaves it alone.
+        """
 
     def iter_bytes(self, key: str, *, chunk_size: int = 1 << 20) -> Iterator[bytes]:
         """Stream an object's bytes."""

@@ -15,6 +15,8 @@ MISSING = "The stored file is missing from the object store; upload the data aga
 class LocalStore:
     """Objects as files under one root folder. Writes land by rename, so a reader never sees half a file."""
 
+    remote = False
+
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
 
@@ -28,9 +30,15 @@ class LocalStore:
             raise ValueError(f"object key {key!r} leaves the store")
         return path
 
-    def put_file(self, key: str, path: Path) -> None:
+    def put_file(self, key: str, path: Path, *, move: bool = False) -> None:
         dest = self._path(key)
         dest.parent.mkdir(parents=True, exist_ok=True)
+        if move:
+            try:
+                os.replace(path, dest)  # same file system: a rename, no bytes copied
+                return
+            except OSError:
+                pass  # another file system: copy below
         tmp = dest.with_name(dest.name + ".part")
         try:
             shutil.copyfile(path, tmp)

@@ -21,6 +21,8 @@ _TRANSFER = TransferConfig(multipart_threshold=16 << 20, multipart_chunksize=16 
 class S3Store:
     """Objects in one S3 bucket (MinIO in compose), under an optional prefix."""
 
+    remote = True
+
     def __init__(self, settings: StorageSettings) -> None:
         self.bucket = settings.bucket
         self.prefix = settings.prefix.strip("/") + "/" if settings.prefix.strip("/") else ""
@@ -57,7 +59,7 @@ class S3Store:
         except ClientError:
             self._call("create bucket", self.client.create_bucket, Bucket=self.bucket)
 
-    def put_file(self, key: str, path: Path) -> None:
+    def put_file(self, key: str, path: Path, *, move: bool = False) -> None:
         self._call("upload", self.client.upload_file, str(path), self.bucket, self._key(key), Config=_TRANSFER)
 
     def iter_bytes(self, key: str, *, chunk_size: int = 1 << 20) -> Iterator[bytes]:

@@ -4,16 +4,28 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any
-
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
 
 from miniml.errors import InvalidInput, NotFound, UpstreamUnavailable
-from miniml.tracking.runs import registered_name
+
+if TYPE_CHECKING:
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
 
 # Promotion moves these aliases; the deprecated stages follow so the MLflow UI shows them too.
 STAGES = {"staging": "Staging", "production": "Production"}
+
+
+def registered_name(project: str, model_name: str) -> str:
+    """Registry names are scoped to the project, so two projects cannot collide."""
+    return f"{project}.{model_name}"
+
+
+def _mlflow_error() -> type[MlflowException]:
+    from mlflow.exceptions import MlflowException
+
+    return MlflowException
 
 
 class Registry:
@@ -23,12 +35,19 @@ class Registry:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
         self.uri = tracking_uri
-        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+    @cached_property
+    def client(self) -> MlflowClient:
+        # Imported on first use: MLflow (with scikit-learn behind it) is most of an api process's
+        # memory, and uploads, jobs and keys never need it.
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
 
     def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except MlflowException as exc:
+        except _mlflow_error() as exc:
             if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
                 raise NotFound(f"{what[0].upper()}{what[1:]} does not exist.") from exc
             if exc.error_code == "INVALID_PARAMETER_VALUE":
@@ -66,7 +85,7 @@ class Registry:
             return None
         try:
             return self.client.get_run(run_id)
-        except MlflowException:
+        except _mlflow_error():
             return None
 
     def resolve(self, project: str, model: str, alias_or_version: str) -> str:
@@ -77,7 +96,7 @@ class Registry:
         alias = target.lower()
         try:
             mv = self.client.get_model_version_by_alias(registered_name(project, model), alias)
-        except MlflowException as exc:
+        except _mlflow_error() as exc:
             self.model(project, model)  # NotFound for an unknown model
             raise InvalidInput(
                 f"Model {model!r} has no version with alias {alias!r}; promote one first "

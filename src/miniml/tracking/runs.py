@@ -21,11 +21,6 @@ from miniml.training.search import TrialResult
 _BASE_PIP = ("scikit-learn", "pandas", "numpy", "scipy", "cloudpickle")
 
 
-def registered_name(project: str, model_name: str) -> str:
-    """Registry names are scoped to the project, so two projects cannot collide."""
-    return f"{project}.{model_name}"
-
-
 def experiment_name(project: str) -> str:
     return f"miniml/{project}"
 

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import contextlib
 import itertools
-from typing import Annotated
+from concurrent.futures import ThreadPoolExecutor
+from typing import Annotated, Any
 
 import anyio
 from fastapi import APIRouter, Query, Request, Response
@@ -10,7 +12,7 @@ from fastapi.responses import StreamingResponse
 from miniml.api.deps import AdminDep, DbDep, EngineerDep, SettingsDep, StoreDep, ViewerDep
 from miniml.api.uploads import Upload, receive_upload
 from miniml.config import Settings
-from miniml.data.formats import detect
+from miniml.data.formats import TableFile, detect
 from miniml.data.profiles import profile_table
 from miniml.domain.tenancy import Caller
 from miniml.schemas.datasets import (
@@ -38,28 +40,60 @@ def _ingest(
 ) -> tuple[DatasetVersionRead, bool]:
     dataset_name = datasets.name_from_upload(name or upload.fields.get("name"), upload.filename)
     table = detect(upload.path, filename=upload.filename)
-    profile = profile_table(table)
     with db.begin() as session:
-        row, created = datasets.create_version(
-            session,
-            store,
-            caller,
-            project,
-            dataset_name,
-            path=upload.path,
-            sha256=upload.sha256,
-            size=upload.size,
-            filename=upload.filename,
-            table=table,
-            profile=profile,
-        )
-        try:
+        project_id, same = datasets.find_same(session, caller, project, dataset_name, upload.sha256)
+        if same is not None:  # the same bytes again: that version, without reading the file
+            return datasets.to_read(same, store), False
+    key = datasets.object_key(project_id, table.format)
+    profile = _profile_and_store(store, key, table, upload)
+    try:
+        with db.begin() as session:
+            row, created = datasets.create_version(
+                session,
+                caller,
+                project,
+                dataset_name,
+                key=key,
+                sha256=upload.sha256,
+                size=upload.size,
+                filename=upload.filename,
+                table=table,
+                profile=profile,
+            )
             read = datasets.to_read(row, store)
-        except Exception:
-            if created:
-                store.delete(row.object_key)
-            raise
+    except BaseException:
+        store.delete(key)
+        raise
+    if not created:
+        store.delete(key)  # an identical upload finished first: keep its object, not ours
     return read, created
+
+
+def _profile_and_store(store: ObjectStore, key: str, table: TableFile, upload: Upload) -> dict[str, Any]:
+    """Profile the file (a malformed one raises) and store it; nothing stays stored on failure.
+
+    A remote store (S3) gets the bytes while the profile reads them; a local one gets the file
+    renamed into place once the profile has passed.
+    """
+    if not store.remote:
+        profile = profile_table(table)
+        store.put_file(key, upload.path, move=True)
+        return profile
+    with ThreadPoolExecutor(1, thread_name_prefix="miniml-put") as pool:
+        stored = pool.submit(store.put_file, key, upload.path)
+        try:
+            profile = profile_table(table)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                stored.result()
+            store.delete(key)
+            raise
+        try:
+            stored.result()
+        except BaseException:
+            store.delete(key)  # a multipart upload that failed half way leaves no object, but be sure
+            raise
+    return profile
 
 
 async def upload_dataset_version(

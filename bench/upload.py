@@ -1,0 +1,194 @@
+"""Upload benchmark: a generated CSV through the HTTP api, against a plain copy, in one run.
+
+    .venv/bin/python bench/upload.py [--size-mb 1024] [--stores local,s3]
+
+For each store (the local folder, and S3 on moto's server), starts the api as its own process in
+a temp folder on a free port and uploads the same generated CSV through `POST …/datasets` (the
+SDK streams it as multipart). The baseline, measured in the same run on the same file, is what a
+user would do without the platform: a plain file copy for the local store, a direct boto3
+`upload_file` for S3. The api's upload does more than the baseline (hash, schema and profile of
+every row, the metadata row), so the ratio says what that costs. Prints throughput ratios and the
+api process's peak RSS (VmHWM), which must stay flat however large the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import boto3
+import httpx
+import numpy as np
+import pandas as pd
+
+from miniml.config import Settings
+from miniml.processes import Supervisor, embedded_services
+from miniml.sdk.client import Client
+
+S3_ENV = {
+    "MINIML_STORAGE__KIND": "s3",
+    "MINIML_STORAGE__BUCKET": "bench",
+    "MINIML_STORAGE__ACCESS_KEY_ID": "bench-access",
+    "MINIML_STORAGE__SECRET_ACCESS_KEY": "bench-secret",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_csv(path: Path, size_mb: int) -> int:
+    """A CSV of about size_mb MiB: numeric, integer, categorical and boolean columns, random values.
+
+    Blocks of 100,000 fresh rows each, so the profile sees real spread, not one block repeated.
+    """
+    rng = np.random.default_rng(0)
+    target = size_mb << 20
+    with path.open("w", encoding="utf-8") as fh:
+        header = True
+        while fh.tell() < target:
+            n = 100_000
+            block = pd.DataFrame(
+                {f"x{i}": rng.normal(i, 1 + i, n).round(4) for i in range(6)}
+                | {
+                    "count": rng.integers(0, 1000, n),
+                    "city": rng.choice(["berlin", "lisbon", "oslo", "rome", "paris", "vienna"], n),
+                    "flag": rng.random(n) < 0.3,
+                    "label": rng.choice(["a", "b", "c"], n),
+                }
+            )
+            block.to_csv(fh, index=False, header=header)
+            header = False
+    return path.stat().st_size
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM")
+
+
+def drop_cache(path: Path) -> None:
+    """Read the file once so both runs start from the page cache (the same starting point)."""
+    with path.open("rb") as fh:
+        while fh.read(16 << 20):
+            pass
+
+
+def start_moto() -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(url, timeout=2)
+            return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    raise RuntimeError("moto's server did not start")
+
+
+def run_store(kind: str, csv: Path, tmp: Path, moto_url: str | None) -> dict[str, float]:
+    size = csv.stat().st_size
+    env_before = dict(os.environ)
+    if kind == "s3":
+        assert moto_url
+        os.environ.update(S3_ENV | {"MINIML_STORAGE__ENDPOINT_URL": moto_url})
+    settings = Settings(data_dir=tmp / f"platform-{kind}", api={"port": free_port()})
+    sup = Supervisor(settings, [s for s in embedded_services(settings) if s.name == "api"])
+    try:
+        sup.start_all()
+        pid = sup.procs["api"].pid
+        rss_idle = peak_rss_mb(pid)
+        key = (settings.data_dir / "admin.key").read_text().strip()
+        client = Client(settings.api_url, api_key=key)
+        client.projects.create("bench")
+
+        drop_cache(csv)
+        start = time.perf_counter()
+        if kind == "local":
+            shutil.copyfile(csv, tmp / "copy.csv")
+        else:
+            s3 = boto3.client(
+                "s3",
+                endpoint_url=moto_url,
+                aws_access_key_id=S3_ENV["MINIML_STORAGE__ACCESS_KEY_ID"],
+                aws_secret_access_key=S3_ENV["MINIML_STORAGE__SECRET_ACCESS_KEY"],
+                region_name="us-east-1",
+            )
+            s3.create_bucket(Bucket="baseline")
+            s3.upload_file(str(csv), "baseline", "copy.csv")
+        baseline_s = time.perf_counter() - start
+        (tmp / "copy.csv").unlink(missing_ok=True)
+
+        drop_cache(csv)
+        start = time.perf_counter()
+        version = client.datasets.upload("bench", csv, name="big")
+        api_s = time.perf_counter() - start
+        assert version.size_bytes == size and version.rows > 0, version
+        rss_peak = peak_rss_mb(pid)
+        if kind == "s3":
+            s3.delete_object(Bucket="baseline", Key="copy.csv")
+    finally:
+        sup.stop_all()
+        os.environ.clear()
+        os.environ.update(env_before)
+    mib = size / (1 << 20)
+    return {
+        "baseline_mib_s": mib / baseline_s,
+        "api_mib_s": mib / api_s,
+        "ratio": baseline_s / api_s,
+        "rss_idle_mb": rss_idle,
+        "rss_peak_mb": rss_peak,
+        "rows": float(version.rows),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--size-mb", type=int, default=1024)
+    parser.add_argument("--stores", default="local,s3")
+    args = parser.parse_args()
+    stores = [s.strip() for s in args.stores.split(",") if s.strip()]
+    with tempfile.TemporaryDirectory(prefix="miniml-bench-upload-") as tmpdir:
+        tmp = Path(tmpdir)
+        csv = tmp / "big.csv"
+        start = time.perf_counter()
+        size = make_csv(csv, args.size_mb)
+        print(f"generated {size / (1 << 20):.0f} MiB CSV in {time.perf_counter() - start:.0f}s", flush=True)
+        moto, moto_url = start_moto() if "s3" in stores else (None, None)
+        try:
+            results = {kind: run_store(kind, csv, tmp, moto_url) for kind in stores}
+        finally:
+            if moto is not None:
+                os.killpg(moto.pid, signal.SIGTERM)
+                moto.wait(10)
+    baseline_name = {"local": "file copy", "s3": "boto3 upload_file"}
+    print(f"\n{'store':6} {'baseline':>20} {'MiB/s':>8} {'api MiB/s':>10} {'ratio':>6} {'rss idle':>9} {'rss peak':>9}")
+    for kind, r in results.items():
+        print(
+            f"{kind:6} {baseline_name[kind]:>20} {r['baseline_mib_s']:8.0f} {r['api_mib_s']:10.0f} "
+            f"{r['ratio']:5.2f}x {r['rss_idle_mb']:7.0f}MB {r['rss_peak_mb']:7.0f}MB"
+        )
+    print("\ntargets: ratio >= 0.5x, peak RSS < 250 MB")
+
+
+if __name__ == "__main__":
+    main()
