@@ -56,7 +56,7 @@ def make_csv(path: Path, size_mb: int) -> int:
     target = size_mb << 20
     with path.open("w", encoding="utf-8") as fh:
         header = True
-        while fh.tell() < target:
+        while fh.tell() < target - (12 << 20):  # a block is about 11 MiB: stop just under the size
             n = 100_000
             block = pd.DataFrame(
                 {f"x{i}": rng.normal(i, 1 + i, n).round(4) for i in range(6)}
@@ -111,7 +111,10 @@ def run_store(kind: str, csv: Path, tmp: Path, moto_url: str | None) -> dict[str
     if kind == "s3":
         assert moto_url
         os.environ.update(S3_ENV | {"MINIML_STORAGE__ENDPOINT_URL": moto_url})
-    settings = Settings(data_dir=tmp / f"platform-{kind}", api={"port": free_port()})
+    # Room for the whole file whatever --size-mb says (the default limit is 1 GiB).
+    limit = max(size + (64 << 20), 1 << 30)
+    os.environ["MINIML_API__MAX_UPLOAD_BYTES"] = str(limit)
+    settings = Settings(data_dir=tmp / f"platform-{kind}", api={"port": free_port(), "max_upload_bytes": limit})
     sup = Supervisor(settings, [s for s in embedded_services(settings) if s.name == "api"])
     try:
         sup.start_all()
@@ -165,14 +168,17 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size-mb", type=int, default=1024)
     parser.add_argument("--stores", default="local,s3")
+    parser.add_argument("--keep", action="store_true", help="keep the generated CSV in the temp folder for reruns")
     args = parser.parse_args()
     stores = [s.strip() for s in args.stores.split(",") if s.strip()]
+    csv = Path(tempfile.gettempdir()) / f"miniml-bench-upload-{args.size_mb}mb.csv"
+    if not csv.exists():
+        start = time.perf_counter()
+        make_csv(csv, args.size_mb)
+        print(f"generated {csv} in {time.perf_counter() - start:.0f}s", flush=True)
+    print(f"uploading {csv.stat().st_size / (1 << 20):.0f} MiB", flush=True)
     with tempfile.TemporaryDirectory(prefix="miniml-bench-upload-") as tmpdir:
         tmp = Path(tmpdir)
-        csv = tmp / "big.csv"
-        start = time.perf_counter()
-        size = make_csv(csv, args.size_mb)
-        print(f"generated {size / (1 << 20):.0f} MiB CSV in {time.perf_counter() - start:.0f}s", flush=True)
         moto, moto_url = start_moto() if "s3" in stores else (None, None)
         try:
             results = {kind: run_store(kind, csv, tmp, moto_url) for kind in stores}
@@ -180,6 +186,8 @@ def main() -> None:
             if moto is not None:
                 os.killpg(moto.pid, signal.SIGTERM)
                 moto.wait(10)
+            if not args.keep:
+                csv.unlink()
     baseline_name = {"local": "file copy", "s3": "boto3 upload_file"}
     print(f"\n{'store':6} {'baseline':>20} {'MiB/s':>8} {'api MiB/s':>10} {'ratio':>6} {'rss idle':>9} {'rss peak':>9}")
     for kind, r in results.items():

@@ -247,6 +247,9 @@ def test_bad_predict_inputs_name_the_problem(
         assert_problem(response, status, needle)
         raw = small.post(f"/v1/endpoints/b-{project}/predict", content=b"{oops", headers=api.headers)
         assert_problem(raw, 422, "not valid json")
+        # A number beyond float range would reach the model as infinity (scikit-learn's own check is off).
+        huge = b'{"rows": [{"sepal_length": 1e400, "sepal_width": 3.5, "petal_length": 1.4, "petal_width": 0.2}]}'
+        assert_problem(small.post(f"/v1/endpoints/b-{project}/predict", content=huge, headers=api.headers), 422)
         nan_ok = small.post(
             f"/v1/endpoints/b-{project}/predict", json={"rows": [{**ROW, "petal_width": None}]}, headers=api.headers
         )

@@ -24,6 +24,7 @@ from miniml import logs
 from miniml.api.errors import from_error, problem_response
 from miniml.config import Settings
 from miniml.errors import InvalidInput, MiniMLError, NotFound, Unauthorized, UpstreamUnavailable
+from miniml.inference.batching import Columns
 from miniml.inference.capture import Capture
 from miniml.inference.feedback import PredictionMemory
 from miniml.inference.models import parse_rows
@@ -158,9 +159,7 @@ def create_inference_app(settings: Settings) -> FastAPI:
 
     shadow_tasks: set[asyncio.Task[None]] = set()
 
-    async def run_shadow(
-        served: Served, columns: dict[str, list[Any]], rows: int, live: list[Any], live_s: float
-    ) -> None:
+    async def run_shadow(served: Served, columns: Columns, rows: int, live: list[Any], live_s: float) -> None:
         """The shadow predicts on a copy, after the live answer left; its result is recorded, never returned."""
         assert served.shadow is not None
         start = time.perf_counter()

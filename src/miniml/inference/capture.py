@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 from prometheus_client import CollectorRegistry, Counter
 
+from miniml.inference.batching import Columns
 from miniml.storage import ObjectStore
 
 log = logging.getLogger("miniml.inference")
@@ -32,7 +33,7 @@ class _Sample:
     project: str
     deployment: str
     version: str
-    columns: dict[str, list[Any]]
+    columns: Columns
     predictions: list[Any]
 
 
@@ -54,9 +55,7 @@ class Capture:
             registry=registry,
         )
 
-    def add(
-        self, project: str, deployment: str, version: str, columns: dict[str, list[Any]], predictions: list[Any]
-    ) -> None:
+    def add(self, project: str, deployment: str, version: str, columns: Columns, predictions: list[Any]) -> None:
         if self.fraction <= 0 or (self.fraction < 1 and random.random() >= self.fraction):  # noqa: S311
             return
         n = len(predictions)

@@ -8,10 +8,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import mlflow
+import numpy as np
 
 import miniml.tracking  # noqa: F401  (MLflow settings for every process that loads models)
 from miniml.errors import InvalidInput
-from miniml.inference.batching import Batcher
+from miniml.inference.batching import Batcher, Columns
 
 _NUMERIC = {"double", "float", "long", "integer"}
 
@@ -64,14 +65,12 @@ def load(tracking_uri: str, registered: str, version: str, *, max_batch_rows: in
         model=model,
         columns=columns,
         classes=classes,
-        batcher=Batcher(
-            model, names, max_rows=max_batch_rows, numeric=bool(columns) and all(c.kind == "number" for c in columns)
-        ),
+        batcher=Batcher(model, names, max_rows=max_batch_rows),
         load_seconds=time.perf_counter() - start,
     )
 
 
-def parse_rows(body: Any, model: LoadedModel, *, max_rows: int) -> tuple[dict[str, list[Any]], int, list[str]]:
+def parse_rows(body: Any, model: LoadedModel, *, max_rows: int) -> tuple[Columns, int, list[str]]:
     """Check a body against the signature; return per-column values, the row count and ignored columns."""
     if not isinstance(body, dict):
         raise InvalidInput('Send a JSON object: {"rows": [{...}, ...]} or {"columns": [...], "data": [[...], ...]}.')
@@ -109,7 +108,7 @@ def parse_rows(body: Any, model: LoadedModel, *, max_rows: int) -> tuple[dict[st
         raise InvalidInput(f"No rows to predict; send at least one row with {expected}.")
     if len(records) > max_rows:
         raise InvalidInput(f"{len(records)} rows is more than the {max_rows} one request may carry; split it.")
-    out: dict[str, list[Any]] = {}
+    out: Columns = {}
     for col in model.columns:
         name = col.name
         values = [r.get(name, _MISSING) for r in records] if by_name else [get(r, name) for r in records]
@@ -118,7 +117,16 @@ def parse_rows(body: Any, model: LoadedModel, *, max_rows: int) -> tuple[dict[st
         clean = _FAST.get(col.kind)
         if clean is None or not all(type(v) in clean for v in values):
             values = [_check(col, v, i, expected) for i, v in enumerate(values, start=1)]
-        out[col.name] = values
+        if col.kind == "number":
+            # Numbers travel as one float array per column (NaN for null): the frame, a batch of
+            # several requests and the drift capture all take it without a loop over values.
+            array = np.array(values, dtype=np.float64)
+            if np.isinf(array).any():
+                row = int(np.flatnonzero(np.isinf(array))[0]) + 1
+                raise InvalidInput(f"Column {name!r} needs a finite number; row {row} has {values[row - 1]!r}.")
+            out[name] = array
+        else:
+            out[name] = values
     ignored = sorted(names - {c.name for c in model.columns})
     return out, len(records), ignored
 
