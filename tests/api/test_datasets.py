@@ -146,6 +146,17 @@ def test_a_type_change_late_in_the_file_widens_the_column(ds: tuple[TestClient, 
     assert body["rows"] == 300_001
 
 
+def test_a_ragged_row_deep_in_a_large_file_is_named_and_nothing_is_stored(
+    ds: tuple[TestClient, dict[str, str], Settings],
+) -> None:
+    client, admin, settings = ds
+    # Several parse blocks (1 MiB each) before the bad row: parsed on threads, the row still named.
+    lines = ["a,b"] + [f"{i},{i * 7}" for i in range(400_000)] + ["1,2,3"] + ["4,5"] * 10
+    response = upload(client, admin, ("\n".join(lines) + "\n").encode(), "deep.csv")
+    assert_problem(response, 422, "row 400002", "3 fields", "header has 2")
+    assert_nothing_stored(client, admin, settings)
+
+
 @pytest.mark.parametrize(
     ("content", "filename", "needles"),
     [
