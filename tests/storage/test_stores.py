@@ -60,3 +60,25 @@ def test_keys_cannot_leave_the_store(store: ObjectStore, tmp_path: Path) -> None
     with pytest.raises(ValueError, match="leaves the store"):
         store.put_file("../outside", src)
     assert store.key_for_uri(store.uri("a/b").replace("a/b", "../b")) is None
+
+
+def test_move_takes_the_file_and_copy_leaves_it(store: ObjectStore, tmp_path: Path) -> None:
+    src = tmp_path / "a.csv"
+    src.write_bytes(b"a,b\n1,2\n")
+    store.put_file("projects/1/copy.csv", src)
+    assert src.exists()
+    store.put_file("projects/1/moved.csv", src, move=True)
+    # A local store renames the file into place; a remote one leaves the caller's file alone.
+    assert src.exists() is store.remote
+    for key in ("projects/1/copy.csv", "projects/1/moved.csv"):
+        with store.open_local(key) as path:
+            assert path.read_bytes() == b"a,b\n1,2\n"
+
+
+@pytest.mark.parametrize("size", [1, 8 << 20, 1 << 30, 100 << 30, 5 << 40])
+def test_s3_parts_stay_under_the_10000_part_limit(size: int) -> None:
+    from miniml.storage.s3 import _transfer_for
+
+    config = _transfer_for(size)
+    assert config.multipart_chunksize >= 8 << 20
+    assert -(-size // config.multipart_chunksize) <= 10_000

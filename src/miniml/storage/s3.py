@@ -14,8 +14,15 @@ from botocore.exceptions import BotoCoreError, ClientError
 from miniml.config import StorageSettings
 from miniml.errors import NotFound, UpstreamUnavailable
 
-# Files over 16 MiB go up in 16 MiB parts (multipart upload), a few at a time.
-_TRANSFER = TransferConfig(multipart_threshold=16 << 20, multipart_chunksize=16 << 20, max_concurrency=4)
+# Files over 8 MiB go up in parts (multipart upload), four at a time: parts of 8 MiB keep the
+# process's memory small, and grow for files so large that S3's 10,000-part limit needs it.
+_PART = 8 << 20
+_TRANSFER = TransferConfig(multipart_threshold=_PART, multipart_chunksize=_PART, max_concurrency=4)
+
+
+def _transfer_for(size: int) -> TransferConfig:
+    part = max(_PART, -(-size // 9_000))
+    return TransferConfig(multipart_threshold=_PART, multipart_chunksize=part, max_concurrency=4)
 
 
 class S3Store:
@@ -60,7 +67,8 @@ class S3Store:
             self._call("create bucket", self.client.create_bucket, Bucket=self.bucket)
 
     def put_file(self, key: str, path: Path, *, move: bool = False) -> None:
-        self._call("upload", self.client.upload_file, str(path), self.bucket, self._key(key), Config=_TRANSFER)
+        config = _transfer_for(path.stat().st_size)
+        self._call("upload", self.client.upload_file, str(path), self.bucket, self._key(key), Config=config)
 
     def iter_bytes(self, key: str, *, chunk_size: int = 1 << 20) -> Iterator[bytes]:
         body = self._call("download", self.client.get_object, Bucket=self.bucket, Key=self._key(key))["Body"]
