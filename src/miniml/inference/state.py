@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 from collections import deque
 from dataclasses import dataclass, field
@@ -200,6 +201,7 @@ class ApiLink:
         self.http = httpx.AsyncClient(base_url=api_url, headers={"X-API-Key": api_key}, timeout=10)
         self.key_cache_s = key_cache_s
         self.keys: dict[str, tuple[float, dict[str, Any] | None]] = {}
+        self.lookups: dict[str, asyncio.Task[dict[str, Any] | None]] = {}
 
     async def desired(self) -> list[dict[str, Any]]:
         response = await self.http.get("/api/v1/inference/desired")
@@ -217,7 +219,12 @@ class ApiLink:
         response.raise_for_status()
 
     async def whoami(self, headers: dict[str, str]) -> dict[str, Any] | None:
-        """The caller behind these credentials, or None when the api refuses them."""
+        """The caller behind these credentials, or None when the api refuses them.
+
+        A checked key is trusted for ``key_cache_s``. Under steady traffic the entry is refreshed in
+        the background before it runs out, and concurrent misses share one lookup: requests never
+        queue behind a burst of key checks to the api.
+        """
         import hashlib
         import time
 
@@ -225,16 +232,38 @@ class ApiLink:
         if not cred:
             return None
         digest = hashlib.sha256(cred.encode()).hexdigest()
-        hit = self.keys.get(digest)
-        now = time.monotonic()
-        if hit is not None and now - hit[0] < self.key_cache_s:
-            return hit[1]
         send = {"X-API-Key": headers["x-api-key"]} if headers.get("x-api-key") else {"Authorization": cred}
-        response = await self.http.get("/api/v1/auth/whoami", headers=send)
-        if response.status_code >= 500:
-            response.raise_for_status()
-        who = response.json() if response.status_code == 200 else None
-        if len(self.keys) > 10_000:
-            self.keys.clear()
-        self.keys[digest] = (now, who)
-        return who
+        hit = self.keys.get(digest)
+        age = time.monotonic() - hit[0] if hit is not None else math.inf
+        if hit is not None and age < self.key_cache_s:
+            if age > 0.75 * self.key_cache_s and digest not in self.lookups:
+                self._lookup(digest, send).add_done_callback(_consume)  # refresh ahead, keep serving
+            return hit[1]
+        task = self.lookups.get(digest) or self._lookup(digest, send)
+        return await asyncio.shield(task)
+
+    def _lookup(self, digest: str, send: dict[str, str]) -> asyncio.Task[dict[str, Any] | None]:
+        async def run() -> dict[str, Any] | None:
+            import time
+
+            try:
+                started = time.monotonic()
+                response = await self.http.get("/api/v1/auth/whoami", headers=send)
+                if response.status_code >= 500:
+                    response.raise_for_status()
+                who = response.json() if response.status_code == 200 else None
+                if len(self.keys) > 10_000:
+                    self.keys.clear()
+                self.keys[digest] = (started, who)
+                return who
+            finally:
+                self.lookups.pop(digest, None)
+
+        task = self.lookups[digest] = asyncio.get_running_loop().create_task(run())
+        return task
+
+
+def _consume(task: asyncio.Task[Any]) -> None:
+    """A background refresh that failed: the next request past the deadline looks the key up again."""
+    if not task.cancelled():
+        task.exception()

@@ -1,0 +1,59 @@
+"""The inference service's key cache against a real api: one lookup per burst, refreshed ahead of
+its deadline under steady traffic, and a revoked key refused once the cache time has passed."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from pathlib import Path
+
+import httpx
+
+from miniml.config import Settings
+from miniml.inference.state import ApiLink
+from tests.conftest import LiveApi, free_port
+
+
+def whoami_calls(api: LiveApi) -> int:
+    text = httpx.get(f"{api.url}/metrics").text
+    found = re.findall(r'miniml_api_requests_total\{[^}]*route="/api/v1/auth/whoami"[^}]*\} ([0-9.]+)', text)
+    return int(sum(float(v) for v in found))
+
+
+def test_key_checks_are_shared_refreshed_ahead_and_expire(tmp_path: Path) -> None:
+    settings = Settings(
+        data_dir=tmp_path / "data", api={"port": free_port()}, mlflow={"port": free_port()}, prefect={"port": free_port()}
+    )
+    with LiveApi(settings) as api:
+        httpx.post(f"{api.url}/api/v1/projects", json={"name": "keys"}, headers=api.headers).raise_for_status()
+        created = httpx.post(
+            f"{api.url}/api/v1/keys", json={"role": "viewer", "projects": ["keys"]}, headers=api.headers
+        )
+        key, key_id = created.json()["key"], created.json()["id"]
+        headers = {"x-api-key": key}
+
+        async def scenario() -> None:
+            link = ApiLink(api.url, api.key, key_cache_s=1.5)
+            base = whoami_calls(api)
+            # A burst of 30 requests with a cold cache: one lookup, the same answer for all.
+            answers = await asyncio.gather(*(link.whoami(headers) for _ in range(30)))
+            assert all(a is not None and a["role"] == "viewer" for a in answers)
+            assert whoami_calls(api) - base == 1
+            # Past 3/4 of the cache time: answered from the cache at once, refreshed behind it.
+            await asyncio.sleep(1.2)
+            start = time.perf_counter()
+            assert await link.whoami(headers) is not None
+            assert time.perf_counter() - start < 0.05
+            await asyncio.sleep(0.3)
+            assert whoami_calls(api) - base == 2
+            # 1.6 s after the first lookup, the refreshed entry still answers without a call.
+            assert await link.whoami(headers) is not None
+            assert whoami_calls(api) - base == 2
+            # Revoked: refused once the refreshed entry has run out (at most key_cache_s later).
+            assert httpx.delete(f"{api.url}/api/v1/keys/{key_id}", headers=api.headers).status_code in (200, 204)
+            await asyncio.sleep(1.6)
+            assert await link.whoami(headers) is None
+            await link.http.aclose()
+
+        asyncio.run(scenario())
