@@ -23,7 +23,10 @@ def whoami_calls(api: LiveApi) -> int:
 
 def test_key_checks_are_shared_refreshed_ahead_and_expire(tmp_path: Path) -> None:
     settings = Settings(
-        data_dir=tmp_path / "data", api={"port": free_port()}, mlflow={"port": free_port()}, prefect={"port": free_port()}
+        data_dir=tmp_path / "data",
+        api={"port": free_port()},
+        mlflow={"port": free_port()},
+        prefect={"port": free_port()},
     )
     with LiveApi(settings) as api:
         httpx.post(f"{api.url}/api/v1/projects", json={"name": "keys"}, headers=api.headers).raise_for_status()
