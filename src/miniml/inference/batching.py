@@ -17,6 +17,8 @@ import numpy as np
 import pandas as pd
 import sklearn
 
+from miniml.inference.fastpath import Transform
+
 # A request's inputs, per column: a float array for number columns, a list of values otherwise.
 Columns = dict[str, np.ndarray | list[Any]]
 
@@ -36,9 +38,13 @@ class _Item:
 
 
 class Batcher:
-    def __init__(self, model: Any, names: list[str], *, max_rows: int) -> None:
+    def __init__(
+        self, model: Any, names: list[str], *, max_rows: int, fast: tuple[Transform, Any] | None = None
+    ) -> None:
         self.model = model
         self.names = names
+        # A numpy form of the preprocessing and the estimator behind it (inference/fastpath.py).
+        self.fast = fast
         self.max_rows = max_rows
         self.queue: asyncio.Queue[_Item] = asyncio.Queue()
         # One thread per model: predict never blocks the event loop, and calls stay ordered.
@@ -84,11 +90,16 @@ class Batcher:
             data = items[0].columns
         else:
             data = {name: _concat([item.columns[name] for item in items]) for name in self.names}
-        frame = pd.DataFrame(data, columns=self.names, copy=False)
-        preds = np.asarray(self.model.predict(frame))
+        model: Any
+        if self.fast is not None:
+            transform, model = self.fast
+            x: Any = transform(data)  # type: ignore[arg-type]  # number columns only: all arrays
+        else:
+            model, x = self.model, pd.DataFrame(data, columns=self.names, copy=False)
+        preds = np.asarray(model.predict(x))
         probas = None
-        if any(item.proba for item in items) and hasattr(self.model, "predict_proba"):
-            probas = np.asarray(self.model.predict_proba(frame))
+        if any(item.proba for item in items) and hasattr(model, "predict_proba"):
+            probas = np.asarray(model.predict_proba(x))
         return preds, probas
 
     def close(self) -> None:

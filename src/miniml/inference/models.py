@@ -13,6 +13,7 @@ import numpy as np
 import miniml.tracking  # noqa: F401  (MLflow settings for every process that loads models)
 from miniml.errors import InvalidInput
 from miniml.inference.batching import Batcher, Columns
+from miniml.inference.fastpath import compile_numeric
 
 _NUMERIC = {"double", "float", "long", "integer"}
 
@@ -65,7 +66,12 @@ def load(tracking_uri: str, registered: str, version: str, *, max_batch_rows: in
         model=model,
         columns=columns,
         classes=classes,
-        batcher=Batcher(model, names, max_rows=max_batch_rows),
+        batcher=Batcher(
+            model,
+            names,
+            max_rows=max_batch_rows,
+            fast=compile_numeric(model, names) if columns and all(c.kind == "number" for c in columns) else None,
+        ),
         load_seconds=time.perf_counter() - start,
     )
 
