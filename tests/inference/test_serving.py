@@ -494,9 +494,14 @@ def test_capture_keeps_a_bounded_sample_and_never_fails_requests(
         assert len(keys) == 1 and keys[0].startswith(f"capture/{project}/{name}/")
         lines = b"".join(api.app.state.store.iter_bytes(keys[0])).decode().splitlines()
         records = [json.loads(line) for line in lines]
-        assert len(records) == 2 and sum(len(r["predictions"]) for r in records) == 20
-        first = {c: v[0] for c, v in records[0]["columns"].items()}
-        assert first == rows[0] and records[0]["predictions"] == answers[0].json()["predictions"]  # type: ignore[attr-defined]
+        # One line for the flush (one model version): the two kept requests' rows, in order.
+        assert len(records) == 1 and len(records[0]["predictions"]) == 20
+        assert all(len(v) == 20 for v in records[0]["columns"].values())
+        for i in (0, 9, 10, 19):
+            row = {c: v[i] for c, v in records[0]["columns"].items()}
+            assert row == rows[i % 10]
+        kept = answers[0].json()["predictions"] + answers[1].json()["predictions"]  # type: ignore[attr-defined]
+        assert records[0]["predictions"] == kept
         metrics = inference.get("/metrics").text
         assert f'miniml_inference_capture_dropped_total{{deployment="{name}"}} 20.0' in metrics
         assert inference.app.state.capture.flush() == []  # type: ignore[attr-defined]

@@ -1,8 +1,9 @@
 """A bounded sample of inputs and predictions per deployment, written to the object store.
 
 Adding to the buffer costs a list append on the request path; serialising and writing happen
-on a thread at flush time. Each line holds one request: {"at", "version", "columns", "predictions"}. A full buffer drops the sample and counts it: capture
-never slows down or fails a request.
+on a thread at flush time. Each line holds the rows of one flush and model version, columnar:
+{"at" (the newest row's time), "version", "columns": {name: [values]}, "predictions": [...]}.
+A full buffer drops the sample and counts it: capture never slows down or fails a request.
 """
 
 from __future__ import annotations
@@ -13,11 +14,14 @@ import random
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 from prometheus_client import CollectorRegistry, Counter
 
@@ -77,9 +81,7 @@ class Capture:
         keys = []
         for (project, deployment), items in groups.items():
             out = io.BytesIO()
-            for s in items:
-                # One line per request, columnar: a single C-level dump, so the GIL is held briefly.
-                line = {"at": s.at, "version": s.version, "columns": s.columns, "predictions": s.predictions}
+            for line in _merged(items):
                 out.write(orjson.dumps(line, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n")
             day = datetime.now(UTC).strftime("%Y-%m-%d")
             key = f"capture/{project}/{deployment}/{day}/{int(time.time() * 1000)}-{uuid.uuid4().hex[:8]}.jsonl"
@@ -93,3 +95,31 @@ class Capture:
             finally:
                 tmp.unlink(missing_ok=True)
         return keys
+
+
+def _merged(items: list[_Sample]) -> Iterator[dict[str, Any]]:
+    """One line per model version, its rows joined column by column.
+
+    The joins are numpy concatenations and C-level chains, and each line is one orjson call: the
+    flush thread holds the GIL for a few short stretches instead of a Python loop per request,
+    which would delay the event loop's requests (a thread that computes takes the GIL at every
+    system call the loop makes).
+    """
+    by_version: dict[str, list[_Sample]] = {}
+    for sample in items:
+        by_version.setdefault(sample.version, []).append(sample)
+    for version, group in by_version.items():
+        names = list(group[0].columns)
+        columns: dict[str, Any] = {}
+        for name in names:
+            parts = [s.columns.get(name, [None] * len(s.predictions)) for s in group]
+            if all(isinstance(p, np.ndarray) for p in parts):
+                columns[name] = np.concatenate(parts)  # type: ignore[arg-type]
+            else:
+                columns[name] = list(chain.from_iterable(parts))
+        yield {
+            "at": group[-1].at,
+            "version": version,
+            "columns": columns,
+            "predictions": list(chain.from_iterable(s.predictions for s in group)),
+        }
