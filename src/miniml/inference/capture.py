@@ -15,7 +15,6 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import chain
 from pathlib import Path
@@ -31,14 +30,10 @@ from miniml.storage import ObjectStore
 log = logging.getLogger("miniml.inference")
 
 
-@dataclass
-class _Sample:
-    at: float
-    project: str
-    deployment: str
-    version: str
-    columns: Columns
-    predictions: list[Any]
+# (at, project, deployment, version, columns, predictions). A plain tuple of atoms, float arrays
+# and a dict of them: the collector stops tracking it after a pass or two, so a full buffer adds
+# nothing to the collections that pause requests (a NamedTuple would stay tracked).
+_Sample = tuple[float, str, str, str, Columns, tuple[Any, ...]]
 
 
 class Capture:
@@ -67,7 +62,7 @@ class Capture:
             if self.rows + n > self.max_rows:
                 self.dropped.labels(deployment).inc(n)
                 return
-            self.buffer.append(_Sample(time.time(), project, deployment, version, columns, predictions))
+            self.buffer.append((time.time(), project, deployment, version, columns, tuple(predictions)))
             self.rows += n
         self.captured.labels(deployment).inc(n)
 
@@ -77,7 +72,7 @@ class Capture:
             samples, self.buffer, self.rows = self.buffer, [], 0
         groups: dict[tuple[str, str], list[_Sample]] = {}
         for sample in samples:
-            groups.setdefault((sample.project, sample.deployment), []).append(sample)
+            groups.setdefault((sample[1], sample[2]), []).append(sample)
         keys = []
         for (project, deployment), items in groups.items():
             out = io.BytesIO()
@@ -107,19 +102,19 @@ def _merged(items: list[_Sample]) -> Iterator[dict[str, Any]]:
     """
     by_version: dict[str, list[_Sample]] = {}
     for sample in items:
-        by_version.setdefault(sample.version, []).append(sample)
+        by_version.setdefault(sample[3], []).append(sample)
     for version, group in by_version.items():
-        names = list(group[0].columns)
+        names = list(group[0][4])
         columns: dict[str, Any] = {}
         for name in names:
-            parts = [s.columns.get(name, [None] * len(s.predictions)) for s in group]
+            parts = [cols.get(name, [None] * len(preds)) for *_, cols, preds in group]
             if all(isinstance(p, np.ndarray) for p in parts):
                 columns[name] = np.concatenate(parts)  # type: ignore[arg-type]
             else:
                 columns[name] = list(chain.from_iterable(parts))
         yield {
-            "at": group[-1].at,
+            "at": group[-1][0],
             "version": version,
             "columns": columns,
-            "predictions": list(chain.from_iterable(s.predictions for s in group)),
+            "predictions": list(chain.from_iterable(preds for *_, preds in group)),
         }

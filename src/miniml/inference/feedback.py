@@ -19,7 +19,7 @@ from miniml.errors import NotFound
 from miniml.schemas.monitoring import FeedbackBatch, FeedbackRecord
 
 # (deployment, version, predicted values, Unix time): a plain tuple, few objects for the collector.
-_Served = tuple[str, str, list[Any], float]
+_Served = tuple[str, str, tuple[Any, ...], float]
 
 
 class PredictionMemory:
@@ -37,7 +37,9 @@ class PredictionMemory:
             return None
         base = f"{self.tag}.{next(self._next)}"
         with self._lock:
-            self._items[base] = (deployment, version, values, time.time())
+            # Tuples of atoms only: untracked by the garbage collector after its first pass, so
+            # thousands of remembered predictions do not lengthen its pauses.
+            self._items[base] = (deployment, version, tuple(values), time.time())
             self._rows += len(values)
             while self._rows > self.max_rows and self._items:
                 _, old = self._items.popitem(last=False)
