@@ -6,6 +6,7 @@ import asyncio
 import gc
 import logging
 import random
+import sys
 import time
 import uuid
 from collections import Counter
@@ -359,6 +360,9 @@ def main_app() -> FastAPI:
 
     # Fewer, later collections: a full collection of a large heap is the usual cause of p99 spikes.
     gc.set_threshold(50_000, 50, 100)
+    # The predict threads run Python between their GIL-free parts; a shorter switch interval hands
+    # the GIL back to the event loop sooner, so answering does not wait behind a model call.
+    sys.setswitchinterval(0.001)
     settings = Settings()
     logs.configure(settings.log_level)
     return create_inference_app(settings)
