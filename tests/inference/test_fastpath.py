@@ -76,3 +76,19 @@ def test_an_unknown_step_keeps_the_pipeline() -> None:
     scaler.__dict__.update(numeric.steps[1][1].__dict__)
     numeric.steps[1] = ("scale", scaler)
     assert compile_numeric(pipe, NAMES) is None
+
+
+@pytest.mark.parametrize("task", [Task.classification, Task.regression])
+def test_random_forests_are_summed_without_joblib_and_answer_the_same(task: Task) -> None:
+    pipe, fresh = fitted("random_forest", task)
+    compiled = compile_numeric(pipe, NAMES)
+    assert compiled is not None
+    transform, estimator = compiled
+    forest = pipe.steps[-1][1]  # type: ignore[attr-defined]
+    assert estimator is not forest and len(estimator.trees) == len(forest.estimators_)
+    x = transform({n: fresh[n].to_numpy() for n in NAMES})
+    if task is Task.classification:
+        assert np.array_equal(estimator.predict(x), forest.predict(x))
+        assert np.allclose(estimator.predict_proba(x), forest.predict_proba(x), rtol=1e-12, atol=0)
+    else:
+        assert np.allclose(estimator.predict(x), forest.predict(x), rtol=1e-12, atol=0)
