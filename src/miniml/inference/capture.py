@@ -1,6 +1,6 @@
 """A bounded sample of inputs and predictions per deployment, written to the object store.
 
-Adding to the buffer costs a list append on the request path; serialising and writing happen
+Adding to the buffer costs a list extend per column on the request path; serialising and writing happen
 on a thread at flush time. Each line holds the rows of one flush and model version, columnar:
 {"at" (the newest row's time), "version", "columns": {name: [values]}, "predictions": [...]}.
 A full buffer drops the sample and counts it: capture never slows down or fails a request.
@@ -14,9 +14,8 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +29,33 @@ from miniml.storage import ObjectStore
 log = logging.getLogger("miniml.inference")
 
 
-# (at, project, deployment, version, columns, predictions). A plain tuple of atoms, float arrays
-# and a dict of them: the collector stops tracking it after a pass or two, so a full buffer adds
-# nothing to the collections that pause requests (a NamedTuple would stay tracked).
-_Sample = tuple[float, str, str, str, Columns, tuple[Any, ...]]
+@dataclass
+class _Rows:
+    """The captured rows of one deployment and model version since the last flush, by column.
+
+    Rows are appended as they are served (a list extend per column), so a flush is one orjson
+    call per group: the flush thread never loops over requests while holding the GIL, and the
+    buffer is a few lists of numbers, not an object per request for the collector to scan.
+    """
+
+    at: float = 0.0
+    rows: int = 0
+    columns: dict[str, list[Any]] = field(default_factory=dict)
+    predictions: list[Any] = field(default_factory=list)
+
+    def add(self, columns: Columns, predictions: list[Any]) -> None:
+        n = len(predictions)
+        for name, values in columns.items():
+            column = self.columns.get(name)
+            if column is None:
+                column = self.columns[name] = [None] * self.rows
+            column.extend(values.tolist() if isinstance(values, np.ndarray) else values)
+        for column in self.columns.values():  # a column this request lacked
+            if len(column) < self.rows + n:
+                column.extend([None] * (self.rows + n - len(column)))
+        self.predictions.extend(predictions)
+        self.rows += n
+        self.at = time.time()
 
 
 class Capture:
@@ -41,7 +63,7 @@ class Capture:
         self, store: ObjectStore, replica: str, *, fraction: float, max_rows: int, registry: CollectorRegistry
     ) -> None:
         self.store, self.replica, self.fraction, self.max_rows = store, replica, fraction, max_rows
-        self.buffer: list[_Sample] = []
+        self.buffer: dict[tuple[str, str, str], _Rows] = {}
         self.rows = 0
         self.lock = threading.Lock()
         self.captured = Counter(
@@ -62,22 +84,26 @@ class Capture:
             if self.rows + n > self.max_rows:
                 self.dropped.labels(deployment).inc(n)
                 return
-            self.buffer.append((time.time(), project, deployment, version, columns, tuple(predictions)))
+            group = self.buffer.get((project, deployment, version))
+            if group is None:
+                group = self.buffer[(project, deployment, version)] = _Rows()
+            group.add(columns, predictions)
             self.rows += n
         self.captured.labels(deployment).inc(n)
 
     def flush(self) -> list[str]:
-        """Write what is buffered, one JSON-lines object per deployment; return the keys written."""
+        """Write what is buffered, one JSON-lines file per deployment; return the keys written."""
         with self.lock:
-            samples, self.buffer, self.rows = self.buffer, [], 0
-        groups: dict[tuple[str, str], list[_Sample]] = {}
-        for sample in samples:
-            groups.setdefault((sample[1], sample[2]), []).append(sample)
+            groups, self.buffer, self.rows = self.buffer, {}, 0
+        by_deployment: dict[tuple[str, str], list[tuple[str, _Rows]]] = {}
+        for (project, deployment, version), rows in groups.items():
+            by_deployment.setdefault((project, deployment), []).append((version, rows))
         keys = []
-        for (project, deployment), items in groups.items():
+        for (project, deployment), items in by_deployment.items():
             out = io.BytesIO()
-            for line in _merged(items):
-                out.write(orjson.dumps(line, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n")
+            for version, rows in items:
+                line = {"at": rows.at, "version": version, "columns": rows.columns, "predictions": rows.predictions}
+                out.write(orjson.dumps(line) + b"\n")
             day = datetime.now(UTC).strftime("%Y-%m-%d")
             key = f"capture/{project}/{deployment}/{day}/{int(time.time() * 1000)}-{uuid.uuid4().hex[:8]}.jsonl"
             tmp = Path(f"/tmp/miniml-capture-{uuid.uuid4().hex}.jsonl")  # noqa: S108
@@ -90,31 +116,3 @@ class Capture:
             finally:
                 tmp.unlink(missing_ok=True)
         return keys
-
-
-def _merged(items: list[_Sample]) -> Iterator[dict[str, Any]]:
-    """One line per model version, its rows joined column by column.
-
-    The joins are numpy concatenations and C-level chains, and each line is one orjson call: the
-    flush thread holds the GIL for a few short stretches instead of a Python loop per request,
-    which would delay the event loop's requests (a thread that computes takes the GIL at every
-    system call the loop makes).
-    """
-    by_version: dict[str, list[_Sample]] = {}
-    for sample in items:
-        by_version.setdefault(sample[3], []).append(sample)
-    for version, group in by_version.items():
-        names = list(group[0][4])
-        columns: dict[str, Any] = {}
-        for name in names:
-            parts = [cols.get(name, [None] * len(preds)) for *_, cols, preds in group]
-            if all(isinstance(p, np.ndarray) for p in parts):
-                columns[name] = np.concatenate(parts)  # type: ignore[arg-type]
-            else:
-                columns[name] = list(chain.from_iterable(parts))
-        yield {
-            "at": group[-1][0],
-            "version": version,
-            "columns": columns,
-            "predictions": list(chain.from_iterable(preds for *_, preds in group)),
-        }
