@@ -99,6 +99,12 @@ class WorkerSettings(BaseModel):
         default=0, ge=0, description="Parallel trials inside one job; 0 = the number of CPU cores."
     )
     heartbeat_s: float = Field(default=5.0, gt=0, description="Seconds between a running job's heartbeats.")
+    shard_grace_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="A shard of a parallel job claims at most its share of the trial budget for this long "
+        "after it starts, so that shards still starting get theirs; then it takes whatever is left.",
+    )
     metrics_port: int = Field(
         default=9101, ge=0, le=65535, description="Port of the worker's Prometheus /metrics; 0 turns it off."
     )

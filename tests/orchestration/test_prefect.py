@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections import Counter
 from typing import Any
 
 import httpx
@@ -56,18 +57,18 @@ def test_killed_worker_fails_the_job_instead_of_leaving_it_running(platform: tup
 @pytest.mark.pg
 def test_two_workers_share_one_study_on_postgres(platform: tuple[LiveApi, Client, Workers]) -> None:
     _api, client, start_workers = platform
-    # Both polling before the job exists, so each shard finds its own worker; 30 trials keep the
-    # first shard busy while the second one's process starts (a shard that starts late finds no
-    # trials left, which is right for the platform but proves nothing here).
+    # Both polling before the job exists, so each shard finds its own worker. A shard claims at
+    # most its share (8 of 16) while the other one's process may still be starting.
     start_workers(2, wait=True)
     job = client.jobs.create(
-        "demo", dataset="iris", target="target", max_trials=30, parallelism=2, families=["random_forest"]
+        "demo", dataset="iris", target="target", max_trials=16, parallelism=2, families=["random_forest"]
     )
     done = client.jobs.wait("demo", job.id, timeout_s=300)
     assert done.state == "succeeded", (done.reason, [line.message for line in client.jobs.logs("demo", job.id)])
     numbers = [t.number for t in done.leaderboard]
-    assert len(numbers) == 30 and sorted(numbers) == list(range(30))
-    assert len({t.worker for t in done.leaderboard}) == 2, {t.worker for t in done.leaderboard}
+    assert len(numbers) == 16 and sorted(numbers) == list(range(16))
+    by_worker = Counter(t.worker for t in done.leaderboard)
+    assert len(by_worker) == 2, (by_worker, [line.message for line in client.jobs.logs("demo", job.id)])
 
 
 def test_the_seed_flow_end_to_end_over_http(platform: tuple[LiveApi, Client, Workers]) -> None:

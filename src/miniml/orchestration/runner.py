@@ -14,6 +14,7 @@ import tempfile
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -189,8 +190,16 @@ def _train(
         except Exception as exc:  # a trial's MLflow record must not end the search
             log.warning("trial not logged to MLflow", extra={"job_id": job_id, "error": str(exc)[:200]})
 
+    fair = FairShare(
+        lambda: not beat.cancelled.is_set() and reports.claim_trial(project, job_id),
+        left=lambda: _trials_left(client, project, job_id, spec.get("max_trials")),
+        budget=spec.get("max_trials"),
+        shards=int(spec.get("parallelism", 1)),
+        grace_s=settings.worker.shard_grace_s,
+        stop=beat.cancelled.is_set,
+    )
     control = SearchControl(
-        claim=lambda: not beat.cancelled.is_set() and reports.claim_trial(project, job_id),
+        claim=fair,
         on_trial=on_trial,
         should_stop=beat.cancelled.is_set,
         worker=worker,
@@ -302,3 +311,50 @@ def _wait_for_other_shards(client: Client, project: str, job_id: int, spec: dict
         if job.state.terminal or job.progress.trials_done >= job.progress.trials_claimed or job.cancel_requested:
             return
         time.sleep(1)
+
+
+class FairShare:
+    """Trial claims of one shard of a parallel job.
+
+    With P shards and a budget of B trials, a shard claims at most ceil(B / P) trials during its
+    first ``grace_s`` seconds, so a shard whose process starts later still finds its share; after
+    that it claims whatever is left, so a worker that never comes cannot strand the budget. A
+    shard that has its share waits (polling) rather than claiming, and stops waiting as soon as the
+    budget is used up.
+    """
+
+    def __init__(
+        self,
+        claim: Callable[[], bool],
+        *,
+        left: Callable[[], int | None],
+        budget: int | None,
+        shards: int,
+        grace_s: float,
+        stop: Callable[[], bool],
+        poll_s: float = 1.0,
+    ) -> None:
+        self.claim, self.left, self.stop, self.poll_s = claim, left, stop, poll_s
+        self.share = -(-budget // shards) if budget and shards > 1 else None
+        self.deadline = time.monotonic() + grace_s
+        self.mine = 0
+        self.lock = threading.Lock()
+
+    def __call__(self) -> bool:
+        while self.share is not None and self.mine >= self.share and time.monotonic() < self.deadline:
+            left = self.left()
+            if self.stop() or (left is not None and left <= 0):
+                return False
+            time.sleep(self.poll_s)
+        granted = self.claim()
+        if granted:
+            with self.lock:
+                self.mine += 1
+        return granted
+
+
+def _trials_left(client: Client, project: str, job_id: int, budget: int | None) -> int | None:
+    if budget is None:
+        return None
+    job = client.jobs.get(project, job_id)
+    return 0 if job.state.terminal else budget - job.progress.trials_claimed
