@@ -121,9 +121,18 @@ def production(tmp_path: Path, pg_url: str, s3_endpoint: str) -> Iterator[tuple[
     for svc in services:
         if svc.name.startswith("worker"):
             svc.stop_signal = _signal.SIGINT
+    for svc in services:
+        if svc.name.startswith("worker"):
+            svc.env = svc.env | {"PREFECT_RUNNER_POLL_FREQUENCY": "1"}
     sup = Supervisor(settings, services)
     try:
         sup.start_all()
+        # Workers have no health URL: wait until both poll Prefect, so each shard finds one.
+        logs = [sup.log_dir / f"{svc.name}.log" for svc in services if svc.name.startswith("worker")]
+        deadline = time.monotonic() + 180
+        while not all(log.exists() and "being served" in log.read_text(errors="replace") for log in logs):
+            assert time.monotonic() < deadline, "the workers never started polling Prefect"
+            time.sleep(0.5)
         yield settings, [f"http://127.0.0.1:{p}" for p in inference_ports]
     finally:
         sup.stop_all()
