@@ -123,7 +123,9 @@ def production(tmp_path: Path, pg_url: str, s3_endpoint: str) -> Iterator[tuple[
             svc.stop_signal = _signal.SIGINT
     for svc in services:
         if svc.name.startswith("worker"):
-            svc.env = svc.env | {"PREFECT_RUNNER_POLL_FREQUENCY": "1"}
+            # A shard keeps the other's share for up to 4 minutes: its process may start slowly
+            # on a loaded machine, and this test is about both workers taking part.
+            svc.env = svc.env | {"PREFECT_RUNNER_POLL_FREQUENCY": "1", "MINIML_WORKER__SHARD_GRACE_S": "240"}
     sup = Supervisor(settings, services)
     try:
         sup.start_all()

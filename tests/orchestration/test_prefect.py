@@ -59,7 +59,7 @@ def test_two_workers_share_one_study_on_postgres(platform: tuple[LiveApi, Client
     _api, client, start_workers = platform
     # Both polling before the job exists, so each shard finds its own worker. A shard claims at
     # most its share (8 of 16) while the other one's process may still be starting.
-    start_workers(2, wait=True)
+    start_workers(2, wait=True, extra={"MINIML_WORKER__SHARD_GRACE_S": "240"})
     job = client.jobs.create(
         "demo", dataset="iris", target="target", max_trials=16, parallelism=2, families=["random_forest"]
     )
