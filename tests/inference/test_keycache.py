@@ -37,25 +37,32 @@ def test_key_checks_are_shared_refreshed_ahead_and_expire(tmp_path: Path) -> Non
         headers = {"x-api-key": key}
 
         async def scenario() -> None:
-            link = ApiLink(api.url, api.key, key_cache_s=1.5)
+            async def calls_reach(n: int, within: float) -> int:
+                deadline = time.monotonic() + within
+                while whoami_calls(api) - base < n and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+                return whoami_calls(api) - base
+
+            link = ApiLink(api.url, api.key, key_cache_s=6)
             base = whoami_calls(api)
             # A burst of 30 requests with a cold cache: one lookup, the same answer for all.
+            first = time.monotonic()
             answers = await asyncio.gather(*(link.whoami(headers) for _ in range(30)))
             assert all(a is not None and a["role"] == "viewer" for a in answers)
             assert whoami_calls(api) - base == 1
             # Past 3/4 of the cache time: answered from the cache at once, refreshed behind it.
-            await asyncio.sleep(1.2)
-            start = time.perf_counter()
+            await asyncio.sleep(4.7 - (time.monotonic() - first))
+            refreshed = time.monotonic()
             assert await link.whoami(headers) is not None
-            assert time.perf_counter() - start < 0.05
-            await asyncio.sleep(0.3)
-            assert whoami_calls(api) - base == 2
-            # 1.6 s after the first lookup, the refreshed entry still answers without a call.
+            assert time.monotonic() - refreshed < 0.5
+            assert await calls_reach(2, 3) == 2
+            # Past the first entry's deadline, the refreshed entry answers without a call.
+            await asyncio.sleep(max(0.0, 6.3 - (time.monotonic() - first)))
             assert await link.whoami(headers) is not None
             assert whoami_calls(api) - base == 2
             # Revoked: refused once the refreshed entry has run out (at most key_cache_s later).
             assert httpx.delete(f"{api.url}/api/v1/keys/{key_id}", headers=api.headers).status_code in (200, 204)
-            await asyncio.sleep(1.6)
+            await asyncio.sleep(max(0.0, 6.2 - (time.monotonic() - refreshed)))
             assert await link.whoami(headers) is None
             await link.http.aclose()
 
