@@ -194,6 +194,22 @@ def test_worker_protocol_and_state_machine(jc: tuple[TestClient, dict[str, str]]
     assert_problem(client.post(f"{url}/cancel", headers=admin), 409, "already succeeded")
 
 
+def test_shards_of_a_parallel_job_start_in_any_order_and_once_each(jc: tuple[TestClient, dict[str, str]]) -> None:
+    client, admin = jc
+    body = {"dataset": "iris", "target": "target", "max_trials": 4, "parallelism": 2}
+    url = f"{JOBS}/{client.post(JOBS, json=body, headers=admin).json()['id']}"
+    # Shard 1's process happened to start first: it starts the job, and shard 0 still joins.
+    assert client.post(f"{url}/start?shard=1", json={"worker": "w1"}, headers=admin).json()["state"] == "running"
+    assert client.post(f"{url}/start?shard=0", json={"worker": "w0"}, headers=admin).json()["state"] == "running"
+    assert_problem(client.post(f"{url}/start?shard=1", json={"worker": "w2"}, headers=admin), 409, "cannot be started")
+    assert_problem(client.post(f"{url}/start?shard=2", json={"worker": "w2"}, headers=admin), 409, "no shard 2")
+    read = client.get(url, headers=admin).json()
+    assert read["worker"] == "w1" and read["state"] == "running"
+    messages = [line["message"] for line in client.get(f"{url}/logs", headers=admin).json()]
+    assert any("running on w1 (shard 1)" in m for m in messages) and any("shard 0 joined on w0" in m for m in messages)
+    assert not any("w2" in m for m in messages)
+
+
 def test_cancel_a_queued_job(jc: tuple[TestClient, dict[str, str]]) -> None:
     client, admin = jc
     job = client.post(JOBS, json={"dataset": "iris", "target": "target"}, headers=admin).json()

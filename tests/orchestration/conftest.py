@@ -95,6 +95,21 @@ def platform(
                     proc.wait(20)
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
+            _clear_queue(prefect_api)
+
+
+def _clear_queue(prefect_api: str) -> None:
+    """Tests share one Prefect server: flow runs a test left waiting must not take the next test's workers."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    waiting = [StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING]
+    runs_filter = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=waiting)))
+    with temporary_settings({PREFECT_API_URL: prefect_api}), get_client(sync_client=True) as prefect:
+        for run in prefect.read_flow_runs(flow_run_filter=runs_filter):
+            prefect.delete_flow_run(run.id)
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:

@@ -96,3 +96,15 @@ def test_a_job_that_breaks_while_running_fails_with_its_reason(live: tuple[LiveA
     assert done is not None and done.state == "failed"
     assert "missing" in (done.reason or "")
     assert any(line.level == "error" for line in client.jobs.logs("demo", job.id))
+
+
+def test_a_stale_flow_run_for_another_job_does_nothing(live: tuple[LiveApi, Client]) -> None:
+    """A flow run left in Prefect's queue by an earlier database names a job id this one reuses."""
+    api, client = live
+    job = client.jobs.create("demo", dataset="iris", target="target", max_trials=2)
+    created = job.created_at.timestamp()
+    assert run_job(client, api.settings, job.id, "demo", created=created - 3600) is None
+    assert run_job(client, api.settings, job.id + 1, "demo", created=created) is None  # no such job here
+    after = client.jobs.get("demo", job.id)
+    assert after.state == "queued" and after.worker is None and after.progress.trials_claimed == 0
+    assert not any("running on" in line.message for line in client.jobs.logs("demo", job.id))

@@ -155,6 +155,8 @@ class Job(Base):
     # The one worker (of several sharing the study) that refits and registers the best model.
     finalizer: Mapped[str | None] = mapped_column(String(128))
     cancel_requested: Mapped[bool] = mapped_column(default=False)
+    # Bit k set once shard k of the job has started: each shard runs once, in any order.
+    shards_started: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     trials_claimed: Mapped[int] = mapped_column(Integer, default=0)
     trials_done: Mapped[int] = mapped_column(Integer, default=0)
     best_score: Mapped[float | None] = mapped_column()

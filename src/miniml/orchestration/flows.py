@@ -23,7 +23,7 @@ def worker_client(settings: Settings) -> object:
 
 
 @flow(name=FLOW_NAME, log_prints=True, retries=0)
-def train_job_flow(job_id: int, project: str, shard: int = 0) -> str:
+def train_job_flow(job_id: int, project: str, shard: int = 0, created: float | None = None) -> str:
     """Train one job (or one shard of a parallel job); the api owns its state."""
     from miniml.orchestration.runner import run_job
     from miniml.sdk.client import Client
@@ -32,8 +32,10 @@ def train_job_flow(job_id: int, project: str, shard: int = 0) -> str:
     logs.configure(settings.log_level)
     client = worker_client(settings)
     assert isinstance(client, Client)
-    result = run_job(client, settings, job_id, project, shard=shard)
-    state = "skipped (another worker has it)" if result is None else result.state.value
+    result = run_job(client, settings, job_id, project, shard=shard, created=created)
+    state = (
+        "skipped (another worker has it, or it is not this platform's job)" if result is None else result.state.value
+    )
     get_run_logger().info("job %s shard %s: %s", job_id, shard, state)
     return state
 

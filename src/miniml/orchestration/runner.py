@@ -24,7 +24,7 @@ import pyarrow as pa
 from miniml.config import Settings
 from miniml.data.formats import FileFormat, TableFile
 from miniml.domain.tasks import Task
-from miniml.errors import Conflict, MiniMLError
+from miniml.errors import Conflict, MiniMLError, NotFound
 from miniml.schemas.jobs import JobFinish, JobRead, TrialReport
 from miniml.sdk.client import Client
 from miniml.tracking.registry import registered_name
@@ -86,10 +86,19 @@ def _table(job_file: Path, version: Any) -> TableFile:
     return TableFile(path=job_file, format=FileFormat(version.format), delimiter=version.delimiter, column_types=types)
 
 
-def run_job(client: Client, settings: Settings, job_id: int, project: str, *, shard: int = 0) -> JobRead | None:
-    """Run a job to its end; return the final job, or None when another worker has it."""
+def run_job(
+    client: Client, settings: Settings, job_id: int, project: str, *, shard: int = 0, created: float | None = None
+) -> JobRead | None:
+    """Run a job to its end; return the final job, or None when another worker has it.
+
+    ``created`` (the job's creation time, sent with the flow run) tells a flow run of this job from
+    a stale one left in Prefect's queue by an earlier database or another platform on the same
+    Prefect, whose job id may now name a different job: such a run does nothing.
+    """
     reports = client.job_reports
     worker = worker_name()
+    if created is not None and not _is_this_job(client, project, job_id, created):
+        return None
     try:
         reports.start(project, job_id, worker, shard=shard)
     except Conflict as exc:
@@ -114,6 +123,20 @@ def run_job(client: Client, settings: Settings, job_id: int, project: str, *, sh
                 return reports.finish(project, job_id, JobFinish(state="failed", reason=reason[:3900]))
             except (MiniMLError, Conflict):
                 return None
+
+
+def _is_this_job(client: Client, project: str, job_id: int, created: float) -> bool:
+    try:
+        job = client.jobs.get(project, job_id)
+    except NotFound:
+        job = None
+    if job is not None and abs(job.created_at.timestamp() - created) < 0.001:
+        return True
+    log.warning(
+        "flow run for a job this platform does not have; skipped",
+        extra={"job_id": job_id, "project": project, "job_created": created},
+    )
+    return False
 
 
 def _ensure_run(client: Client, tracker: Tracker, job: JobRead, shard: int) -> str:

@@ -47,7 +47,7 @@ class Orchestrator:
 
     def _run_deployment(self, job_id: int, project: str, shard: int, created: float) -> str:
         name = f"job-{job_id}" if shard == 0 else f"job-{job_id}-shard-{shard}"
-        params = {"job_id": job_id, "project": project, "shard": shard}
+        params = {"job_id": job_id, "project": project, "shard": shard, "created": created}
         return self._run(DEPLOYMENT, name, params, project, created)
 
     def submit_pending(self) -> list[int]:

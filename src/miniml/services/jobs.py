@@ -269,22 +269,42 @@ def cancel_job(session: Session, job: tables.Job) -> tables.Job:
 
 
 def start_job(session: Session, job: tables.Job, worker: str, *, shard: int = 0) -> tables.Job:
-    """A worker takes the job. Shard 0 starts it once (a second start is a 409: no job runs twice);
-    further shards of a parallel job join it while it runs."""
-    if job.state == JobState.running.value and (job.worker == worker or (shard > 0 and not job.cancel_requested)):
-        log(session, job.id, f"shard {shard} joined on {worker}")
+    """A worker takes one shard of the job. The first shard to arrive, whichever it is, starts the
+    job; the others join it while it runs. Each shard starts once (a second start is a 409: no job
+    or shard runs twice), except that the worker already running the job may say so again."""
+    if job.state == JobState.running.value and job.worker == worker:
         return job
-    # Conditional update: two workers racing for one queued job cannot both win.
+    shards = int(job.spec.get("parallelism", 1))
+    if shard >= shards:
+        raise Conflict(f"Job {job.id} has no shard {shard}: it runs as {shards} shard(s), numbered from 0.")
+    bit = 1 << shard
+    # Conditional updates: two workers racing for one queued job, or one shard, cannot both win.
     result = session.execute(
         update(tables.Job)
         .where(tables.Job.id == job.id, tables.Job.state == JobState.queued.value)
-        .values(state=JobState.running.value, worker=worker, started_at=utcnow(), heartbeat_at=utcnow())
+        .values(
+            state=JobState.running.value, worker=worker, started_at=utcnow(), heartbeat_at=utcnow(), shards_started=bit
+        )
+    )
+    if result.rowcount == 1:  # type: ignore[attr-defined]
+        session.refresh(job)
+        log(session, job.id, f"running on {worker}" + (f" (shard {shard})" if shard else ""))
+        return job
+    result = session.execute(
+        update(tables.Job)
+        .where(
+            tables.Job.id == job.id,
+            tables.Job.state == JobState.running.value,
+            tables.Job.cancel_requested.is_(False),
+            tables.Job.shards_started.op("&")(bit) == 0,
+        )
+        .values(shards_started=tables.Job.shards_started.op("|")(bit))
     )
     session.refresh(job)
-    if result.rowcount != 1:  # type: ignore[attr-defined]
-        raise Conflict(f"Job {job.id} is {job.state}; it cannot be started again.")
-    log(session, job.id, f"running on {worker}")
-    return job
+    if result.rowcount == 1:  # type: ignore[attr-defined]
+        log(session, job.id, f"shard {shard} joined on {worker}")
+        return job
+    raise Conflict(f"Job {job.id} is {job.state}; it cannot be started again.")
 
 
 def heartbeat(session: Session, job: tables.Job) -> tables.Job:
