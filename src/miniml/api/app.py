@@ -118,6 +118,11 @@ def create_app(settings: Settings) -> FastAPI:
 
 def main_app() -> FastAPI:
     """Uvicorn factory entry: settings from the environment."""
+    import pyarrow as pa
+
     settings = Settings()
     logs.configure(settings.log_level)
+    # The api parses uploads with Arrow now and then: the system allocator hands memory back where
+    # Arrow's default (mimalloc) keeps tens of MB reserved after the first upload.
+    pa.set_memory_pool(pa.system_memory_pool())
     return create_app(settings)

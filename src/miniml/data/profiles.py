@@ -28,6 +28,9 @@ HISTOGRAM_BINS = 10
 TOP_CATEGORIES = 20
 # Exact distinct counts up to this many values per column; beyond, "at least" this many.
 DISTINCT_CAP = 10_000
+# CSV parse blocks (Arrow reads up to 32 ahead) and the step the columns are profiled in.
+PARSE_BLOCK_BYTES = 1 << 18
+STEP_BYTES = 1 << 21
 # A string column is categorical when it has few distinct values (absolute and relative to rows).
 CATEGORICAL_MAX_DISTINCT = 50
 
@@ -209,23 +212,42 @@ def _first_pass(table: TableFile, spill: Path | None) -> tuple[dict[str, _Column
     writer: pa.ipc.RecordBatchStreamWriter | None = None
     numeric: list[str] = []
     try:
-        for batch in prefetch(table.batches()):
+        for chunk in prefetch(_grouped(table.batches(batch_bytes=PARSE_BLOCK_BYTES))):
             if not columns:
-                columns = {f.name: _Column(f.name, f.type) for f in batch.schema}
-                numeric = [f.name for f in batch.schema if kind_of(f.type) is ColumnKind.numeric]
+                columns = {f.name: _Column(f.name, f.type) for f in chunk.schema}
+                numeric = [f.name for f in chunk.schema if kind_of(f.type) is ColumnKind.numeric]
                 if spill is not None and numeric:
                     schema = pa.schema([(name, pa.float64()) for name in numeric])
                     writer = pa.ipc.new_stream(pa.OSFile(str(spill), "wb"), schema)
-            for name, arr in zip(batch.schema.names, batch.columns, strict=True):
+            for name, arr in zip(chunk.schema.names, chunk.columns, strict=True):
                 columns[name].add(arr)
             if writer is not None:
-                arrays = [batch.column(name).cast(pa.float64()) for name in numeric]
+                arrays = [chunk.column(name).cast(pa.float64()) for name in numeric]
                 writer.write_batch(pa.RecordBatch.from_arrays(arrays, names=numeric))
-            rows += batch.num_rows
+            rows += chunk.num_rows
     finally:
         if writer is not None:
             writer.close()
     return columns, rows
+
+
+def _grouped(batches: Iterator[pa.RecordBatch], target_bytes: int = STEP_BYTES) -> Iterator[pa.RecordBatch]:
+    """Small parsed blocks joined into steps of about ``target_bytes``.
+
+    Arrow's CSV reader reads up to 32 blocks ahead, so small blocks keep that read-ahead (and the
+    api's peak memory) small, while the per-column work runs once per step, not once per block
+    (compute kernels on one contiguous array are much faster than on many small chunks).
+    """
+    group: list[pa.RecordBatch] = []
+    size = 0
+    for batch in batches:
+        group.append(batch)
+        size += batch.nbytes
+        if size >= target_bytes:
+            yield pa.concat_batches(group)
+            group, size = [], 0
+    if group:
+        yield pa.concat_batches(group)
 
 
 def prefetch(batches: Iterator[pa.RecordBatch], depth: int = 2) -> Iterator[pa.RecordBatch]:
