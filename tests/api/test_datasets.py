@@ -157,6 +157,32 @@ def test_a_ragged_row_deep_in_a_large_file_is_named_and_nothing_is_stored(
     assert_nothing_stored(client, admin, settings)
 
 
+def test_a_large_csv_is_stored_while_it_arrives_and_a_late_error_leaves_nothing(
+    ds: tuple[TestClient, dict[str, str], Settings],
+) -> None:
+    """Over 16 MiB: on S3 the parts go up while the file is still being received and profiled."""
+    client, admin, settings = ds
+    good = ("x,y\n" + "".join(f"{i},{i % 97}.5\n" for i in range(1_600_000))).encode()
+    assert len(good) > 16 << 20
+    created = upload(client, admin, good, "large.csv")
+    assert created.status_code == 201, created.text
+    assert created.json()["rows"] == 1_600_000
+    version_url = f"{URL}/large/versions/1"
+    assert (
+        hashlib.sha256(client.get(f"{version_url}/file", headers=admin).content).digest()
+        == hashlib.sha256(good).digest()
+    )
+    kept = stored_objects(client)
+    bad = good + b"1,2,3\n"
+    assert_problem(upload(client, admin, bad, "large.csv"), 422, "row 1600002", "3 fields")
+    assert stored_objects(client) == kept  # the refused file's parts are gone
+    assert [v["version"] for v in client.get(f"{URL}/large/versions", headers=admin).json()] == [1]
+    store = client.app.state.store  # type: ignore[attr-defined]
+    if store.remote:
+        assert store.client.list_multipart_uploads(Bucket=store.bucket).get("Uploads", []) == []
+    assert list((settings.data_dir / "tmp").glob("*")) == []
+
+
 @pytest.mark.parametrize(
     ("content", "filename", "needles"),
     [

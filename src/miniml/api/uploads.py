@@ -19,6 +19,7 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
+from miniml.data.spool import Spool
 from miniml.errors import InvalidInput, PayloadTooLarge
 
 MAX_FIELD_BYTES = 4096
@@ -37,7 +38,11 @@ class Upload:
             self.path.unlink()
 
 
-async def receive_upload(request: Request, *, tmp_dir: Path, max_bytes: int, file_field: str = "file") -> Upload:
+async def receive_upload(
+    request: Request, *, tmp_dir: Path, max_bytes: int, file_field: str = "file", spool: Spool | None = None
+) -> Upload:
+    """Receive the multipart body; with ``spool``, readers may follow the file while it arrives
+    (the spool is finished when the upload is complete, failed on any error)."""
     ctype, params = parse_options_header(request.headers.get("content-type", ""))
     boundary = params.get(b"boundary")
     if ctype != b"multipart/form-data" or not boundary:
@@ -48,6 +53,8 @@ async def receive_upload(request: Request, *, tmp_dir: Path, max_bytes: int, fil
     tmp_dir.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=tmp_dir, prefix="upload-", suffix=".part")
     path = Path(name)
+    if spool is not None:
+        spool.path = path
     out: IO[bytes] = os.fdopen(fd, "wb")
     digest = hashlib.sha256()
     state: dict[str, object] = {"size": 0, "is_file": False, "filename": None, "field": None, "seen_file": False}
@@ -82,6 +89,8 @@ async def receive_upload(request: Request, *, tmp_dir: Path, max_bytes: int, fil
                 raise InvalidInput(f"Send exactly one file in field {file_field!r}.")
             state["seen_file"] = True
             state["filename"] = opts.get(b"filename", b"").decode("utf-8", "replace")
+            if spool is not None:
+                spool.filename = str(state["filename"])
 
     def on_part_data(data: bytes, start: int, end: int) -> None:
         chunk = data[start:end]
@@ -117,13 +126,23 @@ async def receive_upload(request: Request, *, tmp_dir: Path, max_bytes: int, fil
         },
     )
     try:
+        told = 0
         async for chunk in request.stream():
             parser.write(chunk)
+            if spool is not None and state["size"] != told:
+                out.flush()
+                told = int(state["size"])  # type: ignore[call-overload]
+                spool.wrote(told)
         parser.finalize()
         out.close()
         if not state["seen_file"]:
             raise InvalidInput(f"No file in field {file_field!r}; send it with curl -F {file_field}=@data.csv.")
+        if spool is not None:
+            spool.wrote(int(state["size"]))  # type: ignore[call-overload]
+            spool.finish()
     except BaseException as exc:  # a disconnect included: nothing may be left behind
+        if spool is not None:
+            spool.fail()
         out.close()
         path.unlink(missing_ok=True)
         if isinstance(exc, MultipartParseError):

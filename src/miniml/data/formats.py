@@ -11,10 +11,11 @@ from __future__ import annotations
 import csv
 import io
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import BinaryIO
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -38,12 +39,20 @@ class FileFormat(StrEnum):
 
 @dataclass
 class TableFile:
-    """A local file and how to read it; ``column_types`` fixes the types once a scan settled them."""
+    """A local file and how to read it; ``column_types`` fixes the types once a scan settled them.
+
+    ``opener``: how to open a CSV that is still being written (an upload in progress); reads
+    then wait for the bytes to arrive. None: the file at ``path`` is complete.
+    """
 
     path: Path
     format: FileFormat
     delimiter: str = ","
     column_types: dict[str, pa.DataType] = field(default_factory=dict)
+    opener: Callable[[], BinaryIO] | None = field(default=None, repr=False, compare=False)
+
+    def open(self) -> BinaryIO:
+        return self.opener() if self.opener is not None else self.path.open("rb")
 
     def batches(
         self, *, batch_bytes: int = 1 << 20, columns: Sequence[str] = (), types: dict[str, pa.DataType] | None = None
@@ -141,7 +150,7 @@ def _check_header(names: list[str]) -> None:
 def _csv_batches(
     table: TableFile, batch_bytes: int, columns: list[str], types: dict[str, pa.DataType], *, threads: bool = True
 ) -> Iterator[pa.RecordBatch]:
-    with table.path.open("rb") as fh:
+    with table.open() as fh:
         reader = _open_csv(fh, table, batch_bytes, columns, types, threads)
         names = reader.schema.names
         rows = 0
@@ -164,7 +173,7 @@ def _csv_batches(
 
 
 def _first_error(table: TableFile, batch_bytes: int, columns: list[str], types: dict[str, pa.DataType]) -> str | None:
-    with table.path.open("rb") as fh:
+    with table.open() as fh:
         reader = _open_csv(fh, table, batch_bytes, columns, types, False)
         while True:
             try:
@@ -176,7 +185,7 @@ def _first_error(table: TableFile, batch_bytes: int, columns: list[str], types: 
 
 
 def _open_csv(
-    fh: io.BufferedReader,
+    fh: BinaryIO,
     table: TableFile,
     batch_bytes: int,
     columns: list[str],

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Protocol
@@ -20,6 +20,14 @@ class ObjectStore(Protocol):
 
         ``move=True``: the caller is done with the file; a local store may rename it into place
         instead of copying it (the file is gone afterwards). A remote store leaves it alone.
+        """
+
+    def put_growing(self, key: str, path: Path, wait_for: Callable[[int], int], *, size_hint: int) -> None:
+        """Store a file that is still being written (an upload in progress).
+
+        ``wait_for(n)`` blocks until the file holds ``n`` bytes or is complete, and returns how many
+        it holds; it raises when the writer gave up, and then nothing may stay stored.
+        ``size_hint``: at least the final size (it sizes S3's parts).
         """
 
     def iter_bytes(self, key: str, *, chunk_size: int = 1 << 20) -> Iterator[bytes]:

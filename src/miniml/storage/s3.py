@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import contextlib
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -10,6 +12,7 @@ import boto3
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
+from s3transfer.utils import ReadFileChunk
 
 from miniml.config import StorageSettings
 from miniml.errors import NotFound, UpstreamUnavailable
@@ -69,6 +72,65 @@ class S3Store:
     def put_file(self, key: str, path: Path, *, move: bool = False) -> None:
         config = _transfer_for(path.stat().st_size)
         self._call("upload", self.client.upload_file, str(path), self.bucket, self._key(key), Config=config)
+
+    def put_growing(self, key: str, path: Path, wait_for: Callable[[int], int], *, size_hint: int) -> None:
+        """Store a file that is still being written, a part as soon as its bytes are on disk.
+
+        ``wait_for(n)`` blocks until the file holds n bytes or is complete and returns how many
+        it holds (raising when the writer failed). Parts are read from the file as they are sent,
+        four at a time, never held whole in memory. On any failure the multipart upload is
+        aborted: no object, no parts left in the bucket.
+        """
+        target = self._key(key)
+        part = _transfer_for(size_hint).multipart_chunksize
+        have = wait_for(part + 1)
+        if have <= part:  # complete and small: one request
+            with path.open("rb") as body:
+                self._call("upload", self.client.put_object, Bucket=self.bucket, Key=target, Body=body)
+            return
+        upload = self._call(
+            "upload", self.client.create_multipart_upload, Bucket=self.bucket, Key=target, ChecksumAlgorithm="CRC32"
+        )["UploadId"]
+        try:
+            with ThreadPoolExecutor(4, thread_name_prefix="miniml-s3-part") as pool:
+                sent: list[Future[dict[str, Any]]] = []
+                offset = 0
+                while True:
+                    have = wait_for(offset + part + 1)  # one byte more: is this part the last?
+                    length = min(part, have - offset)
+                    if length <= 0:
+                        break
+                    sent.append(pool.submit(self._part, target, upload, len(sent) + 1, path, offset, length))
+                    offset += length
+                    if any(f.done() and f.exception() for f in sent):
+                        break
+                parts = [f.result() for f in sent]
+            self._call(
+                "upload",
+                self.client.complete_multipart_upload,
+                Bucket=self.bucket,
+                Key=target,
+                UploadId=upload,
+                MultipartUpload={"Parts": parts},
+            )
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=target, UploadId=upload)
+            raise
+
+    def _part(self, target: str, upload: str, number: int, path: Path, offset: int, length: int) -> dict[str, Any]:
+        with ReadFileChunk.from_filename(str(path), offset, length, enable_callbacks=False) as body:
+            answer = self._call(
+                "upload",
+                self.client.upload_part,
+                Bucket=self.bucket,
+                Key=target,
+                UploadId=upload,
+                PartNumber=number,
+                Body=body,
+                ChecksumAlgorithm="CRC32",
+            )
+        return {"PartNumber": number, "ETag": answer["ETag"], "ChecksumCRC32": answer["ChecksumCRC32"]}
 
     def iter_bytes(self, key: str, *, chunk_size: int = 1 << 20) -> Iterator[bytes]:
         body = self._call("download", self.client.get_object, Bucket=self.bucket, Key=self._key(key))["Body"]
