@@ -14,6 +14,9 @@ import threading
 from pathlib import Path
 
 
+_NEVER = 1 << 62
+
+
 class SpoolFailed(Exception):
     """The writer gave up: the file will never be complete."""
 
@@ -26,6 +29,7 @@ class Spool:
         self.done = False
         self.failed = False
         self._cond = threading.Condition()
+        self._wanted = _NEVER  # the fewest bytes a waiting reader needs: wake readers only then
 
     # The writer's side.
 
@@ -33,7 +37,9 @@ class Spool:
         """The first ``total`` bytes are on disk (flushed)."""
         with self._cond:
             self.written = total
-            self._cond.notify_all()
+            if total >= self._wanted:
+                self._wanted = _NEVER
+                self._cond.notify_all()
 
     def finish(self) -> None:
         with self._cond:
@@ -51,6 +57,7 @@ class Spool:
         """Wait until ``size`` bytes exist or the file is complete; return how many exist."""
         with self._cond:
             while not self.failed and not self.done and self.written < size:
+                self._wanted = min(self._wanted, size)
                 self._cond.wait()
             if self.failed:
                 raise SpoolFailed("the upload ended before its last byte")
