@@ -665,3 +665,43 @@ def test_batch_prediction_writes_a_new_dataset_version(stack: tuple[LiveApi, Cli
     wait_served(inference, name, {"1"})
     first = out.drop(columns=["target", "prediction"]).head(5).to_dict(orient="records")
     assert predict(inference, name, api.key, first).json()["predictions"] == out["prediction"].head(5).tolist()  # type: ignore[attr-defined]
+
+
+def test_an_api_outage_is_logged_once_and_its_end_too(tmp_path: Path) -> None:
+    """While the api is down a replica keeps serving; one warning, not one per reconcile."""
+    import logging
+
+    settings = Settings(
+        data_dir=tmp_path / "d",
+        api={"port": free_port()},
+        prefect={"port": free_port()},
+        mlflow={"port": free_port()},
+        inference={"port": free_port(), "reconcile_s": 0.05, "key_cache_s": 0},
+    )
+    with LiveApi(settings):
+        pass  # writes the admin key the replica uses, then the api is gone
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("miniml.inference")
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    api = LiveApi(settings)
+    try:
+        with TestClient(create_inference_app(settings)) as inference:
+            time.sleep(1.5)  # about 30 reconciles against a closed port
+            assert inference.get("/healthz").status_code == 200
+            api.__enter__()  # back, while the replica still runs (and stops before the api does)
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and not any(r.getMessage() == "reconcile works again" for r in records):
+                time.sleep(0.1)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+        if api.thread.is_alive():
+            api.__exit__(None, None, None)
+    failed = [r for r in records if r.getMessage().startswith("reconcile failed")]
+    recovered = [r for r in records if r.getMessage() == "reconcile works again"]
+    assert len(failed) == 1, [r.getMessage() for r in records]
+    assert len(recovered) == 1 and recovered[0].failures > 10  # type: ignore[attr-defined]

@@ -13,7 +13,6 @@ import os
 import threading
 from pathlib import Path
 
-
 _NEVER = 1 << 62
 
 

@@ -94,6 +94,7 @@ def create_inference_app(settings: Settings) -> FastAPI:
             await anyio.to_thread.run_sync(capture.flush)
 
     async def reconcile_forever(link: ApiLink) -> None:
+        failing: tuple[float, int] | None = None  # (when last logged, failures since)
         while True:
             try:
                 before = {id(m) for m in state.cache.values()}
@@ -104,8 +105,22 @@ def create_inference_app(settings: Settings) -> FastAPI:
                     gc.collect()
                     gc.freeze()
                 await link.report(replica, public_url, state.report())
+                if failing is not None:
+                    log.info("reconcile works again", extra={"failures": failing[1]})
+                    failing = None
             except Exception as exc:  # the api may be restarting: keep serving what we have
-                log.warning("reconcile failed", extra={"error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+                now = time.monotonic()
+                # Once when it starts failing, then once a minute: an api that is down for an hour
+                # must not fill the log with a line per second.
+                if failing is None or now - failing[0] >= 60:
+                    count = 1 if failing is None else failing[1] + 1
+                    log.warning(
+                        "reconcile failed; serving the models already loaded",
+                        extra={"error": f"{type(exc).__name__}: {str(exc)[:200]}", "failures": count},
+                    )
+                    failing = (now, count)
+                else:
+                    failing = (failing[0], failing[1] + 1)
             wake.clear()
             with suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), timeout=settings.inference.reconcile_s)
