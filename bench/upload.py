@@ -79,6 +79,14 @@ def peak_rss_mb(pid: int) -> float:
     raise RuntimeError("no VmHWM")
 
 
+def cpu_s(pid: int | None) -> float:
+    """CPU seconds (user + system) a process has used so far; this process's own when pid is None."""
+    if pid is None:
+        return time.process_time()
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def drop_cache(path: Path) -> None:
     """Read the file once so both runs start from the page cache (the same starting point)."""
     with path.open("rb") as fh:
@@ -105,7 +113,9 @@ def start_moto() -> tuple[subprocess.Popen[bytes], str]:
     raise RuntimeError("moto's server did not start")
 
 
-def run_store(kind: str, csv: Path, tmp: Path, moto_url: str | None) -> dict[str, float]:
+def run_store(
+    kind: str, csv: Path, tmp: Path, moto: subprocess.Popen[bytes] | None, moto_url: str | None
+) -> dict[str, float]:
     size = csv.stat().st_size
     env_before = dict(os.environ)
     if kind == "s3":
@@ -124,7 +134,9 @@ def run_store(kind: str, csv: Path, tmp: Path, moto_url: str | None) -> dict[str
         client = Client(settings.api_url, api_key=key)
         client.projects.create("bench")
 
+        moto_pid = moto.pid if moto is not None and kind == "s3" else None
         drop_cache(csv)
+        cpu_before = cpu_s(None), cpu_s(moto_pid) if moto_pid else 0.0
         start = time.perf_counter()
         if kind == "local":
             shutil.copyfile(csv, tmp / "copy.csv")
@@ -139,12 +151,20 @@ def run_store(kind: str, csv: Path, tmp: Path, moto_url: str | None) -> dict[str
             s3.create_bucket(Bucket="baseline")
             s3.upload_file(str(csv), "baseline", "copy.csv")
         baseline_s = time.perf_counter() - start
+        baseline_cpu = cpu_s(None) - cpu_before[0], (cpu_s(moto_pid) - cpu_before[1]) if moto_pid else 0.0
         (tmp / "copy.csv").unlink(missing_ok=True)
 
         drop_cache(csv)
+        cpu_before = cpu_s(None), cpu_s(moto_pid) if moto_pid else 0.0
+        api_cpu_before = cpu_s(pid)
         start = time.perf_counter()
         version = client.datasets.upload("bench", csv, name="big")
         api_s = time.perf_counter() - start
+        api_cpu = (
+            cpu_s(None) - cpu_before[0],
+            cpu_s(pid) - api_cpu_before,
+            (cpu_s(moto_pid) - cpu_before[1]) if moto_pid else 0.0,
+        )
         assert version.size_bytes == size and version.rows > 0, version
         rss_peak = peak_rss_mb(pid)
         if kind == "s3":
@@ -161,6 +181,13 @@ def run_store(kind: str, csv: Path, tmp: Path, moto_url: str | None) -> dict[str
         "rss_idle_mb": rss_idle,
         "rss_peak_mb": rss_peak,
         "rows": float(version.rows),
+        "baseline_cpu_client": baseline_cpu[0],
+        "baseline_cpu_moto": baseline_cpu[1],
+        "api_cpu_client": api_cpu[0],
+        "api_cpu_api": api_cpu[1],
+        "api_cpu_moto": api_cpu[2],
+        "baseline_s": baseline_s,
+        "api_s": api_s,
     }
 
 
@@ -181,7 +208,7 @@ def main() -> None:
         tmp = Path(tmpdir)
         moto, moto_url = start_moto() if "s3" in stores else (None, None)
         try:
-            results = {kind: run_store(kind, csv, tmp, moto_url) for kind in stores}
+            results = {kind: run_store(kind, csv, tmp, moto, moto_url) for kind in stores}
         finally:
             if moto is not None:
                 os.killpg(moto.pid, signal.SIGTERM)
@@ -194,6 +221,14 @@ def main() -> None:
         print(
             f"{kind:6} {baseline_name[kind]:>20} {r['baseline_mib_s']:8.0f} {r['api_mib_s']:10.0f} "
             f"{r['ratio']:5.2f}x {r['rss_idle_mb']:7.0f}MB {r['rss_peak_mb']:7.0f}MB"
+        )
+    print("\nCPU seconds used (this machine's cores are shared by the client, the api and moto's server):")
+    for kind, r in results.items():
+        moto_base = f" + moto {r['baseline_cpu_moto']:.1f}" if kind == "s3" else ""
+        moto_api = f" + moto {r['api_cpu_moto']:.1f}" if kind == "s3" else ""
+        print(
+            f"{kind:6} baseline {r['baseline_s']:.1f}s wall: client {r['baseline_cpu_client']:.1f}{moto_base} | "
+            f"api {r['api_s']:.1f}s wall: client {r['api_cpu_client']:.1f} + api {r['api_cpu_api']:.1f}{moto_api}"
         )
     print("\ntargets: ratio >= 0.5x, peak RSS < 250 MB")
 

@@ -78,8 +78,9 @@ class S3Store:
 
         ``wait_for(n)`` blocks until the file holds n bytes or is complete and returns how many
         it holds (raising when the writer failed). Parts are read from the file as they are sent,
-        four at a time, never held whole in memory. On any failure the multipart upload is
-        aborted: no object, no parts left in the bucket.
+        two at a time (the upload's pace is set by its arrival and profile, and more requests in
+        flight only cost CPU on a small machine), never held whole in memory. On any failure the
+        multipart upload is aborted: no object, no parts left in the bucket.
         """
         target = self._key(key)
         part = _transfer_for(size_hint).multipart_chunksize
@@ -92,7 +93,7 @@ class S3Store:
             "upload", self.client.create_multipart_upload, Bucket=self.bucket, Key=target, ChecksumAlgorithm="CRC32"
         )["UploadId"]
         try:
-            with ThreadPoolExecutor(4, thread_name_prefix="miniml-s3-part") as pool:
+            with ThreadPoolExecutor(2, thread_name_prefix="miniml-s3-part") as pool:
                 sent: list[Future[dict[str, Any]]] = []
                 offset = 0
                 while True:
