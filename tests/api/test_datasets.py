@@ -183,6 +183,26 @@ def test_a_large_csv_is_stored_while_it_arrives_and_a_late_error_leaves_nothing(
     assert list((settings.data_dir / "tmp").glob("*")) == []
 
 
+def test_quoted_fields_late_in_a_large_file_are_read_whole(ds: tuple[TestClient, dict[str, str], Settings]) -> None:
+    """Quote-free pieces are parsed side by side; from the first quote on, the plain reader takes
+    over mid-file. Values with the delimiter and a line end inside quotes stay one field, and a
+    bad row after the switch is still named by its row in the file."""
+    client, admin, _ = ds
+    plain = [f"{i},{i % 7},city{i % 5}" for i in range(200_000)]  # about 3 MiB without a quote
+    quoted = ['200000,3,"Lisbon, PT"', '200001,4,"two\nlines"', "200002,5,oslo"]
+    body = ("id,n,city\n" + "\n".join(plain + quoted) + "\n").encode()
+    read = upload(client, admin, body, "late.csv")
+    assert read.status_code == 201, read.text
+    profile = {c["name"]: c for c in read.json()["profile"]["columns"]}
+    assert read.json()["rows"] == 200_003
+    assert profile["id"]["max"] == 200_002 and profile["n"]["kind"] == "numeric"
+    assert profile["city"]["distinct_count"] == 8  # city0..city4, "Lisbon, PT", "two\nlines", oslo
+    preview_rows = client.get(f"{URL}/late/versions/1/preview?rows=3", headers=admin).json()["rows"]
+    assert [r["id"] for r in preview_rows] == [0, 1, 2]
+    bad = body + b"1,2\n"
+    assert_problem(upload(client, admin, bad, "late2.csv"), 422, "row 200005", "2 fields", "header has 3")
+
+
 @pytest.mark.parametrize(
     ("content", "filename", "needles"),
     [
