@@ -1,9 +1,11 @@
 """Reading CSV and Parquet files in record batches, never whole in memory.
 
 CSV: UTF-8 with or without BOM, the delimiter sniffed among , ; TAB |, quoted fields. Column
-types are inferred by Arrow on the first block; when a later block disagrees (an int column
-that turns float, a number column that turns text), ``batches()`` raises WidenColumn and the
-first full pass (the profile) restarts with that column widened. Later passes never see it.
+types are inferred by Arrow on the first piece (1 MiB); when a later piece disagrees (an int
+column that turns float, a number column that turns text), ``batches()`` raises WidenColumn and
+the first full pass (the profile) restarts with that column widened. Later passes never see it.
+Pieces are parsed two at a time while the file has no quote character; from the first one on,
+Arrow's streaming reader (one thread) reads the rest. Rows named in errors count from the top.
 """
 
 from __future__ import annotations
