@@ -203,6 +203,13 @@ def test_quoted_fields_late_in_a_large_file_are_read_whole(ds: tuple[TestClient,
     assert_problem(upload(client, admin, bad, "late2.csv"), 422, "row 200005", "2 fields", "header has 3")
 
 
+def test_a_row_too_long_to_read_is_422_and_stores_nothing(ds: tuple[TestClient, dict[str, str], Settings]) -> None:
+    client, admin, settings = ds
+    endless = b"n,text\n1," + b"z" * (17 << 20)  # one line with no end: never held whole
+    assert_problem(upload(client, admin, endless, "endless.csv"), 422, "row is too long to read")
+    assert_nothing_stored(client, admin, settings)
+
+
 @pytest.mark.parametrize(
     ("content", "filename", "needles"),
     [

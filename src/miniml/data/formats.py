@@ -199,6 +199,10 @@ def _streamed_csv_batches(
 # A CSV without quote characters splits safely at any line end, so its pieces are parsed on two
 # threads at once (Arrow's streaming reader parses on one). Pieces are small: a few in flight.
 SEGMENT_BYTES = 1 << 20
+# A row longer than this goes to the streaming reader, whose blocks (STREAM_BLOCK_BYTES) bound
+# the longest row it takes: one line never fills the api's memory.
+MAX_PIECE_ROW_BYTES = 16 << 20
+STREAM_BLOCK_BYTES = 1 << 20
 SEGMENTS_IN_FLIGHT = 2
 
 
@@ -225,6 +229,11 @@ class _Segments:
             cut = data.rfind(b"\n") + 1
             if cut == 0:
                 self.carry = data
+                if len(data) > MAX_PIECE_ROW_BYTES:  # one endless line: not for pieces
+                    self.quoted = True
+                    self.carry = b""
+                    yield memoryview(data)
+                    return
                 continue
             self.carry = data[cut:]
             self.quoted = data.find(b'"', 0, cut) >= 0
@@ -284,7 +293,7 @@ def _parallel_csv_batches(
     try:
         parsed = pacsv.read_csv(
             pa.py_buffer(first),
-            read_options=pacsv.ReadOptions(use_threads=False, block_size=batch_bytes),
+            read_options=pacsv.ReadOptions(use_threads=False, block_size=max(batch_bytes, len(first) + 1)),
             parse_options=parse,
             convert_options=convert(types),
         )
@@ -297,11 +306,12 @@ def _parallel_csv_batches(
     settled = dict(types) | {f.name: f.type for f in parsed.schema}
     rows = parsed.num_rows
     yield from parsed.to_batches(max_chunksize=None)
-    rest = pacsv.ReadOptions(use_threads=False, block_size=batch_bytes, column_names=header)
 
     def parse_piece(piece: memoryview) -> pa.Table:
+        # One block per piece at least: a row as long as the piece is never cut.
+        read = pacsv.ReadOptions(use_threads=False, block_size=max(batch_bytes, len(piece) + 1), column_names=header)
         return pacsv.read_csv(
-            pa.py_buffer(piece), read_options=rest, parse_options=parse, convert_options=convert(settled)
+            pa.py_buffer(piece), read_options=read, parse_options=parse, convert_options=convert(settled)
         )
 
     pending: deque[Future[pa.Table]] = deque()
@@ -378,7 +388,9 @@ def _open_csv(
         return pacsv.open_csv(
             fh,
             # Threads read and parse the next blocks while this one is used.
-            read_options=pacsv.ReadOptions(use_threads=threads, block_size=batch_bytes, column_names=names),
+            read_options=pacsv.ReadOptions(
+                use_threads=threads, block_size=max(batch_bytes, STREAM_BLOCK_BYTES), column_names=names
+            ),
             parse_options=pacsv.ParseOptions(delimiter=table.delimiter, newlines_in_values=True),
             convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=True, include_columns=columns),
         )
@@ -402,6 +414,11 @@ def _raise_for_csv_error(message: str, names: list[str], table: TableFile) -> No
         raise InvalidInput(
             f"Row {row.group(1)} has {row.group(3)} fields but the header has {row.group(2)}; "
             "every row needs one value per column (quote values that contain the delimiter)."
+        )
+    if "straddling object" in message:
+        raise InvalidInput(
+            f"A row is too long to read (rows over {STREAM_BLOCK_BYTES >> 20} MiB may not fit; a quoted value "
+            "with line ends counts as part of one row); split very long text across rows or files."
         )
     if "Empty CSV file" in message:
         raise InvalidInput("The file is empty; upload a CSV with a header row and data rows.")
