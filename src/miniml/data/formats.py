@@ -174,7 +174,9 @@ def _streamed_csv_batches(
 ) -> Iterator[pa.RecordBatch]:
     """Arrow's streaming reader over ``fh``; with ``names``, ``fh`` starts after the header, at
     data row ``rows_before`` (the rows named in errors count from the file's start)."""
-    reader = _open_csv(fh, table, batch_bytes, columns, types, threads, names=names)
+    # Without a header in the stream, its row 1 follows the header and rows_before data rows.
+    shift = rows_before + (names is not None)
+    reader = _open_csv(fh, table, batch_bytes, columns, types, threads, names=names, shift=shift)
     out_names = reader.schema.names
     rows = rows_before
     while True:
@@ -187,8 +189,7 @@ def _streamed_csv_batches(
             if threads and not _ROW_RE.search(message) and not _CONVERSION_RE.search(message):
                 # Threaded parsing does not know row numbers: find the row with a plain scan.
                 message = _first_error(table, batch_bytes, columns, types) or message
-            # Without a header in the stream, its row 1 follows the header and rows_before data rows.
-            _raise_for_csv_error(_shift_rows(message, rows_before + (names is not None)), out_names, table)
+            _raise_for_csv_error(_shift_rows(message, shift), out_names, table)
         rows += batch.num_rows
         if batch.num_rows:
             yield batch
@@ -383,6 +384,7 @@ def _open_csv(
     threads: bool,
     *,
     names: list[str] | None = None,
+    shift: int = 0,
 ) -> pacsv.CSVStreamingReader:
     try:
         return pacsv.open_csv(
@@ -397,8 +399,8 @@ def _open_csv(
     except pa.ArrowInvalid as exc:
         if threads:  # the first block failed: read it again plainly, for the row number
             fh.seek(0)
-            return _open_csv(fh, table, batch_bytes, columns, types, False, names=names)
-        _raise_for_csv_error(str(exc), [], table)
+            return _open_csv(fh, table, batch_bytes, columns, types, False, names=names, shift=shift)
+        _raise_for_csv_error(_shift_rows(str(exc), shift), [], table)
         raise  # unreachable: the call above always raises
 
 
