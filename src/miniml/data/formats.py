@@ -274,9 +274,13 @@ def _parallel_csv_batches(
     segments = _Segments(fh, SEGMENT_BYTES)
     pieces = iter(segments)
     first = next(pieces, memoryview(b""))
-    if not first or segments.quoted:  # quoted fields: Arrow's streaming reader, from the start
+
+    def from_the_start() -> Iterator[pa.RecordBatch]:
         with table.open() as again:
             yield from _streamed_csv_batches(table, again, batch_bytes, columns, types, threads=True)
+
+    if not first or segments.quoted:  # quoted fields: Arrow's streaming reader, from the start
+        yield from from_the_start()
         return
     parse = pacsv.ParseOptions(delimiter=table.delimiter)
     head = first.tobytes().removeprefix(_BOM)
@@ -301,8 +305,7 @@ def _parallel_csv_batches(
     except pa.ArrowInvalid as exc:
         _raise_for_csv_error(str(exc), out_names, table)
     if parsed.num_rows == 0:  # a header as long as a piece: no types to settle from, read it plainly
-        with table.open() as again:
-            yield from _streamed_csv_batches(table, again, batch_bytes, columns, types, threads=True)
+        yield from from_the_start()
         return
     settled = dict(types) | {f.name: f.type for f in parsed.schema}
     rows = parsed.num_rows

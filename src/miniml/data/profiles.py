@@ -28,8 +28,7 @@ HISTOGRAM_BINS = 10
 TOP_CATEGORIES = 20
 # Exact distinct counts up to this many values per column; beyond, "at least" this many.
 DISTINCT_CAP = 10_000
-# CSV parse blocks (Arrow reads up to 32 ahead) and the step the columns are profiled in.
-PARSE_BLOCK_BYTES = 1 << 18
+# The step the columns are profiled in (parsed pieces are about 1 MiB of CSV each).
 STEP_BYTES = 1 << 21
 # A string column is categorical when it has few distinct values (absolute and relative to rows).
 CATEGORICAL_MAX_DISTINCT = 50
@@ -212,7 +211,7 @@ def _first_pass(table: TableFile, spill: Path | None) -> tuple[dict[str, _Column
     writer: pa.ipc.RecordBatchStreamWriter | None = None
     numeric: list[str] = []
     try:
-        for chunk in prefetch(_grouped(table.batches(batch_bytes=PARSE_BLOCK_BYTES))):
+        for chunk in prefetch(_grouped(table.batches())):
             if not columns:
                 columns = {f.name: _Column(f.name, f.type) for f in chunk.schema}
                 numeric = [f.name for f in chunk.schema if kind_of(f.type) is ColumnKind.numeric]
@@ -232,12 +231,8 @@ def _first_pass(table: TableFile, spill: Path | None) -> tuple[dict[str, _Column
 
 
 def _grouped(batches: Iterator[pa.RecordBatch], target_bytes: int = STEP_BYTES) -> Iterator[pa.RecordBatch]:
-    """Small parsed blocks joined into steps of about ``target_bytes``.
-
-    Arrow's CSV reader reads up to 32 blocks ahead, so small blocks keep that read-ahead (and the
-    api's peak memory) small, while the per-column work runs once per step, not once per block
-    (compute kernels on one contiguous array are much faster than on many small chunks).
-    """
+    """Parsed batches joined into steps of about ``target_bytes``: the per-column work runs once
+    per step, not once per batch (compute kernels on one contiguous array beat many small ones)."""
     group: list[pa.RecordBatch] = []
     size = 0
     for batch in batches:
