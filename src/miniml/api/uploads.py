@@ -55,7 +55,7 @@ async def receive_upload(
     path = Path(name)
     if spool is not None:
         spool.path = path
-    out: IO[bytes] = os.fdopen(fd, "wb")
+    out: IO[bytes] = os.fdopen(fd, "wb", buffering=0)
     digest = hashlib.sha256()
     state: dict[str, object] = {"size": 0, "is_file": False, "filename": None, "field": None, "seen_file": False}
     header_field = bytearray()
@@ -93,7 +93,7 @@ async def receive_upload(
                 spool.filename = str(state["filename"])
 
     def on_part_data(data: bytes, start: int, end: int) -> None:
-        chunk = data[start:end]
+        chunk = memoryview(data)[start:end]
         if state["is_file"]:
             size = int(state["size"]) + len(chunk)  # type: ignore[call-overload]
             if size > max_bytes:
@@ -103,7 +103,8 @@ async def receive_upload(
                 )
             state["size"] = size
             digest.update(chunk)
-            out.write(chunk)
+            while chunk:
+                chunk = chunk[out.write(chunk) :]
         else:
             value.extend(chunk)
             if len(value) > MAX_FIELD_BYTES:
@@ -130,7 +131,6 @@ async def receive_upload(
         async for chunk in request.stream():
             parser.write(chunk)
             if spool is not None and state["size"] != told:
-                out.flush()
                 told = int(state["size"])  # type: ignore[call-overload]
                 spool.wrote(told)
         parser.finalize()

@@ -1,0 +1,76 @@
+"""The profile against numbers computed independently (numpy, pandas) on the same data."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from miniml.data.formats import detect
+from miniml.data.profiles import DISTINCT_CAP, histogram, profile_table
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_histogram_counts_as_numpy_does_with_the_same_edges(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    values = rng.normal(0, 3, 5000).round(seed % 3)  # rounding makes ties, some on the edges
+    edges = np.linspace(values.min(), values.max(), 11)
+    values = np.concatenate([values, edges, edges[[0, -1, -1]]])  # every edge itself, ends twice
+    got = histogram(values, edges)
+    want, _ = np.histogram(values, bins=edges)
+    assert got.tolist() == want.tolist() and got.sum() == len(values)
+
+
+def test_histogram_of_a_constant_column() -> None:
+    values = np.full(7, 2.0)
+    edges = np.linspace(1.5, 2.5, 11)  # what the profile uses when min == max
+    assert histogram(values, edges).tolist() == np.histogram(values, bins=edges)[0].tolist()
+
+
+def test_profile_matches_numpy_and_pandas_on_a_file_of_many_steps(tmp_path: Path) -> None:
+    rng = np.random.default_rng(7)
+    n = 120_000  # about 6 MB of CSV: the profile works through it in several steps
+    frame = pd.DataFrame(
+        {
+            "x": rng.normal(5, 2, n).round(3),
+            "small": rng.integers(0, 40, n),
+            # non-finite values only in the last rows, so the first steps see none
+            "late_inf": np.where(np.arange(n) > n - 50, np.inf, rng.random(n)),
+            "late_nan": np.where(np.arange(n) % 9_973 == 0, np.nan, rng.random(n)),
+            "city": rng.choice(["oslo", "rome", "lima"], n),
+            "ids": [f"id{i}" for i in rng.integers(0, 3 * DISTINCT_CAP, n)],
+            "flag": rng.random(n) < 0.2,
+        }
+    )
+    frame.loc[rng.choice(n, 30, replace=False), "x"] = np.nan
+    path = tmp_path / "many.csv"
+    frame.to_csv(path, index=False)
+
+    profile = profile_table(detect(path, filename=path.name))
+    cols = {c["name"]: c for c in profile["columns"]}
+    assert profile["rows"] == n
+
+    for name in ("x", "small", "late_inf", "late_nan"):
+        col = cols[name]
+        raw = frame[name].to_numpy(dtype=float)
+        finite = raw[np.isfinite(raw)]
+        assert col["kind"] == "numeric" and col["null_count"] == int(pd.isna(frame[name]).sum())
+        assert math.isclose(col["mean"], finite.mean(), rel_tol=1e-9)
+        assert math.isclose(col["std"], finite.std(ddof=1), rel_tol=1e-9)
+        if name == "late_inf":
+            continue  # its range is infinite: no bins to count in
+        edges = np.array(col["histogram"]["edges"])
+        want, _ = np.histogram(finite, bins=edges)
+        assert col["histogram"]["counts"] == want.tolist(), name
+    assert cols["late_inf"]["max"] is None and "histogram" not in cols["late_inf"]
+    assert cols["small"]["distinct_count"] == frame["small"].nunique()
+
+    city = cols["city"]
+    assert city["kind"] == "categorical" and city["distinct_count"] == 3
+    assert {t["value"]: t["count"] for t in city["top"]} == dict(Counter(frame["city"]))
+    assert cols["ids"]["distinct_capped"] is True and cols["ids"]["kind"] == "text"
+    assert {t["value"]: t["count"] for t in cols["flag"]["top"]} == dict(Counter(frame["flag"].tolist()))
