@@ -8,7 +8,8 @@ SDK streams it as multipart). The baseline, measured in the same run on the same
 user would do without the platform: a plain file copy for the local store, a direct boto3
 `upload_file` for S3. The api's upload does more than the baseline (hash, schema and profile of
 every row, the metadata row), so the ratio says what that costs. Prints throughput ratios and the
-api process's peak RSS (VmHWM), which must stay flat however large the file.
+api process's peak RSS (VmHWM), which must stay flat however large the file, and how long a small
+request (list datasets) takes while the upload runs, against the same request on the idle api.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -85,6 +88,35 @@ def cpu_s(pid: int | None) -> float:
         return time.process_time()
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Probe:
+    """Times a small authenticated request (list the project's datasets) every 50 ms, on a thread."""
+
+    def __init__(self, url: str, key: str) -> None:
+        self.url, self.key = url, key
+        self.seconds: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with httpx.Client(base_url=self.url, headers={"X-API-Key": self.key}, timeout=60) as http:
+            while not self._stop.is_set():
+                start = time.perf_counter()
+                http.get("/api/v1/projects/bench/datasets").raise_for_status()
+                self.seconds.append(time.perf_counter() - start)
+                self._stop.wait(0.05)
+
+    def __enter__(self) -> Probe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def ms(self, q: float) -> float:
+        return 1000 * statistics.quantiles(self.seconds, n=100, method="inclusive")[int(q * 100) - 1]
 
 
 def drop_cache(path: Path) -> None:
@@ -154,11 +186,14 @@ def run_store(
         baseline_cpu = cpu_s(None) - cpu_before[0], (cpu_s(moto_pid) - cpu_before[1]) if moto_pid else 0.0
         (tmp / "copy.csv").unlink(missing_ok=True)
 
+        with Probe(settings.api_url, key) as idle:
+            time.sleep(2)
         drop_cache(csv)
         cpu_before = cpu_s(None), cpu_s(moto_pid) if moto_pid else 0.0
         api_cpu_before = cpu_s(pid)
         start = time.perf_counter()
-        version = client.datasets.upload("bench", csv, name="big")
+        with Probe(settings.api_url, key) as busy:
+            version = client.datasets.upload("bench", csv, name="big")
         api_s = time.perf_counter() - start
         api_cpu = (
             cpu_s(None) - cpu_before[0],
@@ -188,6 +223,9 @@ def run_store(
         "api_cpu_moto": api_cpu[2],
         "baseline_s": baseline_s,
         "api_s": api_s,
+        "idle_p50_ms": idle.ms(0.5),
+        "busy_p50_ms": busy.ms(0.5),
+        "busy_p95_ms": busy.ms(0.95),
     }
 
 
@@ -229,6 +267,12 @@ def main() -> None:
         print(
             f"{kind:6} baseline {r['baseline_s']:.1f}s wall: client {r['baseline_cpu_client']:.1f}{moto_base} | "
             f"api {r['api_s']:.1f}s wall: client {r['api_cpu_client']:.1f} + api {r['api_cpu_api']:.1f}{moto_api}"
+        )
+    print("\nA small request (list datasets, every 50 ms) while the upload runs, against the idle api:")
+    for kind, r in results.items():
+        print(
+            f"{kind:6} idle p50 {r['idle_p50_ms']:.1f} ms | during the upload p50 {r['busy_p50_ms']:.1f} ms "
+            f"({r['busy_p50_ms'] / r['idle_p50_ms']:.1f}x), p95 {r['busy_p95_ms']:.1f} ms"
         )
     print("\ntargets: ratio >= 0.5x, peak RSS < 250 MB")
 

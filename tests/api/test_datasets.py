@@ -6,10 +6,14 @@ import csv
 import hashlib
 import io
 import math
+import os
 import statistics
+import sys
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -17,7 +21,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from miniml.api.app import create_app
+from miniml.api.routes import datasets as datasets_routes
 from miniml.config import Settings
+from miniml.data import formats
 from tests.conftest import assert_problem
 
 IRIS = Path(__file__).resolve().parents[2] / "data" / "samples" / "iris.csv"
@@ -455,3 +461,36 @@ def test_client_disconnect_mid_upload_leaves_nothing(store_settings: Settings) -
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread priorities are Linux's")
+def test_the_work_behind_an_upload_yields_the_cpu_to_request_handling(
+    ds: tuple[TestClient, dict[str, str], Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Parsing and profiling run at background priority, the threads they start too; the thread
+    that answers requests keeps its own."""
+    client, admin, _ = ds
+    seen: dict[str, set[int]] = {"profile": set(), "parse": set()}
+
+    def nice() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    real_profile, real_read = datasets_routes.profile_table, formats.pacsv.read_csv
+
+    def profile(*args: Any, **kwargs: Any) -> Any:
+        seen["profile"].add(nice())
+        return real_profile(*args, **kwargs)
+
+    def read_csv(*args: Any, **kwargs: Any) -> Any:
+        seen["parse"].add(nice())
+        return real_read(*args, **kwargs)
+
+    monkeypatch.setattr(datasets_routes, "profile_table", profile)
+    monkeypatch.setattr(formats.pacsv, "read_csv", read_csv)
+    before = nice()
+    rows = "".join(f"{i},{i * 0.5},{'ab'[i % 2]}\n" for i in range(120_000))  # over a parse piece
+    response = upload(client, admin, ("n,x,label\n" + rows).encode(), "big.csv")
+    assert response.status_code == 201 and response.json()["rows"] == 120_000
+    background = {before + datasets_routes.BACKGROUND_NICE}
+    assert seen["profile"] == background and seen["parse"] == background
+    assert nice() == before  # this thread (and the event loop's) untouched
