@@ -11,7 +11,6 @@ import hmac
 import secrets
 from datetime import datetime, timedelta
 
-import jwt
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -135,7 +134,13 @@ def authenticate_key(session: Session, raw: str) -> Caller:
     return _caller_of(session, row)
 
 
+# PyJWT is imported where a token is made or read: it brings the cryptography package (~10 MB),
+# which an api used with API keys alone never needs.
+
+
 def issue_token(caller: Caller, *, secret: str, ttl_s: int) -> str:
+    import jwt
+
     now = utcnow()
     claims = {"sub": caller.key_id, "role": caller.role.value, "iat": now, "exp": now + timedelta(seconds=ttl_s)}
     return jwt.encode(claims, secret, algorithm="HS256")
@@ -143,6 +148,8 @@ def issue_token(caller: Caller, *, secret: str, ttl_s: int) -> str:
 
 def authenticate_token(session: Session, token: str, *, secret: str) -> Caller:
     """A token stands for its key: a revoked or expired key ends its tokens too."""
+    import jwt
+
     try:
         claims = jwt.decode(token, secret, algorithms=["HS256"], options={"require": ["sub", "exp"]})
     except jwt.ExpiredSignatureError:

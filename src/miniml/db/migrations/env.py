@@ -2,6 +2,7 @@
 
 from alembic import context
 
+from miniml.db.engine import VERSION_TABLE
 from miniml.db.tables import Base
 
 config = context.config
@@ -13,7 +14,7 @@ with engine.begin() as connection:
         connection=connection,
         target_metadata=Base.metadata,
         render_as_batch=True,
-        version_table="miniml_alembic_version",
+        version_table=VERSION_TABLE,
         include_name=lambda name, type_, _parent: type_ != "table" or name in Base.metadata.tables,
     )
     context.run_migrations()
