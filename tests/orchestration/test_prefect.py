@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -181,3 +185,28 @@ def test_drift_over_the_threshold_retrains_and_promotes_only_a_better_challenger
         audit = httpx.get(f"{api.url}/api/v1/audit", params={"project": "demo"}, headers=api.headers).json()
         assert any("retrain" in e["action"] and "promoted" in e["action"] for e in audit)
         assert any("retrain" in e["action"] and "kept" in e["action"] for e in audit)
+
+
+def test_the_api_speaks_to_prefect_without_its_package(prefect_api: str, tmp_path: Path) -> None:
+    """The api's Prefect calls go over Prefect's REST API: the api process never imports `prefect`
+    (its client is ~31 MB and a second of start-up); a deployment no worker registered is named."""
+    code = f"""
+import json, sys
+import miniml.api.app
+from miniml.config import Settings
+from miniml.orchestration.submit import Orchestrator
+orchestrator = Orchestrator(Settings(data_dir={str(tmp_path)!r}, prefect={{"api_url": {prefect_api!r}}}), None)
+ok, detail = orchestrator.worker_status()
+try:
+    orchestrator._run("miniml-train/no-such-deployment", "job-1", {{}}, "demo", 0.0)
+    missing = ""
+except Exception as exc:
+    missing = f"{{type(exc).__name__}}: {{exc}}"
+print(json.dumps({{"prefect": "prefect" in sys.modules, "detail": detail, "missing": missing}}))
+"""
+    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["prefect"] is False
+    assert "miniml-train/miniml" in result["detail"]
+    assert result["missing"].startswith("DeploymentMissing") and "start `miniml worker`" in result["missing"]

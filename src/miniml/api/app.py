@@ -88,6 +88,7 @@ def create_app(settings: Settings) -> FastAPI:
             tasks.start_soon(supervise_jobs, settings, db, app.state.orchestrator, app.state.registry)
             yield
             tasks.cancel_scope.cancel()
+        app.state.orchestrator.close()
         engine.dispose()
 
     app = FastAPI(
