@@ -468,29 +468,30 @@ def test_the_work_behind_an_upload_yields_the_cpu_to_request_handling(
     ds: tuple[TestClient, dict[str, str], Settings], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Parsing and profiling run at background priority, the threads they start too; the thread
-    that answers requests keeps its own."""
+    that answers requests keeps its own, and so do the S3 parts (the transfer keeps pace)."""
     client, admin, _ = ds
-    seen: dict[str, set[int]] = {"profile": set(), "parse": set()}
+    seen: dict[str, set[int]] = {"profile": set(), "parse": set(), "part": set()}
 
     def nice() -> int:
         return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
 
-    real_profile, real_read = datasets_routes.profile_table, formats.pacsv.read_csv
+    def spy(what: str, real: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            seen[what].add(nice())
+            return real(*args, **kwargs)
 
-    def profile(*args: Any, **kwargs: Any) -> Any:
-        seen["profile"].add(nice())
-        return real_profile(*args, **kwargs)
+        return wrapper
 
-    def read_csv(*args: Any, **kwargs: Any) -> Any:
-        seen["parse"].add(nice())
-        return real_read(*args, **kwargs)
-
-    monkeypatch.setattr(datasets_routes, "profile_table", profile)
-    monkeypatch.setattr(formats.pacsv, "read_csv", read_csv)
+    store = client.app.state.store  # type: ignore[attr-defined]
+    monkeypatch.setattr(datasets_routes, "profile_table", spy("profile", datasets_routes.profile_table))
+    monkeypatch.setattr(formats.pacsv, "read_csv", spy("parse", formats.pacsv.read_csv))
+    if store.remote:
+        monkeypatch.setattr(store, "_part", spy("part", store._part))
     before = nice()
-    rows = "".join(f"{i},{i * 0.5},{'ab'[i % 2]}\n" for i in range(120_000))  # over a parse piece
+    rows = "".join(f"{i},{i * 0.5},{'ab'[i % 2]}\n" for i in range(700_000))  # over 8 MiB: pieces and parts
     response = upload(client, admin, ("n,x,label\n" + rows).encode(), "big.csv")
-    assert response.status_code == 201 and response.json()["rows"] == 120_000
+    assert response.status_code == 201 and response.json()["rows"] == 700_000
     background = {before + datasets_routes.BACKGROUND_NICE}
     assert seen["profile"] == background and seen["parse"] == background
+    assert seen["part"] == ({before} if store.remote else set())
     assert nice() == before  # this thread (and the event loop's) untouched

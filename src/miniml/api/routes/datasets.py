@@ -61,9 +61,9 @@ def _stage(store: ObjectStore, project_id: int, spool: Spool, size_hint: int) ->
     A CSV is profiled as its bytes land (a Parquet file, whose index is at its end, once it is
     complete); S3 gets each part as soon as it is on disk; a local store gets the finished temp
     file renamed into place. The upload's own time and the profile's overlap instead of adding up.
-    Runs on its own thread, at background priority.
+    The profile runs at background priority; the S3 parts go at normal priority, so the transfer
+    keeps pace with the arrival and the profile fills the CPU left over.
     """
-    _lower_priority()
     spool.wait_for(SNIFF_BYTES)
     with spool.path.open("rb") as fh:
         if fh.read(4) == b"PAR1":
@@ -73,6 +73,7 @@ def _stage(store: ObjectStore, project_id: int, spool: Spool, size_hint: int) ->
         table.opener = spool.reader
     key = datasets.object_key(project_id, table.format)
     if not store.remote:
+        _lower_priority()
         profile = profile_table(table)
         spool.wait_done()
         table.opener = None
@@ -88,6 +89,7 @@ def _stage(store: ObjectStore, project_id: int, spool: Spool, size_hint: int) ->
     with ThreadPoolExecutor(1, thread_name_prefix="miniml-put") as pool:
         stored = pool.submit(store.put_growing, key, spool.path, wait_for, size_hint=size_hint)
         try:
+            _lower_priority()  # after the put's thread started: it keeps this thread's priority
             profile = profile_table(table)
             spool.wait_done()
             stored.result()
