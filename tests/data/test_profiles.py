@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from miniml.data.formats import detect
@@ -61,12 +63,13 @@ def test_profile_matches_numpy_and_pandas_on_a_file_of_many_steps(tmp_path: Path
         assert col["kind"] == "numeric" and col["null_count"] == int(pd.isna(frame[name]).sum())
         assert math.isclose(col["mean"], finite.mean(), rel_tol=1e-9)
         assert math.isclose(col["std"], finite.std(ddof=1), rel_tol=1e-9)
-        if name == "late_inf":
-            continue  # its range is infinite: no bins to count in
+        assert col["min"] == finite.min() and col["max"] == finite.max()
+        assert col["nonfinite_count"] == int((~np.isfinite(raw) & ~np.isnan(raw)).sum())  # NaN is empty: null
         edges = np.array(col["histogram"]["edges"])
+        assert edges[0] == finite.min() and edges[-1] == finite.max()
         want, _ = np.histogram(finite, bins=edges)
         assert col["histogram"]["counts"] == want.tolist(), name
-    assert cols["late_inf"]["max"] is None and "histogram" not in cols["late_inf"]
+    assert cols["late_inf"]["nonfinite_count"] == 49
     assert cols["small"]["distinct_count"] == frame["small"].nunique()
 
     city = cols["city"]
@@ -74,3 +77,27 @@ def test_profile_matches_numpy_and_pandas_on_a_file_of_many_steps(tmp_path: Path
     assert {t["value"]: t["count"] for t in city["top"]} == dict(Counter(frame["city"]))
     assert cols["ids"]["distinct_capped"] is True and cols["ids"]["kind"] == "text"
     assert {t["value"]: t["count"] for t in cols["flag"]["top"]} == dict(Counter(frame["flag"].tolist()))
+
+
+def test_nan_and_infinity_in_parquet_are_counted_apart_and_once(tmp_path: Path) -> None:
+    """Parquet keeps NaN (a CSV's "nan" reads as null): NaN and infinities stay out of the range,
+    the moments and the histogram, are counted, and NaN is one distinct value however often."""
+    rng = np.random.default_rng(3)
+    n = 200_000  # several steps, NaN in each
+    values = rng.normal(0, 1, n)
+    values[::1000] = np.nan
+    values[5::7919] = np.inf
+    values[7::7919] = -np.inf
+    path = tmp_path / "odd.parquet"
+    k = (np.arange(n) % 5).astype(float)
+    k[1::1000] = np.nan
+    pq.write_table(pa.table({"v": pa.array(values), "k": pa.array(k)}), path)  # pandas would make NaN null
+
+    cols = {c["name"]: c for c in profile_table(detect(path, filename=path.name))["columns"]}
+    finite = values[np.isfinite(values)]
+    v = cols["v"]
+    assert v["nonfinite_count"] == n - len(finite) and v["null_count"] == 0
+    assert v["min"] == finite.min() and v["max"] == finite.max()
+    assert math.isclose(v["mean"], finite.mean(), rel_tol=1e-9)
+    assert v["histogram"]["counts"] == np.histogram(finite, bins=np.array(v["histogram"]["edges"]))[0].tolist()
+    assert cols["k"]["distinct_count"] == 6  # 0..4 and NaN

@@ -32,6 +32,7 @@ DISTINCT_CAP = 10_000
 STEP_BYTES = 1 << 21
 # A string column is categorical when it has few distinct values (absolute and relative to rows).
 CATEGORICAL_MAX_DISTINCT = 50
+_NAN = "NaN"  # stands for every NaN in a column's set of distinct values
 
 
 class ColumnKind(StrEnum):
@@ -66,7 +67,7 @@ class _Column:
     distinct: set[Any] = field(default_factory=set)
     distinct_capped: bool = False
     counts: Counter[Any] = field(default_factory=Counter)
-    nonfinite: bool = False  # a NaN or an infinity was seen (numeric columns)
+    nonfinite: int = 0  # NaN and infinite values (numeric columns; outside min/max/mean/histogram)
     hist: np.ndarray | None = None
     edges: np.ndarray | None = None
 
@@ -80,13 +81,16 @@ class _Column:
         if kind in (ColumnKind.numeric, ColumnKind.datetime):
             mm = pc.min_max(valid)
             lo, hi = mm["min"].as_py(), mm["max"].as_py()
-            self.min = lo if self.min is None else min(self.min, lo)
-            self.max = hi if self.max is None else max(self.max, hi)
-        if kind is ColumnKind.numeric:
-            self._add_moments(valid.cast(pa.float64()), lo, hi)
-        if kind in (ColumnKind.numeric, ColumnKind.datetime):
+            if kind is ColumnKind.numeric:
+                lo, hi = self._add_moments(valid.cast(pa.float64()), lo, hi)
+            if lo is not None:
+                self.min = lo if self.min is None else min(self.min, lo)
+                self.max = hi if self.max is None else max(self.max, hi)
             if not self.distinct_capped:
-                self.distinct.update(pc.unique(valid).to_pylist())
+                seen = pc.unique(valid).to_pylist()
+                if pa.types.is_floating(self.dtype):  # NaN != NaN: count it once, not once a batch
+                    seen = [_NAN if math.isnan(v) else v for v in seen]
+                self.distinct.update(seen)
                 if len(self.distinct) > DISTINCT_CAP:
                     self.distinct_capped = True
                     self.distinct = set()
@@ -96,16 +100,20 @@ class _Column:
             self.counts.update(dict(zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist(), strict=True)))
             self.distinct_capped = len(self.counts) > DISTINCT_CAP
 
-    def _add_moments(self, values: pa.Array, lo: float, hi: float) -> None:
-        """Fold this batch's mean and variance (finite values only) into the running ones."""
+    def _add_moments(self, values: pa.Array, lo: Any, hi: Any) -> tuple[Any, Any]:
+        """Fold this batch's mean and variance into the running ones; return its range. All three
+        are of the finite values: a NaN or an infinity is counted apart (``nonfinite``), so one
+        "inf" in a column leaves its range, histogram and drift reference intact."""
         mean = pc.mean(values).as_py()
         if not (math.isfinite(lo) and math.isfinite(hi) and mean is not None and math.isfinite(mean)):
             # An infinity shows in the range, a NaN in the mean: only then filter the batch.
-            self.nonfinite = True
-            values = pc.filter(values, pc.is_finite(values))
-            if len(values) == 0:
-                return
-            mean = pc.mean(values).as_py()
+            finite = pc.filter(values, pc.is_finite(values))
+            self.nonfinite += len(values) - len(finite)
+            if len(finite) == 0:
+                return None, None
+            mm = pc.min_max(finite)
+            lo, hi = mm["min"].as_py(), mm["max"].as_py()
+            values, mean = finite, pc.mean(finite).as_py()
         # Chan's parallel update: combine this batch's mean/variance with the running ones.
         nb = len(values)
         m2b = pc.variance(values, ddof=0).as_py() * nb
@@ -114,6 +122,7 @@ class _Column:
         self.mean += delta * nb / total
         self.m2 += m2b + delta * delta * self.n * nb / total
         self.n = total
+        return lo, hi
 
     def prepare_histogram(self) -> None:
         if kind_of(self.dtype) is not ColumnKind.numeric or self.n == 0:
@@ -161,6 +170,7 @@ class _Column:
                 "mean": _num(self.mean) if self.n else None,
                 "std": _num(math.sqrt(self.m2 / (self.n - 1))) if self.n > 1 else None,
                 "integer": pa.types.is_integer(self.dtype),
+                "nonfinite_count": self.nonfinite,
             }
             if self.hist is not None and self.edges is not None:
                 out["histogram"] = {"edges": [float(e) for e in self.edges], "counts": [int(c) for c in self.hist]}
