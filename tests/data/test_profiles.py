@@ -13,7 +13,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from miniml.data.formats import detect
-from miniml.data.profiles import DISTINCT_CAP, histogram, profile_table
+from miniml.data.profiles import (
+    DISTINCT_CAP,
+    DISTINCT_MIN_CAP,
+    distinct_cap,
+    histogram,
+    numeric_matrix,
+    profile_table,
+)
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -101,3 +108,52 @@ def test_nan_and_infinity_in_parquet_are_counted_apart_and_once(tmp_path: Path) 
     assert math.isclose(v["mean"], finite.mean(), rel_tol=1e-9)
     assert v["histogram"]["counts"] == np.histogram(finite, bins=np.array(v["histogram"]["edges"]))[0].tolist()
     assert cols["k"]["distinct_count"] == 6  # 0..4 and NaN
+
+
+def test_numeric_matrix_reads_every_numeric_type_with_nulls_and_offsets() -> None:
+    rng = np.random.default_rng(5)
+    n = 1000
+    nulls = rng.random(n) < 0.1
+    arrays = {
+        "i8": pa.array(rng.integers(-100, 100, n).astype(np.int8), mask=nulls),
+        "u64": pa.array(rng.integers(0, 2**40, n).astype(np.uint64)),
+        "i64": pa.array(rng.integers(-(2**40), 2**40, n), mask=nulls),
+        "f32": pa.array(rng.random(n).astype(np.float32), mask=nulls),
+        "f64": pa.array(rng.normal(0, 1, n)),
+        "dec": pa.array([None if m else round(float(v), 2) for v, m in zip(rng.random(n), nulls, strict=True)]).cast(
+            pa.decimal128(10, 2)
+        ),
+    }
+    batch = pa.RecordBatch.from_pydict(arrays).slice(37, 900)  # an offset that is no multiple of 8
+    got = numeric_matrix(batch, list(arrays))
+    for row, name in enumerate(arrays):
+        want = np.array([np.nan if v is None else float(v) for v in batch.column(name).to_pylist()])
+        np.testing.assert_allclose(got[row], want, rtol=1e-15, err_msg=name)  # decimals: Arrow casts
+
+
+def test_a_wide_table_profiles_like_numpy_and_shares_the_distinct_budget(tmp_path: Path) -> None:
+    rng = np.random.default_rng(11)
+    rows, wide = 1500, 1200
+    frame = pd.DataFrame(rng.normal(0, 1, (rows, wide)).round(2), columns=[f"f{i}" for i in range(wide)])
+    frame["flag"] = rng.integers(0, 2, rows)
+    frame["city"] = rng.choice(["oslo", "rome"], rows)
+    frame.loc[rng.random(rows) < 0.05, "f3"] = np.nan  # nulls in the CSV
+    path = tmp_path / "wide.csv"
+    frame.to_csv(path, index=False)
+
+    cols = {c["name"]: c for c in profile_table(detect(path, filename=path.name))["columns"]}
+    cap = distinct_cap(wide + 2)
+    assert DISTINCT_MIN_CAP <= cap < DISTINCT_CAP
+    for name in ("f0", "f3", f"f{wide - 1}", "flag"):
+        raw = frame[name].to_numpy(dtype=float)
+        finite = raw[np.isfinite(raw)]
+        col = cols[name]
+        assert col["null_count"] == rows - len(finite)
+        assert col["min"] == finite.min() and col["max"] == finite.max()
+        assert math.isclose(col["mean"], finite.mean(), rel_tol=1e-9, abs_tol=1e-12)
+        assert math.isclose(col["std"], finite.std(ddof=1), rel_tol=1e-9)
+        edges = np.array(col["histogram"]["edges"])
+        assert col["histogram"]["counts"] == np.histogram(finite, bins=edges)[0].tolist()
+        exact = len(np.unique(finite))
+        assert (col["distinct_count"], col["distinct_capped"]) == ((exact, False) if exact <= cap else (cap, True))
+    assert cols["flag"]["distinct_count"] == 2 and cols["city"]["kind"] == "categorical"

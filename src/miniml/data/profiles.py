@@ -26,13 +26,32 @@ from miniml.data.formats import FileFormat, TableFile, WidenColumn
 
 HISTOGRAM_BINS = 10
 TOP_CATEGORIES = 20
-# Exact distinct counts up to this many values per column; beyond, "at least" this many.
+# Exact distinct counts up to this many values per column; beyond, "at least" this many. A wide
+# table shares DISTINCT_BUDGET values between its columns (never under DISTINCT_MIN_CAP each), so
+# the profile's memory does not grow with the number of columns times the cap.
 DISTINCT_CAP = 10_000
-# The step the columns are profiled in (parsed pieces are about 1 MiB of CSV each).
+DISTINCT_BUDGET = 1_000_000
+DISTINCT_MIN_CAP = 100
+# The step the columns are profiled in (parsed pieces are about 1 MiB of CSV each), and at least
+# this many rows per step: a wide table's per-step work is per column, so its steps are longer.
 STEP_BYTES = 1 << 21
+STEP_MIN_ROWS = 512
 # A string column is categorical when it has few distinct values (absolute and relative to rows).
 CATEGORICAL_MAX_DISTINCT = 50
-_NAN = "NaN"  # stands for every NaN in a column's set of distinct values
+_unique = pc.get_function("unique")
+# Arrow's numeric types that numpy reads straight from the data buffer (others are cast first).
+_NUMPY_TYPES = {
+    pa.int8(): np.int8,
+    pa.int16(): np.int16,
+    pa.int32(): np.int32,
+    pa.int64(): np.int64,
+    pa.uint8(): np.uint8,
+    pa.uint16(): np.uint16,
+    pa.uint32(): np.uint32,
+    pa.uint64(): np.uint64,
+    pa.float32(): np.float32,
+    pa.float64(): np.float64,
+}
 
 
 class ColumnKind(StrEnum):
@@ -53,101 +72,65 @@ def kind_of(dtype: pa.DataType) -> ColumnKind:
     return ColumnKind.text  # refined to categorical once distinct values are known
 
 
+def distinct_cap(columns: int) -> int:
+    return max(DISTINCT_MIN_CAP, min(DISTINCT_CAP, DISTINCT_BUDGET // max(columns, 1)))
+
+
 @dataclass
 class _Column:
+    """What is kept per column: counts, distinct values, top categories. Numeric statistics are
+    kept for all numeric columns at once (``_Numeric``)."""
+
     name: str
     dtype: pa.DataType
+    cap: int = DISTINCT_CAP
     count: int = 0
     nulls: int = 0
-    n: int = 0  # non-null numeric values seen (for the running mean/variance)
-    mean: float = 0.0
-    m2: float = 0.0
-    min: Any = None
+    min: Any = None  # datetime columns (numeric ones: _Numeric)
     max: Any = None
-    distinct: set[Any] = field(default_factory=set)
+    distinct: pa.Array | None = None  # the distinct values so far (numeric, datetime)
     distinct_capped: bool = False
     counts: Counter[Any] = field(default_factory=Counter)
-    nonfinite: int = 0  # NaN and infinite values (numeric columns; outside min/max/mean/histogram)
-    hist: np.ndarray | None = None
-    edges: np.ndarray | None = None
 
     def add(self, arr: pa.Array) -> None:
         self.count += len(arr)
         self.nulls += arr.null_count
-        valid = arr.drop_null()
+        kind = kind_of(self.dtype)
+        if kind is ColumnKind.numeric and self.distinct_capped:
+            return  # nothing more to learn here: its statistics are _Numeric's
+        valid = arr.drop_null() if arr.null_count else arr
         if len(valid) == 0:
             return
-        kind = kind_of(self.dtype)
-        if kind in (ColumnKind.numeric, ColumnKind.datetime):
+        if kind is ColumnKind.datetime:
             mm = pc.min_max(valid)
             lo, hi = mm["min"].as_py(), mm["max"].as_py()
-            if kind is ColumnKind.numeric:
-                lo, hi = self._add_moments(valid.cast(pa.float64()), lo, hi)
-            if lo is not None:
-                self.min = lo if self.min is None else min(self.min, lo)
-                self.max = hi if self.max is None else max(self.max, hi)
+            self.min = lo if self.min is None else min(self.min, lo)
+            self.max = hi if self.max is None else max(self.max, hi)
+        if kind in (ColumnKind.numeric, ColumnKind.datetime):
             if not self.distinct_capped:
-                seen = pc.unique(valid).to_pylist()
-                if pa.types.is_floating(self.dtype):  # NaN != NaN: count it once, not once a batch
-                    seen = [_NAN if math.isnan(v) else v for v in seen]
-                self.distinct.update(seen)
-                if len(self.distinct) > DISTINCT_CAP:
-                    self.distinct_capped = True
-                    self.distinct = set()
-        elif len(self.counts) <= DISTINCT_CAP:
+                # Kept as an Arrow array (8 bytes a number), merged by Arrow's hash: NaN counts once.
+                both = valid if self.distinct is None else pa.chunked_array([self.distinct, valid])
+                merged = _unique.call([both])  # one hash pass; the function object skips the wrapper
+                if isinstance(merged, pa.ChunkedArray):
+                    merged = merged.combine_chunks()
+                self.distinct_capped = len(merged) > self.cap
+                self.distinct = None if self.distinct_capped else merged
+        elif len(self.counts) <= self.cap:
             # One hash pass gives both: the values seen (the distinct count) and their counts.
             vc = pc.value_counts(valid)
             self.counts.update(dict(zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist(), strict=True)))
-            self.distinct_capped = len(self.counts) > DISTINCT_CAP
+            self.distinct_capped = len(self.counts) > self.cap
 
-    def _add_moments(self, values: pa.Array, lo: Any, hi: Any) -> tuple[Any, Any]:
-        """Fold this batch's mean and variance into the running ones; return its range. All three
-        are of the finite values: a NaN or an infinity is counted apart (``nonfinite``), so one
-        "inf" in a column leaves its range, histogram and drift reference intact."""
-        mean = pc.mean(values).as_py()
-        if not (math.isfinite(lo) and math.isfinite(hi) and mean is not None and math.isfinite(mean)):
-            # An infinity shows in the range, a NaN in the mean: only then filter the batch.
-            finite = pc.filter(values, pc.is_finite(values))
-            self.nonfinite += len(values) - len(finite)
-            if len(finite) == 0:
-                return None, None
-            mm = pc.min_max(finite)
-            lo, hi = mm["min"].as_py(), mm["max"].as_py()
-            values, mean = finite, pc.mean(finite).as_py()
-        # Chan's parallel update: combine this batch's mean/variance with the running ones.
-        nb = len(values)
-        m2b = pc.variance(values, ddof=0).as_py() * nb
-        delta = mean - self.mean
-        total = self.n + nb
-        self.mean += delta * nb / total
-        self.m2 += m2b + delta * delta * self.n * nb / total
-        self.n = total
-        return lo, hi
-
-    def prepare_histogram(self) -> None:
-        if kind_of(self.dtype) is not ColumnKind.numeric or self.n == 0:
-            return
-        lo, hi = float(self.min), float(self.max)
-        if not (math.isfinite(lo) and math.isfinite(hi)):
-            return
-        if lo == hi:
-            lo, hi = lo - 0.5, hi + 0.5
-        self.edges = np.linspace(lo, hi, HISTOGRAM_BINS + 1)
-        self.hist = np.zeros(HISTOGRAM_BINS, dtype=np.int64)
-
-    def add_histogram(self, arr: pa.Array) -> None:
-        if self.edges is None or self.hist is None:
-            return
-        floats = arr.drop_null().cast(pa.float64())
-        # No nulls left: view the data buffer (pyarrow's to_numpy would import pandas into the api).
-        values = np.frombuffer(floats.buffers()[1], dtype=np.float64, count=len(floats), offset=floats.offset * 8)
-        if self.nonfinite:
-            values = values[np.isfinite(values)]
-        self.hist += histogram(values, self.edges)
-
-    def result(self, rows: int) -> dict[str, Any]:
+    def result(self, rows: int, numeric: dict[str, Any] | None) -> dict[str, Any]:
         kind = kind_of(self.dtype)
-        distinct = None if self.distinct_capped else len(self.distinct or self.counts)
+        if self.distinct_capped:
+            distinct = None
+        elif kind in (ColumnKind.numeric, ColumnKind.datetime):
+            distinct = 0 if self.distinct is None else len(self.distinct)
+            if distinct and pa.types.is_floating(self.dtype):  # Arrow's hash tells -0.0 from 0.0
+                distinct -= max(0, (pc.sum(pc.equal(self.distinct, 0.0)).as_py() or 0) - 1)
+        else:
+            distinct = len(self.counts)
         if (
             kind is ColumnKind.text
             and distinct is not None
@@ -160,20 +143,11 @@ class _Column:
             "arrow_type": str(self.dtype),
             "count": self.count,
             "null_count": self.nulls,
-            "distinct_count": distinct if distinct is not None else DISTINCT_CAP,
+            "distinct_count": distinct if distinct is not None else self.cap,
             "distinct_capped": self.distinct_capped,
         }
-        if kind is ColumnKind.numeric:
-            out |= {
-                "min": _num(self.min),
-                "max": _num(self.max),
-                "mean": _num(self.mean) if self.n else None,
-                "std": _num(math.sqrt(self.m2 / (self.n - 1))) if self.n > 1 else None,
-                "integer": pa.types.is_integer(self.dtype),
-                "nonfinite_count": self.nonfinite,
-            }
-            if self.hist is not None and self.edges is not None:
-                out["histogram"] = {"edges": [float(e) for e in self.edges], "counts": [int(c) for c in self.hist]}
+        if numeric is not None:
+            out |= numeric | {"integer": pa.types.is_integer(self.dtype)}
         elif kind is ColumnKind.datetime:
             out |= {"min": _iso(self.min), "max": _iso(self.max)}
         if kind in (ColumnKind.categorical, ColumnKind.boolean, ColumnKind.text):
@@ -181,16 +155,128 @@ class _Column:
         return out
 
 
-def histogram(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    """Counts per bin, exactly as ``np.histogram(values, bins=edges)`` counts them, for values
-    within the edges (a batch of a column whose range the edges span).
+def numeric_matrix(batch: pa.RecordBatch, names: list[str]) -> np.ndarray:
+    """The numeric columns of a batch as one float64 matrix, a row per column; nulls are NaN.
 
-    Bin i holds edges[i] <= v < edges[i + 1], the last bin its upper edge too. One vectorised
-    comparison per inner edge counts the values below it: about 2.5x faster than numpy's own
-    (which checks the range, maps values to bins by arithmetic, then corrects for rounding).
+    Read from the columns' data buffers with numpy (no compute call per column): a wide table's
+    statistics then cost a few numpy calls per step whatever its number of columns.
     """
-    below = [np.count_nonzero(values < edge) for edge in edges[1:-1]]
-    return np.diff(np.array([0, *below, len(values)], dtype=np.int64))
+    out = np.empty((len(names), batch.num_rows), dtype=np.float64)
+    for row, name in enumerate(names):
+        arr = batch.column(name)
+        np_type = _NUMPY_TYPES.get(arr.type)
+        if np_type is None:  # decimal, half float: Arrow converts
+            arr = arr.cast(pa.float64())
+            np_type = np.float64
+        width = np.dtype(np_type).itemsize
+        data = arr.buffers()[1]
+        if data is None or len(arr) == 0:
+            out[row] = np.nan
+            continue
+        out[row] = np.frombuffer(data, dtype=np_type, count=len(arr), offset=arr.offset * width)
+        if arr.null_count:
+            bits = np.frombuffer(arr.buffers()[0], dtype=np.uint8)
+            valid = np.unpackbits(bits, bitorder="little")[arr.offset : arr.offset + len(arr)].astype(bool)
+            out[row, ~valid] = np.nan
+    return out
+
+
+class _Numeric:
+    """Running min, max, mean and variance of every numeric column at once, over finite values;
+    NaN and infinities are counted apart (nulls, NaN in the matrix, are counted by _Column)."""
+
+    def __init__(self, names: list[str]) -> None:
+        k = len(names)
+        self.names = names
+        self.n = np.zeros(k, dtype=np.int64)
+        self.mean = np.zeros(k)
+        self.m2 = np.zeros(k)
+        self.min = np.full(k, np.inf)
+        self.max = np.full(k, -np.inf)
+        self.nonfinite = np.zeros(k, dtype=np.int64)
+        self.edges: np.ndarray | None = None
+        self.hist: np.ndarray | None = None
+
+    def add(self, matrix: np.ndarray, nulls: np.ndarray) -> None:
+        rows = matrix.shape[1]
+        finite = np.isfinite(matrix)
+        if finite.all():
+            nb = np.full(len(self.names), rows, dtype=np.int64)
+            mb = matrix.mean(axis=1)
+            dev = matrix - mb[:, None]
+            lo, hi = matrix.min(axis=1), matrix.max(axis=1)
+        else:
+            nb = finite.sum(axis=1)
+            self.nonfinite += rows - nb - nulls
+            with np.errstate(invalid="ignore", divide="ignore"):
+                mb = np.where(finite, matrix, 0.0).sum(axis=1) / nb
+            dev = np.where(finite, matrix - mb[:, None], 0.0)
+            lo = np.where(finite, matrix, np.inf).min(axis=1)
+            hi = np.where(finite, matrix, -np.inf).max(axis=1)
+        m2b = np.einsum("ij,ij->i", dev, dev)
+        # Chan's parallel update: combine this step's mean/variance with the running ones.
+        seen = nb > 0
+        total = self.n + nb
+        weight = np.divide(nb, total, out=np.zeros(len(nb)), where=seen)
+        delta = np.where(seen, mb - self.mean, 0.0)
+        self.mean = self.mean + delta * weight
+        self.m2 = self.m2 + np.where(seen, m2b, 0.0) + delta * delta * self.n * weight
+        self.n = total
+        self.min = np.minimum(self.min, lo)
+        self.max = np.maximum(self.max, hi)
+
+    def prepare_histograms(self) -> None:
+        """Edges per column from its finite range (a constant column gets a unit-wide range)."""
+        lo, hi = self.min.copy(), self.max.copy()
+        empty = self.n == 0  # no finite value: no histogram (placeholder edges, never reported)
+        lo[empty], hi[empty] = 0.0, 1.0
+        flat = lo == hi
+        lo[flat] -= 0.5
+        hi[flat] += 0.5
+        self.edges = np.linspace(lo, hi, HISTOGRAM_BINS + 1, axis=1)  # a row of edges per column
+        self.hist = np.zeros((len(self.names), HISTOGRAM_BINS), dtype=np.int64)
+
+    def add_histograms(self, matrix: np.ndarray) -> None:
+        if self.edges is None or self.hist is None:
+            return
+        finite = np.isfinite(matrix)
+        if not finite.all():
+            matrix = np.where(finite, matrix, np.nan)  # a NaN is below no edge and counted in no bin
+        self.hist += histograms(matrix, self.edges, finite.sum(axis=1))
+
+    def result(self, index: int) -> dict[str, Any]:
+        n = int(self.n[index])
+        out: dict[str, Any] = {
+            "min": _num(self.min[index]) if n else None,
+            "max": _num(self.max[index]) if n else None,
+            "mean": _num(self.mean[index]) if n else None,
+            "std": _num(math.sqrt(self.m2[index] / (n - 1))) if n > 1 else None,
+            "nonfinite_count": int(self.nonfinite[index]),
+        }
+        if n and self.edges is not None and self.hist is not None:
+            out["histogram"] = {
+                "edges": [float(e) for e in self.edges[index]],
+                "counts": [int(c) for c in self.hist[index]],
+            }
+        return out
+
+
+def histograms(matrix: np.ndarray, edges: np.ndarray, finite: np.ndarray) -> np.ndarray:
+    """Counts per bin for each row of ``matrix`` (a column's values, within its row of ``edges``;
+    NaN for values to leave out, ``finite`` of them per row), exactly as ``np.histogram(values,
+    bins=edges)`` counts them: bin i holds edges[i] <= v < edges[i + 1], the last bin its upper
+    edge too. One vectorised comparison per inner edge counts the values below it, for every
+    column at once: a few numpy calls per step, whatever the number of columns.
+    """
+    below = [np.count_nonzero(matrix < edges[:, [j]], axis=1) for j in range(1, edges.shape[1] - 1)]
+    cumulative = np.column_stack([np.zeros(len(matrix), dtype=np.int64), *below, finite])
+    return np.diff(cumulative, axis=1)
+
+
+def histogram(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """``histograms`` for one column of finite values."""
+    counts: np.ndarray = histograms(values[None, :], edges[None, :], np.array([len(values)]))[0]
+    return counts
 
 
 def _num(value: Any) -> float | None:
@@ -216,64 +302,71 @@ def profile_table(table: TableFile) -> dict[str, Any]:
     """Row count, schema and per-column profile; settles ``table.column_types`` as a side effect.
 
     One pass reads the file; histograms need each column's range first, so a CSV's numeric
-    columns are also written to a temp Arrow file on the way (binary, read back far faster than
-    the text is parsed again). Memory stays flat: both are read a record batch at a time.
+    columns are also written to a temp file on the way (as float64 blocks, read back far faster
+    than the text is parsed again). Memory stays flat: both are read a step at a time.
     """
     spill_dir = table.path.parent if table.format is FileFormat.csv else None
     with tempfile.TemporaryDirectory(prefix="miniml-profile-", dir=spill_dir) as tmp:
-        spill = Path(tmp) / "numeric.arrow" if spill_dir is not None else None
+        spill = Path(tmp) / "numeric.f64" if spill_dir is not None else None
         while True:
             try:
-                columns, rows = _first_pass(table, spill)
+                columns, numeric, rows, blocks = _first_pass(table, spill)
                 break
             except WidenColumn as widen:
                 table.widen(widen)
-        for col in columns.values():
-            col.prepare_histogram()
-        binned = [name for name, c in columns.items() if c.edges is not None]
-        if binned:
-            for batch in _second_pass(table, columns, binned, spill):
-                for name, arr in zip(batch.schema.names, batch.columns, strict=True):
-                    columns[name].add_histogram(arr)
-    return {"rows": rows, "columns": [c.result(rows) for c in columns.values()]}
+        if numeric is not None and numeric.names:
+            numeric.prepare_histograms()
+            for matrix in _second_pass(table, columns, numeric.names, spill, blocks):
+                numeric.add_histograms(matrix)
+    index = {name: i for i, name in enumerate(numeric.names)} if numeric is not None else {}
+    return {
+        "rows": rows,
+        "columns": [
+            c.result(rows, numeric.result(index[name]) if numeric is not None and name in index else None)
+            for name, c in columns.items()
+        ],
+    }
 
 
-def _first_pass(table: TableFile, spill: Path | None) -> tuple[dict[str, _Column], int]:
+def _first_pass(table: TableFile, spill: Path | None) -> tuple[dict[str, _Column], _Numeric | None, int, list[int]]:
     columns: dict[str, _Column] = {}
+    numeric: _Numeric | None = None
     rows = 0
-    writer: pa.ipc.RecordBatchStreamWriter | None = None
-    numeric: list[str] = []
-    try:
+    blocks: list[int] = []  # rows per block written to the spill file
+    with contextlib.ExitStack() as stack:
+        out = stack.enter_context(spill.open("wb")) if spill is not None else None
         for chunk in prefetch(_grouped(table.batches())):
-            if not columns:
-                columns = {f.name: _Column(f.name, f.type) for f in chunk.schema}
-                numeric = [f.name for f in chunk.schema if kind_of(f.type) is ColumnKind.numeric]
-                if spill is not None and numeric:
-                    schema = pa.schema([(name, pa.float64()) for name in numeric])
-                    writer = pa.ipc.new_stream(pa.OSFile(str(spill), "wb"), schema)
+            if numeric is None:
+                cap = distinct_cap(chunk.num_columns)
+                columns = {f.name: _Column(f.name, f.type, cap=cap) for f in chunk.schema}
+                numeric = _Numeric([f.name for f in chunk.schema if kind_of(f.type) is ColumnKind.numeric])
             for name, arr in zip(chunk.schema.names, chunk.columns, strict=True):
                 columns[name].add(arr)
-            if writer is not None:
-                arrays = [chunk.column(name).cast(pa.float64()) for name in numeric]
-                writer.write_batch(pa.RecordBatch.from_arrays(arrays, names=numeric))
+            if numeric.names:
+                matrix = numeric_matrix(chunk, numeric.names)
+                numeric.add(matrix, np.array([chunk.column(name).null_count for name in numeric.names]))
+                if out is not None:
+                    matrix.tofile(out)
+                    blocks.append(chunk.num_rows)
             rows += chunk.num_rows
-    finally:
-        if writer is not None:
-            writer.close()
-    return columns, rows
+    return columns, numeric, rows, blocks
 
 
-def _grouped(batches: Iterator[pa.RecordBatch], target_bytes: int = STEP_BYTES) -> Iterator[pa.RecordBatch]:
-    """Parsed batches joined into steps of about ``target_bytes``: the per-column work runs once
-    per step, not once per batch (compute kernels on one contiguous array beat many small ones)."""
+def _grouped(
+    batches: Iterator[pa.RecordBatch], target_bytes: int = STEP_BYTES, min_rows: int = STEP_MIN_ROWS
+) -> Iterator[pa.RecordBatch]:
+    """Parsed batches joined into steps of about ``target_bytes`` and at least ``min_rows``: the
+    per-column work runs once per step, not once per batch (compute kernels on one contiguous
+    array beat many small ones)."""
     group: list[pa.RecordBatch] = []
-    size = 0
+    size = rows = 0
     for batch in batches:
         group.append(batch)
         size += batch.nbytes
-        if size >= target_bytes:
+        rows += batch.num_rows
+        if size >= target_bytes and rows >= min_rows:
             yield pa.concat_batches(group)
-            group, size = [], 0
+            group, size, rows = [], 0, 0
     if group:
         yield pa.concat_batches(group)
 
@@ -324,15 +417,16 @@ def prefetch(batches: Iterator[pa.RecordBatch], depth: int = 2) -> Iterator[pa.R
 
 
 def _second_pass(
-    table: TableFile, columns: dict[str, _Column], binned: list[str], spill: Path | None
-) -> Iterator[pa.RecordBatch]:
-    if spill is not None and spill.exists():
-        with pa.OSFile(str(spill), "rb") as source:
-            for batch in pa.ipc.open_stream(source):
-                yield batch.select(binned)
+    table: TableFile, columns: dict[str, _Column], names: list[str], spill: Path | None, blocks: list[int]
+) -> Iterator[np.ndarray]:
+    if spill is not None:
+        with spill.open("rb") as source:
+            for rows in blocks:
+                yield np.fromfile(source, dtype=np.float64, count=rows * len(names)).reshape(len(names), rows)
         return
-    # Parquet: columnar already, read only the binned columns; types are settled, nothing inferred.
-    yield from table.batches(columns=binned, types={name: c.dtype for name, c in columns.items()})
+    # Parquet: columnar already, read only the numeric columns; types are settled, nothing inferred.
+    for batch in _grouped(table.batches(columns=names, types={name: c.dtype for name, c in columns.items()})):
+        yield numeric_matrix(batch, names)
 
 
 def schema_of(profile: dict[str, Any]) -> list[dict[str, str]]:
