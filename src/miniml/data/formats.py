@@ -400,10 +400,12 @@ def _open_csv(
             convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=True, include_columns=columns),
         )
     except pa.ArrowInvalid as exc:
-        if threads:  # the first block failed: read it again plainly, for the row number
-            fh.seek(0)
-            return _open_csv(fh, table, batch_bytes, columns, types, False, names=names, shift=shift)
-        _raise_for_csv_error(_shift_rows(str(exc), shift), [], table)
+        message = str(exc)
+        if threads and names is None and not _ROW_RE.search(message):
+            # The first block failed: read the file again plainly, for the row number. From a
+            # handle of its own: the threaded reader's read-ahead may still be reading ``fh``.
+            message = _first_error(table, batch_bytes, columns, types) or message
+        _raise_for_csv_error(_shift_rows(message, shift), [], table)
         raise  # unreachable: the call above always raises
 
 
