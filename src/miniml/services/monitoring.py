@@ -512,7 +512,9 @@ def decide(
         if alias in STAGES:
             registry.promote(project, dep.model_name, row.challenger_version, alias)
         else:
-            registry.set_alias(project, dep.model_name, alias, row.challenger_version)
+            registry.client.set_registered_model_alias(
+                registered_name(project, dep.model_name), alias, row.challenger_version
+            )
         how = f"alias {alias!r} moved to v{row.challenger_version}"
     else:
         dep.previous_target = target
