@@ -111,8 +111,6 @@ class _Column:
                 # Kept as an Arrow array (8 bytes a number), merged by Arrow's hash: NaN counts once.
                 both = valid if self.distinct is None else pa.chunked_array([self.distinct, valid])
                 merged = _unique.call([both])  # one hash pass; the function object skips the wrapper
-                if isinstance(merged, pa.ChunkedArray):
-                    merged = merged.combine_chunks()
                 self.distinct_capped = len(merged) > self.cap
                 self.distinct = None if self.distinct_capped else merged
         elif len(self.counts) <= self.cap:
@@ -244,7 +242,10 @@ class _Numeric:
             matrix = np.where(finite, matrix, np.nan)  # a NaN is below no edge and counted in no bin
         self.hist += histograms(matrix, self.edges, finite.sum(axis=1))
 
-    def result(self, index: int) -> dict[str, Any]:
+    def results(self) -> dict[str, dict[str, Any]]:
+        return {name: self._result(index) for index, name in enumerate(self.names)}
+
+    def _result(self, index: int) -> dict[str, Any]:
         n = int(self.n[index])
         out: dict[str, Any] = {
             "min": _num(self.min[index]) if n else None,
@@ -271,12 +272,6 @@ def histograms(matrix: np.ndarray, edges: np.ndarray, finite: np.ndarray) -> np.
     below = [np.count_nonzero(matrix < edges[:, [j]], axis=1) for j in range(1, edges.shape[1] - 1)]
     cumulative = np.column_stack([np.zeros(len(matrix), dtype=np.int64), *below, finite])
     return np.diff(cumulative, axis=1)
-
-
-def histogram(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    """``histograms`` for one column of finite values."""
-    counts: np.ndarray = histograms(values[None, :], edges[None, :], np.array([len(values)]))[0]
-    return counts
 
 
 def _num(value: Any) -> float | None:
@@ -318,14 +313,8 @@ def profile_table(table: TableFile) -> dict[str, Any]:
             numeric.prepare_histograms()
             for matrix in _second_pass(table, columns, numeric.names, spill, blocks):
                 numeric.add_histograms(matrix)
-    index = {name: i for i, name in enumerate(numeric.names)} if numeric is not None else {}
-    return {
-        "rows": rows,
-        "columns": [
-            c.result(rows, numeric.result(index[name]) if numeric is not None and name in index else None)
-            for name, c in columns.items()
-        ],
-    }
+    numbers = numeric.results() if numeric is not None else {}
+    return {"rows": rows, "columns": [c.result(rows, numbers.get(name)) for name, c in columns.items()]}
 
 
 def _first_pass(table: TableFile, spill: Path | None) -> tuple[dict[str, _Column], _Numeric | None, int, list[int]]:
@@ -333,8 +322,7 @@ def _first_pass(table: TableFile, spill: Path | None) -> tuple[dict[str, _Column
     numeric: _Numeric | None = None
     rows = 0
     blocks: list[int] = []  # rows per block written to the spill file
-    with contextlib.ExitStack() as stack:
-        out = stack.enter_context(spill.open("wb")) if spill is not None else None
+    with spill.open("wb") if spill is not None else contextlib.nullcontext() as out:
         for chunk in prefetch(_grouped(table.batches())):
             if numeric is None:
                 cap = distinct_cap(chunk.num_columns)
