@@ -185,10 +185,7 @@ def _streamed_csv_batches(
         except StopIteration:
             break
         except pa.ArrowInvalid as exc:
-            message = str(exc)
-            if threads and not _ROW_RE.search(message) and not _CONVERSION_RE.search(message):
-                # Threaded parsing does not know row numbers: find the row with a plain scan.
-                message = _first_error(table, batch_bytes, columns, types) or message
+            message = _with_row(str(exc), table, batch_bytes, columns, types, threads)
             _raise_for_csv_error(_shift_rows(message, shift), out_names, table)
         rows += batch.num_rows
         if batch.num_rows:
@@ -366,6 +363,17 @@ def _shift_rows(message: str, rows: int) -> str:
     return re.sub(r"Row #(\d+)", lambda m: f"Row #{int(m.group(1)) + rows}", message)
 
 
+def _with_row(
+    message: str, table: TableFile, batch_bytes: int, columns: list[str], types: dict[str, pa.DataType], threads: bool
+) -> str:
+    """Threaded parsing (only ever from the file's start) does not know row numbers: find the
+    failing row with a plain scan, on a handle of its own (the threaded reader's read-ahead may
+    still be reading the one it failed on)."""
+    if threads and not _ROW_RE.search(message) and not _CONVERSION_RE.search(message):
+        return _first_error(table, batch_bytes, columns, types) or message
+    return message
+
+
 def _first_error(table: TableFile, batch_bytes: int, columns: list[str], types: dict[str, pa.DataType]) -> str | None:
     with table.open() as fh:
         reader = _open_csv(fh, table, batch_bytes, columns, types, False)
@@ -399,12 +407,8 @@ def _open_csv(
             parse_options=pacsv.ParseOptions(delimiter=table.delimiter, newlines_in_values=True),
             convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=True, include_columns=columns),
         )
-    except pa.ArrowInvalid as exc:
-        message = str(exc)
-        if threads and names is None and not _ROW_RE.search(message):
-            # The first block failed: read the file again plainly, for the row number. From a
-            # handle of its own: the threaded reader's read-ahead may still be reading ``fh``.
-            message = _first_error(table, batch_bytes, columns, types) or message
+    except pa.ArrowInvalid as exc:  # the first block failed
+        message = _with_row(str(exc), table, batch_bytes, columns, types, threads)
         _raise_for_csv_error(_shift_rows(message, shift), [], table)
         raise  # unreachable: the call above always raises
 
