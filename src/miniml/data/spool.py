@@ -64,12 +64,7 @@ class Spool:
 
     def wait_done(self) -> int:
         """Wait for the whole file; return its size."""
-        with self._cond:
-            while not self.failed and not self.done:
-                self._cond.wait()
-            if self.failed:
-                raise SpoolFailed("the upload ended before its last byte")
-            return self.written
+        return self.wait_for(_NEVER)
 
     def reader(self) -> io.BufferedReader:
         """A file object over the bytes written so far and to come (seekable, for rereads)."""

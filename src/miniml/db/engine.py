@@ -60,7 +60,7 @@ def head_revision() -> str:
     revisions: set[str] = set()
     parents: set[str] = set()
     for path in (MIGRATIONS / "versions").glob("*.py"):
-        found = dict((key, value) for key, value in _REVISION_RE.findall(path.read_text(encoding="utf-8")))
+        found = dict(_REVISION_RE.findall(path.read_text(encoding="utf-8")))
         revisions.add(found["revision"])
         if found.get("down_revision"):
             parents.add(found["down_revision"])
