@@ -50,6 +50,12 @@ class AuthSettings(BaseModel):
         description="On first start with no keys, create an admin key, print it once and write it "
         "to <data_dir>/admin.key (mode 0600).",
     )
+    bootstrap_service_keys: bool = Field(
+        default=True,
+        description="On start, create a key of the worker role and one of the inference role when "
+        "<data_dir>/worker.key or <data_dir>/inference.key is missing, and write them there (mode 0600). "
+        "Off: give each service its key with MINIML_WORKER__API_KEY and MINIML_INFERENCE__API_KEY.",
+    )
 
 
 class ApiSettings(BaseModel):
@@ -91,8 +97,8 @@ class PrefectSettings(BaseModel):
 class WorkerSettings(BaseModel):
     api_key: str | None = Field(
         default=None,
-        description="Key (engineer or admin) the worker uses to report to the api. Unset: the bootstrap admin "
-        "key in <data_dir>/admin.key (miniml up and compose share that folder).",
+        description="Key of the worker role (POST /api/v1/keys with role worker) the worker reports to the api "
+        "with. Unset: <data_dir>/worker.key, written by the api (miniml up and compose share that folder).",
     )
     concurrency: int = Field(default=2, ge=1, description="Jobs one worker process runs at once.")
     trial_threads: int = Field(
@@ -121,6 +127,12 @@ class JobSettings(BaseModel):
 
 
 class MonitoringSettings(BaseModel):
+    metrics_token: str | None = Field(
+        default=None,
+        description="When set, /metrics of the api and the inference service answer only "
+        "'Authorization: Bearer <token>' (give Prometheus the same token). Unset: /metrics is open, "
+        "so bind the services to a private interface.",
+    )
     drift_min_rows: int = Field(
         default=30, ge=1, description="A drift check with fewer captured rows in its window reports no_data."
     )
@@ -141,8 +153,8 @@ class InferenceSettings(BaseModel):
     port: int = Field(default=8080, ge=1, le=65535, description="Port of the inference service.")
     api_key: str | None = Field(
         default=None,
-        description="Admin key the inference service reads desired deployments with. Unset: "
-        "<data_dir>/admin.key (miniml up and compose share that folder).",
+        description="Key of the inference role the service reads desired deployments with. Unset: "
+        "<data_dir>/inference.key, written by the api (miniml up and compose share that folder).",
     )
     replica_id: str | None = Field(default=None, description="This replica's name; default host:port.")
     public_url: str | None = Field(
@@ -157,11 +169,18 @@ class InferenceSettings(BaseModel):
         "a push reaches one of them, the others follow within reconcile_s.",
     )
     max_rows: int = Field(default=10_000, ge=1, description="Most rows one predict request may carry (422 above).")
+    max_body_bytes: int = Field(
+        default=16 * 1024 * 1024, ge=1024, description="Largest request body the inference service reads (413 above)."
+    )
     max_batch_rows: int = Field(
         default=4096, ge=1, description="Most rows the micro-batcher merges into one model call."
     )
     key_cache_s: float = Field(
-        default=30.0, ge=0, description="How long a checked API key is trusted before asking the api again."
+        default=1.0,
+        ge=0,
+        le=2.0,
+        description="How long a caller's checked key or token is trusted before asking the api again; "
+        "a revoked key stops working on every replica within this time.",
     )
     capture_fraction: float = Field(
         default=1.0, ge=0, le=1, description="Share of predict requests whose inputs and outputs are kept for drift."

@@ -1,6 +1,7 @@
 """The error tree, shared by the server and the SDK.
 
 * MiniMLError                 500  unexpected; the body never carries internals
+  x BadRequest                400  malformed: a broken multipart body, JSON with a byte-order mark
   x InvalidInput              422  well-formed but unusable: bad name, unknown column, empty search space
   x Unauthorized              401  no key, unknown, revoked or expired key, bad or expired token
   x Forbidden                 403  the key's role is below what the route needs
@@ -28,6 +29,11 @@ class MiniMLError(Exception):
         super().__init__(detail)
         self.detail = detail
         self.extra = extra or {}
+
+
+class BadRequest(MiniMLError):
+    status = 400
+    title = "Bad request"
 
 
 class InvalidInput(MiniMLError):
@@ -65,7 +71,30 @@ class UpstreamUnavailable(MiniMLError):
     title = "Service unavailable"
 
 
+def public_reason(exc: BaseException, *, limit: int = 300) -> str:
+    """What a user may read about a failure: our own errors whole, others as their type and first
+    line, with no traceback, SQL statement or parameters (those stay in the service's log)."""
+    if isinstance(exc, MiniMLError):
+        return exc.detail[: limit * 4]
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    for marker in ("[SQL:", "[parameters:", "(Background on this error"):
+        text = text.split(marker)[0]
+    if type(exc).__module__.split(".")[0] in ("sqlalchemy", "psycopg", "psycopg2", "sqlite3", "asyncpg"):
+        text = "a database error"
+    text = text.strip()
+    return f"{type(exc).__name__}: {text[:limit]}" if text else type(exc).__name__
+
+
 ERRORS_BY_STATUS: dict[int, type[MiniMLError]] = {
     cls.status: cls
-    for cls in (InvalidInput, Unauthorized, Forbidden, NotFound, Conflict, PayloadTooLarge, UpstreamUnavailable)
+    for cls in (
+        BadRequest,
+        InvalidInput,
+        Unauthorized,
+        Forbidden,
+        NotFound,
+        Conflict,
+        PayloadTooLarge,
+        UpstreamUnavailable,
+    )
 }

@@ -21,6 +21,7 @@ import httpx
 
 from miniml.config import Settings
 from miniml.errors import Conflict, UpstreamUnavailable
+from miniml.files import write_secret_file
 
 BIN = Path(sys.executable).parent
 
@@ -156,8 +157,14 @@ def prometheus_service(settings: Settings) -> list[Service]:
     folder.mkdir(parents=True, exist_ok=True)
     local = "127.0.0.1"
     worker = [f"{local}:{settings.worker.metrics_port}"] if settings.worker.metrics_port else []
+    token_file = None
+    if settings.monitoring.metrics_token:
+        token_file = str(write_secret_file(folder / "scrape.token", settings.monitoring.metrics_token))
     config = scrape_config(
-        api=[f"{local}:{settings.api.port}"], inference=[f"{local}:{settings.inference.port}"], worker=worker
+        api=[f"{local}:{settings.api.port}"],
+        inference=[f"{local}:{settings.inference.port}"],
+        worker=worker,
+        token_file=token_file,
     )
     (folder / "prometheus.yml").write_text(yaml.safe_dump(config, sort_keys=False))
     (folder / "alerts.yml").write_text(yaml.safe_dump(alert_rules(), sort_keys=False))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -20,7 +19,9 @@ from miniml.api.middleware import ApiMetrics, RequestMiddleware
 from miniml.api.routes import audit, auth, datasets, deployments, health, jobs, keys, models, monitoring, projects, seed
 from miniml.config import Settings
 from miniml.db.engine import make_engine, make_sessionmaker, upgrade
+from miniml.domain.roles import Role
 from miniml.errors import MiniMLError
+from miniml.files import secure_data_dir, write_secret_file
 from miniml.monitoring.collector import PlatformCollector
 from miniml.orchestration.submit import Orchestrator
 from miniml.services import jobs as job_service
@@ -34,13 +35,20 @@ log = logging.getLogger("miniml.api")
 
 def write_admin_key(data_dir: Path, raw: str) -> Path:
     """Write the bootstrap admin key where only this user can read it."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    path = data_dir / "admin.key"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(raw + "\n")
-    os.chmod(path, 0o600)
-    return path
+    return write_secret_file(data_dir / "admin.key", raw)
+
+
+def bootstrap_keys(settings: Settings, session: Session) -> str | None:
+    """The first admin key (returned, once) and the service keys the worker and inference read."""
+    raw = key_service.bootstrap_admin_key(session) if settings.auth.bootstrap_admin_key else None
+    if raw:
+        write_admin_key(settings.data_dir, raw)
+    if settings.auth.bootstrap_service_keys:
+        for role in (Role.worker, Role.inference):
+            path = settings.data_dir / f"{role.value}.key"
+            if not path.exists():
+                write_secret_file(path, key_service.create_service_key(session, role))
+    return raw
 
 
 async def supervise_jobs(
@@ -79,11 +87,13 @@ def create_app(settings: Settings) -> FastAPI:
         await anyio.to_thread.run_sync(store.prepare)
         with db.begin() as session:
             app.state.jwt_secret = settings.auth.jwt_secret or secrets.read_or_create_secret(session, "jwt")
-            raw = key_service.bootstrap_admin_key(session) if settings.auth.bootstrap_admin_key else None
+            raw = bootstrap_keys(settings, session)
         if raw:
-            path = write_admin_key(settings.data_dir, raw)
-            # Printed once, on the start that created it; afterwards it is only in the file.
-            print(f"miniml: created the first admin key (saved to {path}):\n  {raw}", flush=True)
+            path = settings.data_dir / "admin.key"
+            # Shown once, and only on a terminal: a log file (miniml up's, a container's) must never
+            # hold it. `miniml up` reads the file and prints the key to its own terminal.
+            shown = f":\n  {raw}" if sys.stdout.isatty() else "; read it there"
+            print(f"miniml: created the first admin key (saved to {path}){shown}", flush=True)
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(supervise_jobs, settings, db, app.state.orchestrator, app.state.registry)
             yield
@@ -124,6 +134,7 @@ def main_app() -> FastAPI:
     import pyarrow as pa
 
     settings = Settings()
+    secure_data_dir(settings.data_dir)
     logs.configure(settings.log_level)
     # The api parses uploads with Arrow now and then: the system allocator hands memory back where
     # Arrow's default (mimalloc) keeps tens of MB reserved after the first upload.

@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Annotated
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Header, Path, Query, Request
 from sqlalchemy.orm import Session, sessionmaker
 
 from miniml.config import Settings
+from miniml.domain.limits import MAX_ID
 from miniml.domain.roles import Role
 from miniml.domain.tenancy import Caller
 from miniml.errors import Unauthorized
@@ -42,6 +43,11 @@ RegistryDep = Annotated[Registry, Depends(get_registry)]
 StoreDep = Annotated[ObjectStore, Depends(get_store)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
+# Every integer in a path or query is bounded: nothing out of range reaches the DB or MLflow.
+IdPath = Annotated[int, Path(ge=1, le=MAX_ID, description="A numeric id.")]
+VersionPath = Annotated[int, Path(ge=1, le=MAX_ID, description="A version number.")]
+AfterQuery = Annotated[int, Query(ge=0, le=MAX_ID, description="Only what comes after this id.")]
+
 
 def authenticate(
     request: Request,
@@ -73,6 +79,16 @@ def require(role: Role) -> Callable[[Caller], Caller]:
     return check
 
 
+def any_caller(caller: Annotated[Caller, Depends(authenticate)]) -> Caller:
+    return caller
+
+
+any_caller.needed_role = "any"  # type: ignore[attr-defined]  # any valid key or token, services included
+
+AnyCallerDep = Annotated[Caller, Depends(any_caller)]
 ViewerDep = Annotated[Caller, Depends(require(Role.viewer))]
 EngineerDep = Annotated[Caller, Depends(require(Role.engineer))]
 AdminDep = Annotated[Caller, Depends(require(Role.admin))]
+# The platform's own services: only their keys pass, never a person's (not even an admin's).
+WorkerDep = Annotated[Caller, Depends(require(Role.worker))]
+InferenceDep = Annotated[Caller, Depends(require(Role.inference))]

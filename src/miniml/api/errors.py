@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 from typing import Any
 
@@ -13,12 +14,13 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from miniml.errors import MiniMLError, UpstreamUnavailable
+from miniml.errors import MiniMLError, Unauthorized, UpstreamUnavailable
 
 log = logging.getLogger("miniml.api")
 
 PROBLEM_TYPE = "https://miniml.dev/problems/"
 RETRY_AFTER_S = "5"
+WWW_AUTHENTICATE = 'Bearer realm="miniml", ApiKey realm="miniml", header="X-API-Key"'
 
 
 def problem_response(
@@ -40,9 +42,20 @@ def problem_response(
     if extra:
         body.update(extra)
     hdrs = dict(headers or {})
+    if status == 401:  # RFC 9110 §11.6.1: a 401 names the schemes that would work
+        hdrs.setdefault("WWW-Authenticate", WWW_AUTHENTICATE)
     if status == 503:
         hdrs.setdefault("Retry-After", RETRY_AFTER_S)
     return Response(orjson.dumps(body), status_code=status, media_type="application/problem+json", headers=hdrs)
+
+
+def check_metrics_token(request: Request, token: str | None) -> None:
+    """/metrics answers only the scrape token, when one is set."""
+    if token is None:
+        return
+    given = request.headers.get("authorization", "")
+    if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        raise Unauthorized("/metrics needs 'Authorization: Bearer <the scrape token>' (monitoring.metrics_token).")
 
 
 def request_id_of(request: Request) -> str | None:

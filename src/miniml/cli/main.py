@@ -11,6 +11,7 @@ import typer
 from miniml.cli import datasets, deployments, jobs, keys, models, projects
 from miniml.cli.context import client, console, err_console, fail, save_login
 from miniml.errors import MiniMLError
+from miniml.files import secure_data_dir
 
 app = typer.Typer(help="miniml: a small, honest ML platform.", no_args_is_help=True, pretty_exceptions_enable=False)
 app.add_typer(projects.app, name="projects")
@@ -30,7 +31,7 @@ def up() -> None:
     from miniml.processes import Supervisor, embedded_services
 
     settings = Settings()
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    secure_data_dir(settings.data_dir)  # before any child starts: they inherit the private umask
     key_file = settings.data_dir / "admin.key"
     had_key = key_file.exists()
     sup = Supervisor(settings, embedded_services(settings))
@@ -106,6 +107,7 @@ def api() -> None:
     from miniml.db.engine import at_head, make_engine
 
     settings = Settings()
+    secure_data_dir(settings.data_dir)
     engine = make_engine(settings.db_url, connect_timeout_s=settings.db.connect_timeout_s)
     try:
         current = at_head(engine)
@@ -148,6 +150,7 @@ def inference() -> None:
     from miniml.config import Settings
 
     settings = Settings()
+    secure_data_dir(settings.data_dir)
     _serve(
         "miniml.inference.app:main_app",
         host=settings.inference.host,
@@ -165,6 +168,7 @@ def worker() -> None:
     from miniml.orchestration.flows import serve
 
     settings = Settings()
+    secure_data_dir(settings.data_dir)
     os.environ.setdefault("PREFECT_API_URL", settings.prefect_api_url)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # Poll often: a submitted job starts within a few seconds instead of ~10.

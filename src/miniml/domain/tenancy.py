@@ -17,7 +17,7 @@ from miniml.errors import Forbidden, NotFound
 class Caller:
     key_id: str
     role: Role
-    # None: every project (admin keys).
+    # None: every project (admin and service keys).
     projects: frozenset[str] | None
 
     def can_see(self, project: str) -> bool:
@@ -25,6 +25,16 @@ class Caller:
 
     def require_role(self, needed: Role) -> None:
         if not self.role.allows(needed):
+            if needed.is_service:
+                raise Forbidden(
+                    f"This call is for the platform's {needed.value} service only; key {self.key_id} is "
+                    f"{self.role.value}. Workers and inference replicas use their own service keys."
+                )
+            if self.role.is_service:
+                raise Forbidden(
+                    f"This call needs the {needed.value} role; key {self.key_id} is the {self.role.value} "
+                    "service's key, which may not make it. Use a person's key."
+                )
             raise Forbidden(
                 f"This call needs the {needed.value} role or higher; key {self.key_id} is {self.role.value}. "
                 "Ask an admin for a key with that role."

@@ -23,9 +23,18 @@ from pydantic import ValidationError
 from starlette.responses import Response
 
 from miniml import logs
-from miniml.api.errors import from_error, problem_response
+from miniml.api.errors import check_metrics_token, from_error, problem_response
 from miniml.config import Settings
-from miniml.errors import InvalidInput, MiniMLError, NotFound, Unauthorized, UpstreamUnavailable
+from miniml.errors import (
+    BadRequest,
+    Forbidden,
+    InvalidInput,
+    MiniMLError,
+    NotFound,
+    PayloadTooLarge,
+    Unauthorized,
+    UpstreamUnavailable,
+)
 from miniml.inference.batching import Columns
 from miniml.inference.capture import Capture
 from miniml.inference.feedback import PredictionMemory
@@ -44,19 +53,40 @@ def request_id(request: Request) -> str:
 
 
 def inference_key(settings: Settings) -> str:
-    if settings.inference.api_key:
-        return settings.inference.api_key
-    path = settings.data_dir / "admin.key"
-    if path.exists():  # written by the api on first start, on the data volume the roles share
-        return path.read_text().strip()
-    raise RuntimeError("The inference service has no API key: set MINIML_INFERENCE__API_KEY to an admin key.")
+    from miniml.files import read_key_file
+
+    # Unset: the key the api wrote on start, on the data volume the roles share (miniml up, compose).
+    key = settings.inference.api_key or read_key_file(settings.data_dir, "inference")
+    if not key:
+        raise RuntimeError(
+            "The inference service has no API key: set MINIML_INFERENCE__API_KEY to a key of the inference "
+            "role (an admin creates one with POST /api/v1/keys {'role': 'inference'})."
+        )
+    return key
 
 
-async def json_body(request: Request) -> Any:
+async def json_body(request: Request, limit: int) -> Any:
+    """The body as strict JSON (UTF-8, no byte-order mark), read only up to ``limit`` bytes."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(_too_large(limit))
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(_too_large(limit))
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if raw[:3] == b"\xef\xbb\xbf" or raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise BadRequest("The body starts with a byte-order mark; send UTF-8 JSON without one (RFC 8259 §8.1).")
     try:
-        return orjson.loads(await request.body())
+        return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise InvalidInput(f"The body is not valid JSON ({exc}).") from None
+
+
+def _too_large(limit: int) -> str:
+    return f"The request body is larger than {limit:,} bytes; send fewer rows per request."
 
 
 _OIP_TYPES = {"number": "FP64", "string": "BYTES", "boolean": "BOOL"}
@@ -87,6 +117,7 @@ def create_inference_app(settings: Settings) -> FastAPI:
     )
 
     memory = PredictionMemory(settings.monitoring.prediction_memory_rows)
+    max_body = settings.inference.max_body_bytes
 
     async def flush_forever() -> None:
         while True:
@@ -150,23 +181,41 @@ def create_inference_app(settings: Settings) -> FastAPI:
 
     @app.get("/readyz")
     def readyz() -> Response:
-        body = {"ready": state.ready, "deployments": state.report()}
+        """Ready once every deployment loaded; counts only: anonymous callers learn no names."""
+        report = state.report()
+        failing = sum(1 for d in report.values() if not d["ready"])
+        body = {"ready": state.ready, "deployments": len(report), "failing": failing}
         return Response(orjson.dumps(body), status_code=200 if state.ready else 503, media_type="application/json")
 
     @app.get("/metrics", include_in_schema=False)
-    def metrics_route() -> Response:
+    def metrics_route(request: Request) -> Response:
+        try:
+            check_metrics_token(request, settings.monitoring.metrics_token)
+        except MiniMLError as exc:
+            return from_error(exc, request_id(request))
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/admin/reconcile", status_code=202)
-    def reconcile_now() -> dict[str, str]:
-        """Reconcile with the api now (the api calls this after every change)."""
+    async def reconcile_now(request: Request) -> Response:
+        """Reconcile with the api now (the api calls this after every change); an admin or the inference service."""
+        try:
+            who = await caller_of(request)
+            if who.get("role") not in ("admin", "inference"):
+                raise Forbidden(f"Reconciling needs an admin key; key {who.get('key_id')} is {who.get('role')}.")
+        except MiniMLError as exc:
+            return from_error(exc, request_id(request))
         wake.set()
-        return {"status": "reconciling"}
+        return Response(orjson.dumps({"status": "reconciling"}), status_code=202, media_type="application/json")
 
     async def caller_of(request: Request) -> dict[str, Any]:
-        who = await request.app.state.link.whoami({k.lower(): v for k, v in request.headers.items()})
+        try:
+            who = await request.app.state.link.whoami({k.lower(): v for k, v in request.headers.items()})
+        except httpx.HTTPError as exc:
+            raise UpstreamUnavailable(f"The api could not check your key ({type(exc).__name__}); retry.") from exc
         if who is None:
-            raise Unauthorized("Send a valid API key as X-API-Key (or a Bearer token) to predict.")
+            raise Unauthorized(
+                "Send a valid API key as X-API-Key, or 'Authorization: Bearer <token>' from POST /api/v1/auth/token."
+            )
         return dict(who)
 
     def visible(who: dict[str, Any], served: Served) -> bool:
@@ -202,7 +251,7 @@ def create_inference_app(settings: Settings) -> FastAPI:
         labels = (served.name, variant.version)
         try:
             if body is None:
-                body = await json_body(request)
+                body = await json_body(request, max_body)
             columns, rows, ignored = parse_rows(body, model, max_rows=settings.inference.max_rows)
             want_proba = request.query_params.get("probabilities", "").lower() in ("1", "true", "yes")
             preds, probas = await model.batcher.predict(columns, rows, want_proba and model.classes is not None)
@@ -262,7 +311,7 @@ def create_inference_app(settings: Settings) -> FastAPI:
         """True labels for served predictions: {"prediction_id", "label"} or {"feedback": [...]}; all or nothing."""
         try:
             served = await endpoint_for(request, name)
-            body = await json_body(request)
+            body = await json_body(request, max_body)
             items = body.get("feedback", [body]) if isinstance(body, dict) else None
             try:
                 batch = FeedbackBatch.model_validate({"feedback": items})
@@ -317,7 +366,7 @@ def create_inference_app(settings: Settings) -> FastAPI:
         """OIP v2 inference: {"inputs": [{"name", "shape", "datatype", "data"}, ...]}."""
         try:
             served = await endpoint_for(request, name)
-            body = await json_body(request)
+            body = await json_body(request, max_body)
             inputs = body.get("inputs") if isinstance(body, dict) else None
             if (
                 not isinstance(inputs, list)

@@ -199,6 +199,9 @@ class ApiLink:
 
     def __init__(self, api_url: str, api_key: str, *, key_cache_s: float) -> None:
         self.http = httpx.AsyncClient(base_url=api_url, headers={"X-API-Key": api_key}, timeout=10)
+        # Callers' credentials are checked on a client of their own, which carries none of the
+        # service's: the api answers for exactly what the caller sent, never for this replica.
+        self.check = httpx.AsyncClient(base_url=api_url, timeout=10)
         self.key_cache_s = key_cache_s
         self.keys: dict[str, tuple[float, dict[str, Any] | None]] = {}
         self.lookups: dict[str, asyncio.Task[dict[str, Any] | None]] = {}
@@ -228,11 +231,14 @@ class ApiLink:
         import hashlib
         import time
 
-        cred = headers.get("x-api-key") or headers.get("authorization") or ""
-        if not cred:
+        key, bearer = headers.get("x-api-key", ""), headers.get("authorization", "")
+        if key:
+            send = {"X-API-Key": key}
+        elif bearer[:7].lower() == "bearer " and bearer[7:].strip():
+            send = {"Authorization": bearer}
+        else:
             return None
-        digest = hashlib.sha256(cred.encode()).hexdigest()
-        send = {"X-API-Key": headers["x-api-key"]} if headers.get("x-api-key") else {"Authorization": cred}
+        digest = hashlib.sha256(repr(sorted(send.items())).encode()).hexdigest()
         hit = self.keys.get(digest)
         age = time.monotonic() - hit[0] if hit is not None else math.inf
         if hit is not None and age < self.key_cache_s:
@@ -248,7 +254,7 @@ class ApiLink:
 
             try:
                 started = time.monotonic()
-                response = await self.http.get("/api/v1/auth/whoami", headers=send)
+                response = await self.check.get("/api/v1/auth/whoami", headers=send)
                 if response.status_code >= 500:
                     response.raise_for_status()
                 who = response.json() if response.status_code == 200 else None

@@ -314,16 +314,31 @@ def alert_rules() -> dict[str, Any]:
 
 
 def scrape_config(
-    *, api: list[str], inference: list[str] | None = None, worker: list[str] | None = None, interval_s: float = 5
+    *,
+    api: list[str],
+    inference: list[str] | None = None,
+    worker: list[str] | None = None,
+    interval_s: float = 5,
+    token_file: str | None = None,
 ) -> dict[str, Any]:
-    """A Prometheus config scraping the given host:port targets, with the rules file beside it."""
+    """A Prometheus config scraping the given host:port targets, with the rules file beside it.
+
+    ``token_file``: the scrape token (monitoring.metrics_token) that the api's and inference's
+    /metrics ask for; the worker's metrics server binds a private interface instead.
+    """
     jobs = [(API_JOB, api), (INFERENCE_JOB, inference or []), (WORKER_JOB, worker or [])]
+    configs: list[dict[str, Any]] = []
+    for name, targets in jobs:
+        if not targets:
+            continue
+        job: dict[str, Any] = {"job_name": name, "static_configs": [{"targets": targets}]}
+        if token_file and name != WORKER_JOB:
+            job["authorization"] = {"type": "Bearer", "credentials_file": token_file}
+        configs.append(job)
     return {
         "global": {"scrape_interval": f"{interval_s:g}s", "evaluation_interval": f"{interval_s:g}s"},
         "rule_files": ["alerts.yml"],
-        "scrape_configs": [
-            {"job_name": name, "static_configs": [{"targets": targets}]} for name, targets in jobs if targets
-        ],
+        "scrape_configs": configs,
     }
 
 

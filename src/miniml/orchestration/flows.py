@@ -10,15 +10,16 @@ from miniml.orchestration import DEPLOYMENT_NAME, DRIFT_FLOW, EVALUATE_FLOW, FLO
 
 
 def worker_client(settings: Settings) -> object:
+    from miniml.files import read_key_file
     from miniml.sdk.client import Client
 
-    key = settings.worker.api_key
+    # Unset: the key the api wrote on start, on the data volume the roles share (miniml up, compose).
+    key = settings.worker.api_key or read_key_file(settings.data_dir, "worker")
     if not key:
-        # The key the api wrote on first start, on the data volume the roles share (miniml up, compose).
-        path = settings.data_dir / "admin.key"
-        if not path.exists():
-            raise RuntimeError("The worker has no API key: set MINIML_WORKER__API_KEY to an engineer (or admin) key.")
-        key = path.read_text().strip()
+        raise RuntimeError(
+            "The worker has no API key: set MINIML_WORKER__API_KEY to a key of the worker role "
+            "(an admin creates one with POST /api/v1/keys {'role': 'worker'})."
+        )
     return Client(settings.api_url, api_key=key, timeout=60)
 
 

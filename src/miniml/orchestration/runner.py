@@ -24,7 +24,7 @@ import pyarrow as pa
 from miniml.config import Settings
 from miniml.data.formats import FileFormat, TableFile
 from miniml.domain.tasks import Task
-from miniml.errors import Conflict, MiniMLError, NotFound
+from miniml.errors import Conflict, MiniMLError, NotFound, public_reason
 from miniml.schemas.jobs import JobFinish, JobRead, TrialReport
 from miniml.sdk.client import Client
 from miniml.tracking.registry import registered_name
@@ -114,10 +114,11 @@ def run_job(
             run_id = _ensure_run(client, tracker, job, shard)
             return _train(client, settings, tracker, job, run_id, worker, beat, shard)
         except Exception as exc:
-            reason = f"{type(exc).__name__}: {getattr(exc, 'detail', None) or exc}"
-            log.error("job failed", extra={"job_id": job_id, "trace": traceback.format_exc()[-2000:]})
+            # The user sees the reason; the traceback stays in the worker's own log.
+            reason = public_reason(exc)
+            log.error("job failed", extra={"job_id": job_id, "trace": traceback.format_exc()[-4000:]})
             try:
-                reports.log(project, job_id, *traceback.format_exc().splitlines()[-15:], level="error")
+                reports.log(project, job_id, f"failed: {reason} (the worker's log has the details)", level="error")
                 if run_id:
                     tracker.finish(run_id, "FAILED")
                 return reports.finish(project, job_id, JobFinish(state="failed", reason=reason[:3900]))

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from miniml.domain.limits import MAX_ID
+
+VersionField = Annotated[int, Field(ge=1, le=MAX_ID)]
 
 
 class StrictModel(BaseModel):

@@ -1,25 +1,26 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import Field, model_validator
 
-from miniml.schemas.common import ReadModel, StrictModel
+from miniml.domain.limits import MAX_ID
+from miniml.schemas.common import ReadModel, StrictModel, VersionField
 
 
 class TrafficItem(StrictModel):
-    version: int = Field(ge=1)
+    version: int = Field(ge=1, le=MAX_ID)
     weight: int = Field(ge=1, le=100, description="Percent of requests.")
 
 
 class ShadowSpec(StrictModel):
-    version: int = Field(ge=1, description="Version that receives copies of live requests.")
+    version: int = Field(ge=1, le=MAX_ID, description="Version that receives copies of live requests.")
     fraction: float = Field(default=0.1, gt=0, le=1, description="Share of requests copied to it.")
 
 
 class DeploymentTarget(StrictModel):
-    target: str | int | None = Field(
+    target: VersionField | Annotated[str, Field(max_length=64)] | None = Field(
         default=None, description="An alias or stage (staging, production) or a version number."
     )
     shadow: ShadowSpec | None = Field(
@@ -61,7 +62,7 @@ class DeploymentUpdate(DeploymentTarget):
 class SeedDeployRequest(StrictModel):
     model_name: str
     stage: str | None = "staging"
-    version: int | None = None
+    version: VersionField | None = None
     project: str | None = None
     name: str | None = None
 

@@ -6,23 +6,26 @@ from typing import Any, Literal
 from pydantic import Field
 
 from miniml.domain.jobs import JobState
+from miniml.domain.limits import MAX_ID, MAX_SEED, MAX_TRIALS
 from miniml.domain.tasks import Task
 from miniml.schemas.common import ReadModel, StrictModel
 
 
 class JobCreate(StrictModel):
     dataset: str | None = Field(default=None, description="Dataset name (with `version`, default the latest).")
-    version: int | None = Field(default=None, ge=1)
+    version: int | None = Field(default=None, ge=1, le=MAX_ID)
     dataset_uri: str | None = Field(default=None, description="Or the `uri` an upload returned.")
     target: str = Field(description="The column to predict.")
     task: Task = Task.auto
     metric: str | None = Field(default=None, description="Default f1_macro (classification) or rmse (regression).")
     families: list[str] | None = Field(default=None, description="Model families to search; default all.")
-    max_trials: int | None = Field(default=None, description="Trial budget; default 20 when no timeout is set.")
+    max_trials: int | None = Field(
+        default=None, ge=1, le=MAX_TRIALS, description="Trial budget; default 20 when no timeout is set."
+    )
     timeout_s: float | None = Field(default=None, gt=0, le=7 * 86400, description="Time budget in seconds.")
     test_size: float = Field(default=0.2, gt=0.0, lt=0.9)
     cv_folds: int = Field(default=3, ge=2, le=20)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=MAX_SEED, description="Seeds the split, the search and the models.")
     promote_to: Literal["staging", "production", "none"] = "staging"
     model_name: str | None = Field(default=None, description="Registered model name; default the dataset's name.")
     parallelism: int = Field(default=1, ge=1, le=32, description="Worker processes sharing the study.")
@@ -34,12 +37,12 @@ class SeedTrainRequest(StrictModel):
     target: str
     model_name: str
     test_size: float = Field(default=0.2, gt=0.0, lt=0.9)
-    max_trials: int | None = 20
+    max_trials: int | None = Field(default=20, ge=1, le=MAX_TRIALS)
 
 
 class BatchCreate(StrictModel):
     dataset: str = Field(description="The dataset to predict for.")
-    version: int | None = Field(default=None, ge=1, description="Its version; default the latest.")
+    version: int | None = Field(default=None, ge=1, le=MAX_ID, description="Its version; default the latest.")
     output_name: str | None = Field(
         default=None, description="Dataset the predictions go to; default <dataset>-predictions."
     )
@@ -98,7 +101,7 @@ class JobLogRead(ReadModel):
     message: str
 
 
-# What workers send back (engineer role): the api owns the job's state.
+# What workers send back (worker role): the api owns the job's state.
 class WorkerHello(StrictModel):
     worker: str = Field(max_length=128)
 

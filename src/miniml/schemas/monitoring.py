@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from miniml.schemas.common import ReadModel, StrictModel
+from miniml.schemas.common import ReadModel, StrictModel, VersionField
 
 
 class RetrainPolicy(StrictModel):
@@ -20,7 +20,7 @@ class RetrainPolicy(StrictModel):
     min_improvement: float = Field(
         default=0.0, ge=0, description="Promote the challenger only if it beats the champion by at least this much."
     )
-    dataset: Literal["latest"] | int = Field(
+    dataset: Literal["latest"] | VersionField = Field(
         default="latest", description="Train on the newest version of the champion's dataset, or a pinned version."
     )
 

@@ -243,11 +243,12 @@ def to_read(session: Session, registry: Registry, dep: tables.Deployment, infere
     )
 
 
-def push(urls: list[str]) -> None:
+def push(urls: list[str], token: str | None) -> None:
     """Ask every known inference replica to reconcile now (they also do on a timer)."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     for url in dict.fromkeys(urls):
         try:
-            httpx.post(f"{url.rstrip('/')}/admin/reconcile", timeout=2)
+            httpx.post(f"{url.rstrip('/')}/admin/reconcile", headers=headers, timeout=2)
         except httpx.HTTPError:
             continue
 

@@ -353,6 +353,16 @@ def claim_finalize(session: Session, job: tables.Job, worker: str) -> bool:
     return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
 
+def check_run_is_for_job(run: Any, project: str, job_id: int) -> None:
+    """A job takes only the MLflow run the platform opened for it (tags set by the worker's tracker)."""
+    tags = dict(run.data.tags) if run is not None else {}
+    if tags.get("miniml.project") != project or tags.get("miniml.job_id") != str(job_id):
+        raise InvalidInput(
+            f"MLflow run {'is unknown' if run is None else run.info.run_id + ' was not opened for this job'}: "
+            f"job {job_id} of project {project!r} takes only the parent run the platform opened for it."
+        )
+
+
 def set_run(session: Session, job: tables.Job, run_id: str) -> tables.Job:
     """The first shard to open a parent run wins; later ones get the winner's id back."""
     if job.mlflow_run_id is None:

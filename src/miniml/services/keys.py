@@ -63,7 +63,12 @@ def _new_key(
 
 def create_key(session: Session, caller: Caller, body: KeyCreate) -> tuple[KeyRead, str]:
     projects: list[tables.Project] = []
-    if body.role is not Role.admin:
+    if body.role.is_service:
+        if body.projects:
+            raise InvalidInput(
+                f"A {body.role.value} key serves every project; leave 'projects' empty for a service key."
+            )
+    elif body.role is not Role.admin:
         if not body.projects:
             raise InvalidInput(
                 f"A {body.role.value} key needs at least one project in 'projects'; "
@@ -90,6 +95,26 @@ def bootstrap_admin_key(session: Session) -> str | None:
     _row, raw = _new_key(session, role=Role.admin, name="bootstrap admin", created_by=None, expires_at=None)
     session.flush()
     return raw
+
+
+def create_service_key(session: Session, role: Role) -> str:
+    """A key for one of the platform's own services (worker, inference); returns the raw key."""
+    assert role.is_service
+    _row, raw = _new_key(session, role=role, name=f"{role.value} service", created_by=None, expires_at=None)
+    session.flush()
+    return raw
+
+
+def service_key_id(session: Session, role: Role) -> str | None:
+    """The newest usable key of a service role, or None."""
+    now = utcnow()
+    return session.scalar(
+        select(tables.ApiKey.id)
+        .where(tables.ApiKey.role == role.value, tables.ApiKey.revoked_at.is_(None))
+        .where((tables.ApiKey.expires_at.is_(None)) | (tables.ApiKey.expires_at > now))
+        .order_by(tables.ApiKey.created_at.desc())
+        .limit(1)
+    )
 
 
 def list_keys(session: Session) -> list[KeyRead]:
@@ -120,7 +145,7 @@ def _caller_of(session: Session, row: tables.ApiKey | None) -> Caller:
         row.last_used_at = now
         session.flush()
     role = Role(row.role)
-    projects = None if role is Role.admin else frozenset(g.project.name for g in row.grants)
+    projects = None if role is Role.admin or role.is_service else frozenset(g.project.name for g in row.grants)
     return Caller(key_id=row.id, role=role, projects=projects)
 
 

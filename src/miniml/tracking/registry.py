@@ -7,6 +7,7 @@ import warnings
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
+from miniml.domain.limits import MAX_ID
 from miniml.errors import InvalidInput, NotFound, UpstreamUnavailable
 
 if TYPE_CHECKING:
@@ -26,6 +27,12 @@ def _mlflow_error() -> type[MlflowException]:
     from mlflow.exceptions import MlflowException
 
     return MlflowException
+
+
+def _plausible_version(version: str | int) -> bool:
+    """MLflow numbers versions 1, 2, …: anything else is not asked for (a huge number made MLflow fail)."""
+    text = str(version)
+    return text.isascii() and text.isdigit() and 1 <= int(text[:12]) <= MAX_ID and len(text) <= 10
 
 
 class Registry:
@@ -73,6 +80,8 @@ class Registry:
         return sorted(found, key=lambda v: int(v.version))
 
     def version(self, project: str, model: str, version: str | int) -> Any:
+        if not _plausible_version(version):
+            raise NotFound(f"Version {str(version)[:20]} of model {model!r} does not exist.")
         return self._call(
             f"version {version} of model {model!r}",
             self.client.get_model_version,

@@ -34,6 +34,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
 from miniml.domain.tasks import Task, maximise
+from miniml.errors import public_reason
 from miniml.training.data import Features, Split
 from miniml.training.families import FAMILIES, Family
 
@@ -256,7 +257,7 @@ def _guard(objective: Callable[[optuna.Trial], float]) -> Callable[[optuna.Trial
         except optuna.TrialPruned:
             raise
         except Exception as exc:
-            trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:500])
+            trial.set_user_attr("error", public_reason(exc, limit=400))
             raise
 
     return run

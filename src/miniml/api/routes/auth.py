@@ -4,7 +4,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Request
 
-from miniml.api.deps import DbDep, SettingsDep, ViewerDep
+from miniml.api.deps import AnyCallerDep, DbDep, SettingsDep
 from miniml.errors import Unauthorized
 from miniml.schemas.deployments import CallerRead
 from miniml.schemas.keys import TokenRead, TokenRequest
@@ -34,8 +34,8 @@ def create_token(
 
 
 @router.get("/whoami")
-def whoami(caller: ViewerDep) -> CallerRead:
-    """The calling key's id, role and projects (None: every project)."""
+def whoami(caller: AnyCallerDep) -> CallerRead:
+    """The calling key's id, role and projects (None: every project); the inference service checks callers here."""
     return CallerRead(
         key_id=caller.key_id,
         role=caller.role.value,

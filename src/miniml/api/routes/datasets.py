@@ -14,7 +14,7 @@ import anyio
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
-from miniml.api.deps import AdminDep, DbDep, EngineerDep, SettingsDep, StoreDep, ViewerDep
+from miniml.api.deps import AdminDep, DbDep, EngineerDep, SettingsDep, StoreDep, VersionPath, ViewerDep
 from miniml.api.uploads import Upload, receive_upload
 from miniml.config import Settings
 from miniml.data.formats import SNIFF_BYTES, FileFormat, TableFile, detect
@@ -226,7 +226,7 @@ def list_dataset_versions(
 
 @router.get("/{name}/versions/{version}")
 def read_dataset_version(
-    project: str, name: str, version: int, db: DbDep, store: StoreDep, caller: ViewerDep
+    project: str, name: str, version: VersionPath, db: DbDep, store: StoreDep, caller: ViewerDep
 ) -> DatasetVersionRead:
     """Get one version: metadata, schema and profile."""
     with db.begin() as session:
@@ -235,7 +235,7 @@ def read_dataset_version(
 
 @router.get("/{name}/versions/{version}/file")
 def download_dataset_version(
-    project: str, name: str, version: int, db: DbDep, store: StoreDep, caller: ViewerDep
+    project: str, name: str, version: VersionPath, db: DbDep, store: StoreDep, caller: ViewerDep
 ) -> StreamingResponse:
     """Download the file, byte-identical to the upload (streamed)."""
     with db.begin() as session:
@@ -258,7 +258,7 @@ def download_dataset_version(
 def preview_dataset_version(
     project: str,
     name: str,
-    version: int,
+    version: VersionPath,
     db: DbDep,
     store: StoreDep,
     caller: ViewerDep,
@@ -273,7 +273,13 @@ def preview_dataset_version(
 
 @router.post("/{name}/versions/{version}/validate")
 def validate_dataset_version(
-    project: str, name: str, version: int, body: ValidationRequest, db: DbDep, store: StoreDep, caller: ViewerDep
+    project: str,
+    name: str,
+    version: VersionPath,
+    body: ValidationRequest,
+    db: DbDep,
+    store: StoreDep,
+    caller: ViewerDep,
 ) -> ValidationReport:
     """Check rules (min, max, allow_nulls, allowed_values, unique, dtype) against a version."""
     with db.begin() as session:
@@ -283,7 +289,7 @@ def validate_dataset_version(
 
 @router.delete("/{name}/versions/{version}", status_code=204)
 def delete_dataset_version(
-    project: str, name: str, version: int, db: DbDep, store: StoreDep, caller: AdminDep
+    project: str, name: str, version: VersionPath, db: DbDep, store: StoreDep, caller: AdminDep
 ) -> Response:
     """Delete a version (refused with 409 while a job or model version uses it)."""
     with db.begin() as session:

@@ -6,9 +6,11 @@ import anyio
 from fastapi import APIRouter, Request, Response
 from sqlalchemy.orm import Session
 
-from miniml.api.deps import AdminDep, DbDep, EngineerDep, RegistryDep, StoreDep, ViewerDep
+from miniml.api.deps import AdminDep, DbDep, EngineerDep, InferenceDep, RegistryDep, StoreDep, ViewerDep
 from miniml.api.routes.jobs import submit_after_commit
 from miniml.db import tables
+from miniml.domain.roles import Role
+from miniml.domain.tenancy import Caller
 from miniml.schemas.deployments import (
     DeploymentCreate,
     DeploymentEventRead,
@@ -19,7 +21,7 @@ from miniml.schemas.deployments import (
     ShadowReport,
 )
 from miniml.schemas.jobs import BatchCreate, JobRead
-from miniml.services import deployments, jobs
+from miniml.services import deployments, jobs, keys
 from miniml.tracking.registry import Registry
 
 router = APIRouter(prefix="/api/v1/projects/{project}/deployments", tags=["deployments"])
@@ -31,8 +33,18 @@ def push_after_commit(request: Request) -> None:
     settings = request.app.state.settings
     with request.app.state.db.begin() as session:
         urls = [r.url for r in deployments.live_replicas(session) if r.url]
+        service = keys.service_key_id(session, Role.inference)
     urls.append(settings.inference_url)
-    threading.Thread(target=deployments.push, args=(urls,), daemon=True).start()
+    # The replicas take a push only from a credential they can check: a short token for the
+    # inference service's own key. Without one they still converge on their timer.
+    token = (
+        keys.issue_token(
+            Caller(key_id=service, role=Role.inference, projects=None), secret=request.app.state.jwt_secret, ttl_s=60
+        )
+        if service
+        else None
+    )
+    threading.Thread(target=deployments.push, args=(urls, token), daemon=True).start()
 
 
 def _read(request: Request, session: Session, registry: Registry, dep: tables.Deployment) -> DeploymentRead:
@@ -146,14 +158,14 @@ def shadow_report(project: str, name: str, db: DbDep, caller: ViewerDep) -> Shad
 
 
 @inference_router.get("/desired")
-def desired_state(db: DbDep, registry: RegistryDep, caller: AdminDep) -> list[DesiredDeployment]:
+def desired_state(db: DbDep, registry: RegistryDep, caller: InferenceDep) -> list[DesiredDeployment]:
     """(inference) Every deployment with the versions and weights it should serve now."""
     with db.begin() as session:
         return deployments.desired_state(session, registry)
 
 
 @inference_router.post("/replicas", status_code=204)
-def report_replica(body: ReplicaReport, db: DbDep, caller: AdminDep) -> Response:
+def report_replica(body: ReplicaReport, db: DbDep, caller: InferenceDep) -> Response:
     """(inference) What a replica serves now."""
     with db.begin() as session:
         deployments.record_replica(session, body)

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import JSONResponse, Response
 
+from miniml.api.errors import check_metrics_token
 from miniml.db.engine import ping
 
 router = APIRouter(tags=["health"])
@@ -58,4 +59,5 @@ async def readyz(request: Request) -> Response:
 @router.get("/metrics", include_in_schema=False)
 def metrics(request: Request) -> Response:
     """Prometheus metrics of this api process."""
+    check_metrics_token(request, request.app.state.settings.monitoring.metrics_token)
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -7,7 +7,7 @@ import anyio
 from fastapi import APIRouter, Header, Query, Request, Response
 from sqlalchemy.orm import Session
 
-from miniml.api.deps import DbDep, EngineerDep, StoreDep, ViewerDep
+from miniml.api.deps import AfterQuery, DbDep, EngineerDep, IdPath, RegistryDep, StoreDep, ViewerDep, WorkerDep
 from miniml.db import tables
 from miniml.domain.jobs import JobState
 from miniml.schemas.jobs import (
@@ -32,7 +32,7 @@ def _read(request: Request, session: Session, job: tables.Job) -> JobRead:
     return jobs.to_read(session, job, mlflow_ui=request.app.state.settings.mlflow_public_url)
 
 
-async def submit_after_commit(request: Request, job_id: int) -> None:
+async def submit_after_commit(request: Request, job_id: IdPath) -> None:
     """Hand the job to Prefect now; if Prefect is down the submitter loop retries (the job stays queued)."""
     orchestrator = request.app.state.orchestrator
     try:
@@ -80,7 +80,7 @@ def list_jobs(
 
 
 @router.get("/{job_id}")
-def read_job(project: str, job_id: int, request: Request, db: DbDep, caller: ViewerDep) -> JobRead:
+def read_job(project: str, job_id: IdPath, request: Request, db: DbDep, caller: ViewerDep) -> JobRead:
     """A job's state, progress, leaderboard, test metrics, MLflow run and registered version."""
     with db.begin() as session:
         return _read(request, session, jobs.read_job(session, caller, project, job_id))
@@ -88,7 +88,7 @@ def read_job(project: str, job_id: int, request: Request, db: DbDep, caller: Vie
 
 @router.get("/{job_id}/logs")
 def read_job_logs(
-    project: str, job_id: int, db: DbDep, caller: ViewerDep, after: Annotated[int, Query(ge=0)] = 0
+    project: str, job_id: IdPath, db: DbDep, caller: ViewerDep, after: AfterQuery = 0
 ) -> list[JobLogRead]:
     """The job's log lines."""
     with db.begin() as session:
@@ -97,7 +97,7 @@ def read_job_logs(
 
 
 @router.post("/{job_id}/cancel")
-def cancel_job(project: str, job_id: int, request: Request, db: DbDep, caller: EngineerDep) -> JobRead:
+def cancel_job(project: str, job_id: IdPath, request: Request, db: DbDep, caller: EngineerDep) -> JobRead:
     """Cancel: a queued job ends now, a running one at its next trial boundary."""
     with db.begin() as session:
         return _read(request, session, jobs.cancel_job(session, jobs.read_job(session, caller, project, job_id)))
@@ -108,7 +108,12 @@ def cancel_job(project: str, job_id: int, request: Request, db: DbDep, caller: E
 
 @router.post("/{job_id}/start")
 def start_job(
-    project: str, job_id: int, body: WorkerHello, db: DbDep, caller: EngineerDep, shard: Annotated[int, Query(ge=0)] = 0
+    project: str,
+    job_id: IdPath,
+    body: WorkerHello,
+    db: DbDep,
+    caller: WorkerDep,
+    shard: Annotated[int, Query(ge=0, le=63)] = 0,
 ) -> WorkerStatus:
     """(worker) Take a queued job; 409 when another worker already has it."""
     with db.begin() as session:
@@ -117,7 +122,7 @@ def start_job(
 
 
 @router.post("/{job_id}/heartbeat")
-def heartbeat(project: str, job_id: int, db: DbDep, caller: EngineerDep) -> WorkerStatus:
+def heartbeat(project: str, job_id: IdPath, db: DbDep, caller: WorkerDep) -> WorkerStatus:
     """(worker) I am alive; answers whether a cancel was requested."""
     with db.begin() as session:
         job = jobs.heartbeat(session, jobs.read_job(session, caller, project, job_id))
@@ -125,14 +130,14 @@ def heartbeat(project: str, job_id: int, db: DbDep, caller: EngineerDep) -> Work
 
 
 @router.post("/{job_id}/trials/claim")
-def claim_trial(project: str, job_id: int, db: DbDep, caller: EngineerDep) -> TrialClaim:
+def claim_trial(project: str, job_id: IdPath, db: DbDep, caller: WorkerDep) -> TrialClaim:
     """(worker) Reserve one trial of the budget."""
     with db.begin() as session:
         return TrialClaim(granted=jobs.claim_trial(session, jobs.read_job(session, caller, project, job_id)))
 
 
 @router.post("/{job_id}/trials")
-def report_trial(project: str, job_id: int, body: TrialReport, db: DbDep, caller: EngineerDep) -> WorkerStatus:
+def report_trial(project: str, job_id: IdPath, body: TrialReport, db: DbDep, caller: WorkerDep) -> WorkerStatus:
     """(worker) A trial ended."""
     with db.begin() as session:
         job = jobs.record_trial(session, jobs.read_job(session, caller, project, job_id), body)
@@ -140,7 +145,7 @@ def report_trial(project: str, job_id: int, body: TrialReport, db: DbDep, caller
 
 
 @router.post("/{job_id}/logs", status_code=204)
-def append_logs(project: str, job_id: int, body: LogLines, db: DbDep, caller: EngineerDep) -> Response:
+def append_logs(project: str, job_id: IdPath, body: LogLines, db: DbDep, caller: WorkerDep) -> Response:
     """(worker) Append log lines."""
     with db.begin() as session:
         job = jobs.read_job(session, caller, project, job_id)
@@ -150,8 +155,14 @@ def append_logs(project: str, job_id: int, body: LogLines, db: DbDep, caller: En
 
 
 @router.post("/{job_id}/run")
-def set_run(project: str, job_id: int, body: RunReport, request: Request, db: DbDep, caller: EngineerDep) -> JobRead:
-    """(worker) The job's MLflow parent run."""
+def set_run(
+    project: str, job_id: IdPath, body: RunReport, request: Request, db: DbDep, registry: RegistryDep, caller: WorkerDep
+) -> JobRead:
+    """(worker) The job's MLflow parent run: only a run the platform opened for this job, in its project's experiment."""
+    with db.begin() as session:
+        jobs.read_job(session, caller, project, job_id)  # 404 first: a run id says nothing of another project
+    run = registry.run(body.mlflow_run_id)
+    jobs.check_run_is_for_job(run, project, job_id)
     with db.begin() as session:
         return _read(
             request, session, jobs.set_run(session, jobs.read_job(session, caller, project, job_id), body.mlflow_run_id)
@@ -159,7 +170,7 @@ def set_run(project: str, job_id: int, body: RunReport, request: Request, db: Db
 
 
 @router.post("/{job_id}/finalize")
-def claim_finalize(project: str, job_id: int, body: WorkerHello, db: DbDep, caller: EngineerDep) -> TrialClaim:
+def claim_finalize(project: str, job_id: IdPath, body: WorkerHello, db: DbDep, caller: WorkerDep) -> TrialClaim:
     """(worker) Claim the refit-and-register step; exactly one worker of a job gets it."""
     with db.begin() as session:
         job = jobs.read_job(session, caller, project, job_id)
@@ -167,7 +178,9 @@ def claim_finalize(project: str, job_id: int, body: WorkerHello, db: DbDep, call
 
 
 @router.post("/{job_id}/finish")
-def finish_job(project: str, job_id: int, body: JobFinish, request: Request, db: DbDep, caller: EngineerDep) -> JobRead:
+def finish_job(
+    project: str, job_id: IdPath, body: JobFinish, request: Request, db: DbDep, caller: WorkerDep
+) -> JobRead:
     """(worker) The job ended: succeeded, failed or cancelled."""
     with db.begin() as session:
         return _read(request, session, jobs.finish_job(session, jobs.read_job(session, caller, project, job_id), body))

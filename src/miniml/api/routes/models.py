@@ -4,8 +4,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 
-from miniml.api.deps import AdminDep, DbDep, EngineerDep, RegistryDep, ViewerDep
+from miniml.api.deps import AdminDep, DbDep, EngineerDep, RegistryDep, VersionPath, ViewerDep
 from miniml.api.routes.deployments import push_after_commit
+from miniml.domain.limits import MAX_ID
 from miniml.schemas.models import ModelComparison, ModelRead, ModelVersionRead, PromoteRequest
 from miniml.services import deployments, models
 
@@ -42,28 +43,28 @@ def compare_model_versions(
     db: DbDep,
     registry: RegistryDep,
     caller: ViewerDep,
-    a: Annotated[str, Query(pattern=r"^\d+$")],
-    b: Annotated[str, Query(pattern=r"^\d+$")],
+    a: Annotated[int, Query(ge=1, le=MAX_ID, description="The first version.")],
+    b: Annotated[int, Query(ge=1, le=MAX_ID, description="The second version.")],
 ) -> ModelComparison:
     """Two versions side by side, with metric differences (b - a)."""
     with db.begin() as session:
-        return models.compare(session, registry, caller, project, model, a, b)
+        return models.compare(session, registry, caller, project, model, str(a), str(b))
 
 
 @router.get("/{model}/versions/{version}")
 def read_model_version(
-    project: str, model: str, version: str, db: DbDep, registry: RegistryDep, caller: ViewerDep
+    project: str, model: str, version: VersionPath, db: DbDep, registry: RegistryDep, caller: ViewerDep
 ) -> ModelVersionRead:
     """One version."""
     with db.begin() as session:
-        return models.read_version(session, registry, caller, project, model, version)
+        return models.read_version(session, registry, caller, project, model, str(version))
 
 
 @router.post("/{model}/versions/{version}/promote")
 def promote_model_version(
     project: str,
     model: str,
-    version: str,
+    version: VersionPath,
     body: PromoteRequest,
     request: Request,
     db: DbDep,
@@ -72,17 +73,17 @@ def promote_model_version(
 ) -> ModelVersionRead:
     """Move the staging or production alias (and MLflow stage) to this version; production needs admin."""
     with db.begin() as session:
-        read = models.promote(session, registry, caller, project, model, version, body.stage)
+        read = models.promote(session, registry, caller, project, model, str(version), body.stage)
     push_after_commit(request)
     return read
 
 
 @router.delete("/{model}/versions/{version}", status_code=204)
 def delete_model_version(
-    project: str, model: str, version: str, db: DbDep, registry: RegistryDep, caller: AdminDep
+    project: str, model: str, version: VersionPath, db: DbDep, registry: RegistryDep, caller: AdminDep
 ) -> Response:
     """Delete a version; refused (409) while a deployment serves it."""
     with db.begin() as session:
         served = deployments.served_versions(session, registry)
-        models.delete_version(session, registry, caller, project, model, version, served)
+        models.delete_version(session, registry, caller, project, model, str(version), served)
     return Response(status_code=204)

@@ -8,7 +8,7 @@ from typing import Annotated
 import anyio
 from fastapi import APIRouter, Query, Request
 
-from miniml.api.deps import AdminDep, DbDep, EngineerDep, RegistryDep, ViewerDep
+from miniml.api.deps import AdminDep, DbDep, EngineerDep, IdPath, InferenceDep, RegistryDep, ViewerDep, WorkerDep
 from miniml.api.routes.deployments import inference_router, push_after_commit
 from miniml.api.routes.jobs import submit_after_commit
 from miniml.schemas.monitoring import (
@@ -84,7 +84,7 @@ def drift_reports(project: str, name: str, db: DbDep, caller: ViewerDep, limit: 
 
 @router.get("/{name}/drift/{report_id}/context")
 def drift_context(
-    project: str, name: str, report_id: int, request: Request, db: DbDep, caller: EngineerDep
+    project: str, name: str, report_id: IdPath, request: Request, db: DbDep, caller: WorkerDep
 ) -> DriftContext:
     """(worker) What a drift check compares; marks it running."""
     with db.begin() as session:
@@ -97,12 +97,12 @@ def drift_context(
 async def drift_result(
     project: str,
     name: str,
-    report_id: int,
+    report_id: IdPath,
     body: DriftResult,
     request: Request,
     db: DbDep,
     registry: RegistryDep,
-    caller: EngineerDep,
+    caller: WorkerDep,
 ) -> DriftReportRead:
     """(worker) Store a finished drift check; over the policy's threshold, a retraining starts."""
 
@@ -152,7 +152,7 @@ def list_retrainings(project: str, name: str, db: DbDep, caller: ViewerDep, limi
 
 @router.get("/{name}/retrainings/{retraining_id}/context")
 def evaluation_context(
-    project: str, name: str, retraining_id: int, db: DbDep, caller: EngineerDep
+    project: str, name: str, retraining_id: IdPath, db: DbDep, caller: WorkerDep
 ) -> EvaluationContext:
     """(worker) Champion, challenger and the held-out data both are scored on."""
     with db.begin() as session:
@@ -163,12 +163,12 @@ def evaluation_context(
 def evaluation_result(
     project: str,
     name: str,
-    retraining_id: int,
+    retraining_id: IdPath,
     body: EvaluationResult,
     request: Request,
     db: DbDep,
     registry: RegistryDep,
-    caller: EngineerDep,
+    caller: WorkerDep,
 ) -> RetrainingRead:
     """(worker) Both scores; the api promotes and redeploys only if the challenger wins by the margin."""
     with db.begin() as session:
@@ -180,7 +180,7 @@ def evaluation_result(
 
 
 @inference_router.post("/feedback")
-def record_feedback(body: list[FeedbackRecord], db: DbDep, caller: AdminDep) -> dict[str, int]:
+def record_feedback(body: list[FeedbackRecord], db: DbDep, caller: InferenceDep) -> dict[str, int]:
     """(inference) Labels joined with the predictions they are for."""
     with db.begin() as session:
         return {"stored": monitoring.record_feedback(session, body)}
