@@ -23,18 +23,22 @@ from tests.conftest import assert_problem
 PUBLIC = {"/healthz", "/readyz", "/metrics", "/api/v1/auth/token"}
 
 
-def needed_role(route: APIRoute) -> Role | None:
+Needed = Role | str  # a Role, or "any": every valid key or token, services included
+
+
+def needed_role(route: APIRoute) -> Needed | None:
     stack = list(route.dependant.dependencies)
     while stack:
         dep = stack.pop()
         role = getattr(dep.call, "needed_role", None)
         if role is not None:
-            return Role(role)
+            return role if role == "any" else Role(role)
         stack.extend(dep.dependencies)
     return None
 
 
-def api_routes() -> list[tuple[str, str, Role]]:
+def api_routes() -> list[tuple[str, str, Needed]]:
+    """Every operation of the api, read from the app: one added without a declared permission fails here."""
     app = create_app(Settings(data_dir="/tmp/miniml-route-listing"))
     out = []
     # Included routers are kept whole (FastAPI >= 0.150); their routes carry the full path.
@@ -55,32 +59,80 @@ def api_routes() -> list[tuple[str, str, Role]]:
 
 
 ROUTES = api_routes()
+_ID_PARAMS = re.compile(r"\{(job_id|report_id|retraining_id|version)\}")
+CALLERS = ["none", "garbage", "tampered", *(r.value for r in Role), "other-project"]
+
+
+def _url(path: str) -> str:
+    url = path.replace("{project}", "demo")
+    url = _ID_PARAMS.sub("1", url)
+    return re.sub(r"\{[^}]+\}", "nope", url)
+
+
+def _allowed(role: Role, needed: Needed) -> bool:
+    return needed == "any" or role.allows(Role(needed))
 
 
 @pytest.mark.parametrize(("method", "path", "needed"), ROUTES, ids=[f"{m} {p}" for m, p, _ in ROUTES])
 def test_role_matrix(
     client: TestClient,
+    admin: dict[str, str],
     make_project: Callable[[str], str],
     make_key: Callable[..., dict[str, str]],
     method: str,
     path: str,
-    needed: Role,
+    needed: Needed,
 ) -> None:
+    """{no credential, garbage, tampered token, every role, another project's key} x this operation."""
     make_project("demo")
-    url = re.sub(r"\{project\}", "demo", path)
-    url = re.sub(r"\{[^}]+\}", "nope", url)
-    for role in (Role.viewer, Role.engineer, Role.admin):
-        headers = make_key(role.value, *(["demo"] if role is not Role.admin else []))
-        response = client.request(method, url, headers=headers, json={})
-        if role.allows(needed):
-            assert response.status_code not in (401, 403), (role, response.text)
+    make_project("other")
+    url = _url(path)
+    token = client.post("/api/v1/auth/token", headers=admin).json()["access_token"]
+    head, body, sig = token.split(".")
+    for who in CALLERS:
+        if who == "none":
+            headers: dict[str, str] = {}
+        elif who == "garbage":
+            headers = {"Authorization": "x"}
+        elif who == "tampered":
+            headers = {"Authorization": f"Bearer {head}.{body}.{'A' if sig[0] != 'A' else 'B'}{sig[1:]}"}
+        elif who == "other-project":
+            headers = make_key("engineer", "other")
         else:
-            assert_problem(response, 403, needed.value, role.value)
+            role = Role(who)
+            needs_project = role in (Role.viewer, Role.engineer)
+            headers = make_key(who, *(["demo"] if needs_project else []))
+        response = client.request(method, url, headers=headers, json={})
+        if who in ("none", "garbage", "tampered"):
+            assert_problem(response, 401)
+            assert "Bearer" in response.headers["www-authenticate"], who
+        elif who == "other-project":
+            if not _allowed(Role.engineer, needed):
+                assert_problem(response, 403)
+            elif "{project}" in path:
+                # Another tenant's project does not exist for this key; a body it cannot see is never read.
+                assert response.status_code in (404, 422), (who, response.text)
+                if response.status_code == 404:
+                    assert_problem(response, 404, "demo")
+        elif _allowed(Role(who), needed):
+            assert response.status_code not in (401, 403), (who, response.text)
+        else:
+            assert_problem(response, 403, str(needed), who)
 
 
 def test_every_v1_route_declares_a_role() -> None:
     assert len(ROUTES) >= 8
-    assert {r for *_x, r in ROUTES} >= {Role.viewer, Role.admin}
+    assert {r for *_x, r in ROUTES} >= {Role.viewer, Role.engineer, Role.admin, Role.worker, Role.inference}
+
+
+WORKER_ONLY = sorted({p for _m, p, r in ROUTES if r is Role.worker})
+
+
+def test_job_lifecycle_and_result_routes_are_the_workers_alone() -> None:
+    """The worker-only routes are exactly the job lifecycle and the monitoring results."""
+    assert {p.rsplit("/", 1)[-1] for p in WORKER_ONLY} == {
+        "start", "heartbeat", "claim", "trials", "logs", "run", "finalize", "finish", "context", "result"
+    }
 
 
 @pytest.mark.parametrize(
@@ -183,13 +235,23 @@ def test_bad_key_requests_create_nothing(
     assert client.get("/api/v1/keys", headers=admin).json() == before
 
 
-def test_bootstrap_key_file_is_private_and_printed_once(settings: Settings, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bootstrap_keys_are_private_and_never_printed_to_a_log(
+    settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The admin key and the service keys land in 0600 files; stdout (a log file under miniml up) never holds them."""
     with TestClient(create_app(settings)):
         pass
-    key = (settings.data_dir / "admin.key").read_text().strip()
-    assert (settings.data_dir / "admin.key").stat().st_mode & 0o777 == 0o600
-    assert key in capsys.readouterr().out
+    files = {name: settings.data_dir / f"{name}.key" for name in ("admin", "worker", "inference")}
+    raw = {name: path.read_text().strip() for name, path in files.items()}
+    assert all(path.stat().st_mode & 0o777 == 0o600 for path in files.values())
+    out = capsys.readouterr().out
+    assert str(files["admin"]) in out
+    assert not any(key in out for key in raw.values())
     with TestClient(create_app(settings)) as again:
-        assert again.get("/api/v1/keys", headers={"X-API-Key": key}).status_code == 200
-    assert key not in capsys.readouterr().out
-    assert (settings.data_dir / "admin.key").read_text().strip() == key
+        assert again.get("/api/v1/keys", headers={"X-API-Key": raw["admin"]}).status_code == 200
+        roles = {k["role"] for k in again.get("/api/v1/keys", headers={"X-API-Key": raw["admin"]}).json()}
+        assert roles == {"admin", "worker", "inference"}
+        # The service keys are not a person's: no admin route answers them.
+        assert_problem(again.get("/api/v1/keys", headers={"X-API-Key": raw["worker"]}), 403, "worker")
+    assert not any(key in capsys.readouterr().out for key in raw.values())
+    assert {name: path.read_text().strip() for name, path in files.items()} == raw

@@ -154,3 +154,62 @@ def test_db_outage_is_503_with_retry_after_and_recovers(
     assert [p["name"] for p in response.json()] == ["before"]
     db_check = {c["name"]: c["ok"] for c in client.get("/readyz").json()["checks"]}
     assert db_check["database"] is True
+
+
+HUGE = str(10**30)
+
+
+@pytest.mark.parametrize(
+    ("path", "field"),
+    [
+        (f"/api/v1/projects/demo/jobs/{HUGE}", "job_id"),
+        (f"/api/v1/projects/demo/jobs/{2**31}", "job_id"),
+        ("/api/v1/projects/demo/jobs/0", "job_id"),
+        (f"/api/v1/projects/demo/jobs/1/logs?after={HUGE}", "after"),
+        (f"/api/v1/projects/demo/datasets/iris/versions/{HUGE}", "version"),
+        (f"/api/v1/projects/demo/models/m/versions/{HUGE}", "version"),
+        (f"/api/v1/projects/demo/models/m/compare?a=1&b={HUGE}", "b"),
+    ],
+)
+def test_integers_out_of_range_are_422_before_the_db(
+    client: TestClient, admin: dict[str, str], path: str, field: str
+) -> None:
+    """Ids and versions are bounded by the schema: nothing out of range reaches the DB or MLflow (no 500, no 503)."""
+    client.post("/api/v1/projects", json={"name": "demo"}, headers=admin)
+    body = assert_problem(client.get(path, headers=admin), 422, field)
+    assert "2147483647" in body["detail"] or "greater than or equal to" in body["detail"]
+
+
+def test_worker_route_with_huge_id_is_422_for_the_worker(client: TestClient, settings: Settings) -> None:
+    worker = {"X-API-Key": (settings.data_dir / "worker.key").read_text().strip()}
+    assert_problem(client.post(f"/api/v1/projects/demo/drift/x/{HUGE}/context", headers=worker), 404)
+    assert_problem(
+        client.get(f"/api/v1/projects/demo/deployments/d/drift/{HUGE}/context", headers=worker), 422, "report_id"
+    )
+
+
+def test_json_with_a_byte_order_mark_is_400_and_creates_nothing(client: TestClient, admin: dict[str, str]) -> None:
+    body = b'\xef\xbb\xbf{"name": "bom"}'
+    response = client.post("/api/v1/projects", content=body, headers={**admin, "content-type": "application/json"})
+    assert_problem(response, 400, "byte-order mark")
+    assert client.get("/api/v1/projects", headers=admin).json() == []
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Authorization": "x"}, {"X-API-Key": "mml_x_y"}, {"Authorization": "Bearer a.b.c"}],
+)
+def test_every_401_names_the_schemes(client: TestClient, headers: dict[str, str]) -> None:
+    for path in ("/api/v1/projects", "/api/v1/auth/whoami", "/api/v1/inference/desired"):
+        response = client.get(path, headers=headers)
+        assert_problem(response, 401)
+        assert 'Bearer realm="miniml"' in response.headers["www-authenticate"]
+
+
+def test_metrics_token_guards_metrics(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "data", monitoring={"metrics_token": "t" * 40})
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        assert_problem(client.get("/metrics"), 401, "scrape token")
+        assert_problem(client.get("/metrics", headers={"Authorization": "Bearer wrong"}), 401, "scrape token")
+        ok = client.get("/metrics", headers={"Authorization": f"Bearer {'t' * 40}"})
+        assert ok.status_code == 200 and "miniml_api_requests_total" in ok.text

@@ -44,6 +44,12 @@ def jc(tmp_path: Path) -> Iterator[tuple[TestClient, dict[str, str]]]:
         yield client, admin
 
 
+def worker_of(client: TestClient) -> dict[str, str]:
+    """The worker service's key, as the api wrote it on start."""
+    data_dir = client.app.state.settings.data_dir  # type: ignore[attr-defined]
+    return {"X-API-Key": (data_dir / "worker.key").read_text().strip()}
+
+
 def job_count(client: TestClient, admin: dict[str, str]) -> int:
     return len(client.get(JOBS, headers=admin).json())
 
@@ -112,7 +118,14 @@ def test_seed_train_route(jc: tuple[TestClient, dict[str, str]]) -> None:
             ["is for classification"],
         ),
         ({"dataset": "iris", "target": "target", "task": "regression"}, ["not numeric"]),
-        ({"dataset": "iris", "target": "target", "max_trials": 0}, ["max_trials must be at least 1"]),
+        ({"dataset": "iris", "target": "target", "max_trials": 0}, ["max_trials", "greater than or equal to 1"]),
+        ({"dataset": "iris", "target": "target", "max_trials": 10**9}, ["max_trials", "less than or equal to 10000"]),
+        ({"dataset": "iris", "target": "target", "max_trials": 10**30}, ["max_trials", "less than or equal to"]),
+        ({"dataset": "iris", "target": "target", "seed": 10**30}, ["seed", "less than or equal to 4294967295"]),
+        ({"dataset": "iris", "target": "target", "seed": -1}, ["seed", "greater than or equal to 0"]),
+        ({"dataset": "iris", "version": 10**30, "target": "target"}, ["version", "less than or equal to 2147483647"]),
+        ({"dataset": "iris", "target": "target", "parallelism": 10**6}, ["parallelism", "less than or equal to 32"]),
+        ({"dataset": "iris", "target": "target", "timeout_s": 1e30}, ["timeout_s", "less than or equal to"]),
         ({"dataset": "iris", "target": "target", "max_trials": -3}, ["max_trials"]),
         ({"dataset": "iris", "target": "target", "model_name": "../evil"}, ["not valid"]),
         ({"dataset": "iris", "target": "target", "cv_folds": 1}, ["cv_folds"]),
@@ -163,12 +176,13 @@ def test_idempotency_key_replays_the_first_job(jc: tuple[TestClient, dict[str, s
 
 def test_worker_protocol_and_state_machine(jc: tuple[TestClient, dict[str, str]]) -> None:
     client, admin = jc
+    worker = worker_of(client)
     job = client.post(JOBS, json={"dataset": "iris", "target": "target", "max_trials": 3}, headers=admin).json()
     url = f"{JOBS}/{job['id']}"
-    assert client.post(f"{url}/trials/claim", headers=admin).json() == {"granted": False}  # not running yet
-    assert client.post(f"{url}/start", json={"worker": "w1"}, headers=admin).json()["state"] == "running"
-    assert_problem(client.post(f"{url}/start", json={"worker": "w2"}, headers=admin), 409, "cannot be started again")
-    grants = [client.post(f"{url}/trials/claim", headers=admin).json()["granted"] for _ in range(5)]
+    assert client.post(f"{url}/trials/claim", headers=worker).json() == {"granted": False}  # not running yet
+    assert client.post(f"{url}/start", json={"worker": "w1"}, headers=worker).json()["state"] == "running"
+    assert_problem(client.post(f"{url}/start", json={"worker": "w2"}, headers=worker), 409, "cannot be started again")
+    grants = [client.post(f"{url}/trials/claim", headers=worker).json()["granted"] for _ in range(5)]
     assert grants == [True, True, True, False, False]
     for number, score in enumerate([0.8, 0.95, None]):
         report = {
@@ -180,29 +194,30 @@ def test_worker_protocol_and_state_machine(jc: tuple[TestClient, dict[str, str]]
             "state": "complete" if score else "pruned",
             "worker": "w1",
         }
-        client.post(f"{url}/trials", json=report, headers=admin)
+        client.post(f"{url}/trials", json=report, headers=worker)
     read = client.get(url, headers=admin).json()
     assert read["progress"]["trials_done"] == 3 and read["progress"]["best_score"] == 0.95
     assert [t["number"] for t in read["leaderboard"]] == [1, 0, 2]
-    assert client.post(f"{url}/finalize", json={"worker": "w1"}, headers=admin).json()["granted"] is True
-    assert client.post(f"{url}/finalize", json={"worker": "w2"}, headers=admin).json()["granted"] is False
-    done = client.post(f"{url}/finish", json={"state": "succeeded", "test_metrics": {"f1_macro": 0.9}}, headers=admin)
+    assert client.post(f"{url}/finalize", json={"worker": "w1"}, headers=worker).json()["granted"] is True
+    assert client.post(f"{url}/finalize", json={"worker": "w2"}, headers=worker).json()["granted"] is False
+    done = client.post(f"{url}/finish", json={"state": "succeeded", "test_metrics": {"f1_macro": 0.9}}, headers=worker)
     assert done.json()["state"] == "succeeded" and done.json()["finished_at"]
     assert_problem(
-        client.post(f"{url}/finish", json={"state": "failed", "reason": "x"}, headers=admin), 409, "succeeded"
+        client.post(f"{url}/finish", json={"state": "failed", "reason": "x"}, headers=worker), 409, "succeeded"
     )
     assert_problem(client.post(f"{url}/cancel", headers=admin), 409, "already succeeded")
 
 
 def test_shards_of_a_parallel_job_start_in_any_order_and_once_each(jc: tuple[TestClient, dict[str, str]]) -> None:
     client, admin = jc
+    worker = worker_of(client)
     body = {"dataset": "iris", "target": "target", "max_trials": 4, "parallelism": 2}
     url = f"{JOBS}/{client.post(JOBS, json=body, headers=admin).json()['id']}"
     # Shard 1's process happened to start first: it starts the job, and shard 0 still joins.
-    assert client.post(f"{url}/start?shard=1", json={"worker": "w1"}, headers=admin).json()["state"] == "running"
-    assert client.post(f"{url}/start?shard=0", json={"worker": "w0"}, headers=admin).json()["state"] == "running"
-    assert_problem(client.post(f"{url}/start?shard=1", json={"worker": "w2"}, headers=admin), 409, "cannot be started")
-    assert_problem(client.post(f"{url}/start?shard=2", json={"worker": "w2"}, headers=admin), 409, "no shard 2")
+    assert client.post(f"{url}/start?shard=1", json={"worker": "w1"}, headers=worker).json()["state"] == "running"
+    assert client.post(f"{url}/start?shard=0", json={"worker": "w0"}, headers=worker).json()["state"] == "running"
+    assert_problem(client.post(f"{url}/start?shard=1", json={"worker": "w2"}, headers=worker), 409, "cannot be started")
+    assert_problem(client.post(f"{url}/start?shard=2", json={"worker": "w2"}, headers=worker), 409, "no shard 2")
     read = client.get(url, headers=admin).json()
     assert read["worker"] == "w1" and read["state"] == "running"
     messages = [line["message"] for line in client.get(f"{url}/logs", headers=admin).json()]
@@ -212,27 +227,30 @@ def test_shards_of_a_parallel_job_start_in_any_order_and_once_each(jc: tuple[Tes
 
 def test_cancel_a_queued_job(jc: tuple[TestClient, dict[str, str]]) -> None:
     client, admin = jc
+    worker = worker_of(client)
     job = client.post(JOBS, json={"dataset": "iris", "target": "target"}, headers=admin).json()
     cancelled = client.post(f"{JOBS}/{job['id']}/cancel", headers=admin).json()
     assert cancelled["state"] == "cancelled" and cancelled["cancel_requested"]
-    assert_problem(client.post(f"{JOBS}/{job['id']}/start", json={"worker": "w"}, headers=admin), 409, "cancelled")
+    assert_problem(client.post(f"{JOBS}/{job['id']}/start", json={"worker": "w"}, headers=worker), 409, "cancelled")
 
 
 def test_cancel_a_running_job_is_seen_by_its_worker(jc: tuple[TestClient, dict[str, str]]) -> None:
     client, admin = jc
+    worker = worker_of(client)
     job = client.post(JOBS, json={"dataset": "iris", "target": "target"}, headers=admin).json()
     url = f"{JOBS}/{job['id']}"
-    client.post(f"{url}/start", json={"worker": "w"}, headers=admin)
-    assert client.post(f"{url}/heartbeat", headers=admin).json() == {"state": "running", "cancel_requested": False}
+    client.post(f"{url}/start", json={"worker": "w"}, headers=worker)
+    assert client.post(f"{url}/heartbeat", headers=worker).json() == {"state": "running", "cancel_requested": False}
     assert client.post(f"{url}/cancel", headers=admin).json()["state"] == "running"
-    assert client.post(f"{url}/heartbeat", headers=admin).json()["cancel_requested"] is True
-    assert client.post(f"{url}/trials/claim", headers=admin).json()["granted"] is False
+    assert client.post(f"{url}/heartbeat", headers=worker).json()["cancel_requested"] is True
+    assert client.post(f"{url}/trials/claim", headers=worker).json()["granted"] is False
 
 
 def test_silent_worker_fails_the_job(jc: tuple[TestClient, dict[str, str]]) -> None:
     client, admin = jc
+    worker = worker_of(client)
     job = client.post(JOBS, json={"dataset": "iris", "target": "target"}, headers=admin).json()
-    client.post(f"{JOBS}/{job['id']}/start", json={"worker": "doomed"}, headers=admin)
+    client.post(f"{JOBS}/{job['id']}/start", json={"worker": "doomed"}, headers=worker)
     deadline = time.monotonic() + 10
     while (read := client.get(f"{JOBS}/{job['id']}", headers=admin).json())[
         "state"
@@ -257,8 +275,16 @@ def test_jobs_of_another_project_are_invisible(
     job = client.post(JOBS, json={"dataset": "iris", "target": "target"}, headers=admin).json()
     client.post("/api/v1/projects", json={"name": "other"}, headers=admin)
     outsider = make_key_for(client, "engineer", "other")
-    for method, suffix in (("GET", ""), ("GET", "/logs"), ("POST", "/cancel"), ("POST", "/heartbeat")):
+    for method, suffix in (("GET", ""), ("GET", "/logs"), ("POST", "/cancel")):
         assert_problem(client.request(method, f"{JOBS}/{job['id']}{suffix}", headers=outsider), 404)
+    # The worker's routes are the worker service's alone: no person's key reaches them.
+    for key in (outsider, make_key_for(client, "engineer", "demo"), admin):
+        for suffix in ("/heartbeat", "/trials/claim"):
+            assert_problem(client.post(f"{JOBS}/{job['id']}{suffix}", headers=key), 403, "worker service only")
+        assert_problem(
+            client.post(f"{JOBS}/{job['id']}/run", json={"mlflow_run_id": "0" * 32}, headers=key), 403, "worker"
+        )
+    assert client.get(f"{JOBS}/{job['id']}", headers=admin).json()["mlflow_run_id"] is None
     assert client.get("/api/v1/projects/other/jobs", headers=outsider).json() == []
     viewer = make_key_for(client, "viewer", "demo")
     assert client.get(f"{JOBS}/{job['id']}", headers=viewer).status_code == 200

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from miniml.api.errors import problem_response
-from miniml.errors import PayloadTooLarge
+from miniml.errors import BadRequest, MiniMLError, PayloadTooLarge
 from miniml.services import audit
 
 log = logging.getLogger("miniml.api")
@@ -30,6 +30,7 @@ _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _UPLOAD_PATH_RE = re.compile(r"^(/api/v1/projects/[^/]+/datasets|/datasets/upload)$")
 # Room for the multipart envelope around a file at the upload limit.
 _MULTIPART_SLACK = 64 * 1024
+_BOM = b"\xef\xbb\xbf"
 
 
 class ApiMetrics:
@@ -79,12 +80,15 @@ class RequestMiddleware:
         path: str = scope["path"]
         limit = self.max_upload + _MULTIPART_SLACK if _UPLOAD_PATH_RE.match(path) else self.max_json
         status_holder = {"status": 500, "started": False}
-        overflow = {"hit": False}
+        # A body refused while it arrives (too large, or JSON with a byte-order mark).
+        refused: dict[str, MiniMLError | None] = {"error": None}
+        content_type = headers.get("content-type", "")
+        is_json = "json" in content_type or not content_type
 
         async def send_wrapper(message: Message) -> None:
-            if overflow["hit"] and not status_holder["started"]:
+            if refused["error"] is not None and not status_holder["started"]:
                 # The app turned the aborted body into its own error (FastAPI says 400); the
-                # client gets the 413 instead.
+                # client gets ours instead.
                 return
             if message["type"] == "http.response.start":
                 status_holder["status"] = message["status"]
@@ -99,10 +103,18 @@ class RequestMiddleware:
             nonlocal received
             message = await receive()
             if message["type"] == "http.request":
-                received += len(message.get("body", b""))
+                body = message.get("body", b"")
+                if is_json and received == 0 and body[:3] == _BOM:
+                    bom = BadRequest(
+                        "The JSON body starts with a byte-order mark; send UTF-8 JSON without one (RFC 8259 §8.1)."
+                    )
+                    refused["error"] = bom
+                    raise bom
+                received += len(body)
                 if received > limit:
-                    overflow["hit"] = True
-                    raise PayloadTooLarge(_too_large(limit))
+                    big = PayloadTooLarge(_too_large(limit))
+                    refused["error"] = big
+                    raise big
             return message
 
         declared = headers.get("content-length", "")
@@ -110,12 +122,14 @@ class RequestMiddleware:
             if declared.isdigit() and int(declared) > limit:
                 raise PayloadTooLarge(_too_large(limit))
             await self.app(scope, receive_wrapper, send_wrapper)
-            if overflow["hit"]:
-                raise PayloadTooLarge(_too_large(limit))
-        except PayloadTooLarge as exc:
-            overflow["hit"] = False
+            error = refused["error"]
+            if error is not None:
+                raise error
+        except (PayloadTooLarge, BadRequest) as exc:
+            refused["error"] = None
             if not status_holder["started"]:
-                await problem_response(413, exc.title, exc.detail, request_id=request_id)(scope, receive, send_wrapper)
+                response = problem_response(exc.status, exc.title, exc.detail, request_id=request_id)
+                await response(scope, receive, send_wrapper)
         except Exception:
             log.exception("unhandled error", extra={"request_id": request_id, "path": path})
             if not status_holder["started"]:
