@@ -131,7 +131,16 @@ WORKER_ONLY = sorted({p for _m, p, r in ROUTES if r is Role.worker})
 def test_job_lifecycle_and_result_routes_are_the_workers_alone() -> None:
     """The worker-only routes are exactly the job lifecycle and the monitoring results."""
     assert {p.rsplit("/", 1)[-1] for p in WORKER_ONLY} == {
-        "start", "heartbeat", "claim", "trials", "logs", "run", "finalize", "finish", "context", "result"
+        "start",
+        "heartbeat",
+        "claim",
+        "trials",
+        "logs",
+        "run",
+        "finalize",
+        "finish",
+        "context",
+        "result",
     }
 
 
