@@ -7,6 +7,7 @@ import socket
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -239,7 +240,15 @@ class LiveApi:
             time.sleep(0.05)
         self.key = (self.settings.data_dir / "admin.key").read_text().strip()
         self.headers = {"X-API-Key": self.key}
+        # The services' own keys, as the api wrote them: only the worker's reaches the job routes.
+        self.worker_key = (self.settings.data_dir / "worker.key").read_text().strip()
+        self.inference_key = (self.settings.data_dir / "inference.key").read_text().strip()
         return self
+
+    def worker_client(self) -> Any:
+        from miniml.sdk.client import Client
+
+        return Client(self.url, api_key=self.worker_key, timeout=60)
 
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True

@@ -50,6 +50,12 @@ class AuthSettings(BaseModel):
         description="On first start with no keys, create an admin key, print it once and write it "
         "to <data_dir>/admin.key (mode 0600).",
     )
+    model_signing_key: str | None = Field(
+        default=None,
+        description="HMAC key that signs every model version the platform registers; the inference service "
+        "and the flows load only versions it signed. Only workers and inference need it. Unset: "
+        "<data_dir>/signing.key, created (0600) on first use. Set: at least 32 characters in production.",
+    )
     bootstrap_service_keys: bool = Field(
         default=True,
         description="On start, create a key of the worker role and one of the inference role when "
@@ -224,6 +230,9 @@ class Settings(BaseSettings):
         secret = self.auth.jwt_secret
         if secret is not None and (secret.strip().lower() in _WEAK_SECRETS or len(secret) < 32):
             problems.append("MINIML_AUTH__JWT_SECRET is a default or shorter than 32 characters")
+        signing = self.auth.model_signing_key
+        if signing is not None and (signing.strip().lower() in _WEAK_SECRETS or len(signing) < 32):
+            problems.append("MINIML_AUTH__MODEL_SIGNING_KEY is a default or shorter than 32 characters")
         s3_secret = self.storage.secret_access_key
         if (
             self.storage.kind is StorageKind.s3

@@ -54,7 +54,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory, mlflow_uri: str) -> Iterator
         client.projects.create(project)
         client.datasets.upload(project, IRIS)
         job = client.jobs.create(project, dataset="iris", target="target", max_trials=1)
-        assert register(Tracker(mlflow_uri), project, "iris", LogisticRegression(max_iter=500), job=job.id) == "1"
+        assert (
+            register(
+                Tracker(mlflow_uri), project, "iris", LogisticRegression(max_iter=500), job=job.id, settings=settings
+            )
+            == "1"
+        )
         with TestClient(create_inference_app(settings)) as inference:
             yield api, client, inference, project, settings
 
@@ -94,7 +99,7 @@ def check(api: LiveApi, client: Client, inference: TestClient, project: str, set
         "version": 1,
         "job_id": queued.reference["job_id"],
     }
-    assert run_drift_check(client, settings, project, name, queued.id) == "done"
+    assert run_drift_check(api.worker_client(), settings, project, name, queued.id) == "done"
     return client.deployments.drift(project, name).latest
 
 
@@ -131,7 +136,7 @@ def test_a_check_with_too_little_traffic_reports_no_data(stack: Stack) -> None:
     send(inference, "quiet", api.key, sample(10, seed=3).drop(columns="target").to_dict("records"))
     inference.app.state.capture.flush()  # type: ignore[attr-defined]
     queued = client.deployments.check_drift(project, "quiet")
-    assert run_drift_check(client, settings, project, "quiet", queued.id) == "no_data"
+    assert run_drift_check(api.worker_client(), settings, project, "quiet", queued.id) == "no_data"
     reports = client.deployments.drift(project, "quiet")
     assert reports.latest is None and reports.history[0].state == "no_data"
     assert "only 10 captured rows" in (reports.history[0].error or "")
@@ -162,11 +167,18 @@ def test_drift_routes_check_roles_tenancy_and_state(stack: Stack) -> None:
     assert_problem(httpx.post(f"{base}/drift/check", headers=engineer), 409, "still queued")
     report_id = first.json()["id"]
     done = {"state": "done", "rows": 5, "features": [], "max_psi": 0.0}
-    assert httpx.post(f"{base}/drift/{report_id}/result", json=done, headers=engineer).status_code == 200
-    assert_problem(httpx.post(f"{base}/drift/{report_id}/result", json=done, headers=engineer), 409, "already done")
-    assert_problem(httpx.post(f"{base}/drift/999/result", json=done, headers=engineer), 404, "999")
+    # Results come from the worker service alone: a person's key, even an admin's, cannot forge one.
+    for person in (engineer, api.headers):
+        assert_problem(
+            httpx.post(f"{base}/drift/{report_id}/result", json=done, headers=person), 403, "worker service only"
+        )
+        assert_problem(httpx.get(f"{base}/drift/{report_id}/context", headers=person), 403, "worker")
+    worker = {"X-API-Key": api.worker_key}
+    assert httpx.post(f"{base}/drift/{report_id}/result", json=done, headers=worker).status_code == 200
+    assert_problem(httpx.post(f"{base}/drift/{report_id}/result", json=done, headers=worker), 409, "already done")
+    assert_problem(httpx.post(f"{base}/drift/999/result", json=done, headers=worker), 404, "999")
     assert_problem(
-        httpx.post(f"{base}/drift/{report_id}/result", json={"state": "great"}, headers=engineer), 422, "state"
+        httpx.post(f"{base}/drift/{report_id}/result", json={"state": "great"}, headers=worker), 422, "state"
     )
     assert len(httpx.get(f"{base}/drift", headers=viewer).json()["history"]) == 1  # nothing more was written
 
@@ -196,9 +208,11 @@ def test_monitoring_settings_validate_and_persist(stack: Stack) -> None:
 
 
 def test_a_retraining_policy_needs_one_champion(stack: Stack, mlflow_uri: str) -> None:
-    api, client, _inference, project, _settings = stack
+    api, client, _inference, project, settings = stack
     job = client.jobs.list(project)[0]
-    register(Tracker(mlflow_uri), project, "iris", LogisticRegression(C=0.1, max_iter=500), job=job.id)
+    register(
+        Tracker(mlflow_uri), project, "iris", LogisticRegression(C=0.1, max_iter=500), job=job.id, settings=settings
+    )
     client.deployments.create(
         project, "split", "iris", traffic=[{"version": 1, "weight": 50}, {"version": 2, "weight": 50}]
     )
@@ -285,7 +299,7 @@ def test_monitoring_through_the_cli(stack: Stack, monkeypatch: pytest.MonkeyPatc
     inference.app.state.capture.flush()  # type: ignore[attr-defined]
     queued = cli("check-drift", project, "cli", "--json")
     assert queued["state"] == "queued"
-    assert run_drift_check(client, settings, project, "cli", queued["id"]) == "done"
+    assert run_drift_check(api.worker_client(), settings, project, "cli", queued["id"]) == "done"
     shown = cli("drift", project, "cli")
     assert f"drift check {queued['id']} of cli: done, 200 rows" in shown and all(f in shown for f in FEATURES)
     assert cli("quality", project, "cli", "--json")["labelled"] == 0

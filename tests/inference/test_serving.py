@@ -9,6 +9,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+import orjson
 import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
@@ -19,6 +20,7 @@ from miniml.config import Settings
 from miniml.inference.app import create_inference_app
 from miniml.sdk.client import Client
 from miniml.tracking.runs import Tracker
+from miniml.tracking.signing import signing_key
 from miniml.training.data import features_from_profile
 from miniml.training.families import FAMILIES
 from miniml.training.search import build_pipeline
@@ -28,7 +30,8 @@ IRIS = Path(__file__).resolve().parents[2] / "data" / "samples" / "iris.csv"
 ROW = {"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4, "petal_width": 0.2}
 
 
-def register(tracker: Tracker, project: str, model: str, estimator: object, *, job: int = 7) -> str:
+def register(tracker: Tracker, project: str, model: str, estimator: object, *, job: int = 7, settings: Settings) -> str:
+    """Train and register a version as a worker would: signed with the platform's key."""
     frame = pd.read_csv(IRIS)
     profile = {
         "columns": [{"name": c, "kind": "numeric"} for c in frame.columns[:-1]]
@@ -47,6 +50,7 @@ def register(tracker: Tracker, project: str, model: str, estimator: object, *, j
         registered=f"{project}.{model}",
         params={"family": "linear"},
         metrics={"f1_macro": 0.9 if job == 7 else 0.3},
+        signing_key=signing_key(settings.auth.model_signing_key, settings.data_dir),
     )
 
 
@@ -66,9 +70,16 @@ def stack(tmp_path: Path, mlflow_uri: str) -> Iterator[tuple[LiveApi, Client, Te
     with LiveApi(settings) as api:
         client = Client(api.url, api_key=api.key)
         client.projects.create(project)
-        assert register(tracker, project, "iris", LogisticRegression(max_iter=500)) == "1"
+        assert register(tracker, project, "iris", LogisticRegression(max_iter=500), settings=settings) == "1"
         assert (
-            register(tracker, project, "iris", DummyClassifier(strategy="constant", constant="Iris-virginica"), job=8)
+            register(
+                tracker,
+                project,
+                "iris",
+                DummyClassifier(strategy="constant", constant="Iris-virginica"),
+                job=8,
+                settings=settings,
+            )
             == "2"
         )
         with TestClient(create_inference_app(settings)) as inference:
@@ -240,13 +251,24 @@ def test_bad_predict_inputs_name_the_problem(
         json={"name": f"b-{project}", "model_name": "iris", "target": 1},
         headers=api.headers,
     )
-    settings = api.settings.model_copy(update={"inference": api.settings.inference.model_copy(update={"max_rows": 10})})
+    small_inference = api.settings.inference.model_copy(update={"max_rows": 10, "max_body_bytes": 4096})
+    settings = api.settings.model_copy(update={"inference": small_inference})
     with TestClient(create_inference_app(settings)) as small:
         wait_served(small, f"b-{project}", {"1"})
         response = small.post(f"/v1/endpoints/b-{project}/predict", json=body, headers=api.headers)
         assert_problem(response, status, needle)
         raw = small.post(f"/v1/endpoints/b-{project}/predict", content=b"{oops", headers=api.headers)
         assert_problem(raw, 422, "not valid json")
+        bom = b"\xef\xbb\xbf" + orjson.dumps({"rows": [ROW]})
+        assert_problem(
+            small.post(f"/v1/endpoints/b-{project}/predict", content=bom, headers=api.headers), 400, "byte-order"
+        )
+        # Over the body limit: refused by its declared length, and also when sent in chunks without one.
+        big = orjson.dumps({"rows": [ROW] * 60})
+        assert_problem(small.post(f"/v1/endpoints/b-{project}/predict", content=big, headers=api.headers), 413, "4,096")
+        chunks = iter([big[:3000], big[3000:]])
+        streamed = small.post(f"/v1/endpoints/b-{project}/predict", content=chunks, headers=api.headers)
+        assert_problem(streamed, 413, "4,096")
         # A number beyond float range would reach the model as infinity (scikit-learn's own check is off).
         huge = b'{"rows": [{"sepal_length": 1e400, "sepal_width": 3.5, "petal_length": 1.4, "petal_width": 0.2}]}'
         assert_problem(small.post(f"/v1/endpoints/b-{project}/predict", content=huge, headers=api.headers), 422)
@@ -515,8 +537,9 @@ def test_readiness_and_a_failed_load_keeps_the_old_version(
     from miniml.inference.state import State
     from miniml.monitoring.metrics import InferenceMetrics
 
-    _api, _client, _inf, project = stack
-    state = State(tracking_uri=mlflow_uri, max_batch_rows=64, metrics=InferenceMetrics())
+    api, _client, _inf, project = stack
+    key = signing_key(None, api.settings.data_dir)
+    state = State(tracking_uri=mlflow_uri, max_batch_rows=64, metrics=InferenceMetrics(), signing_key=key)
     assert state.ready is False
     good = [
         {
@@ -607,7 +630,7 @@ def test_shadow_never_changes_answers_and_reports_agreement(stack: tuple[LiveApi
     assert [e["predictions"][0] for e in expected] != ["Iris-virginica"] * 30
     deadline = time.monotonic() + 20
     while True:
-        inference.post("/admin/reconcile")
+        inference.post("/admin/reconcile", headers=api.headers)
         report = api_get(api, f"/api/v1/projects/{project}/deployments/{name}/shadow")
         if report["rows"] >= 30 or time.monotonic() > deadline:  # type: ignore[index]
             break
@@ -654,7 +677,7 @@ def test_batch_prediction_writes_a_new_dataset_version(stack: tuple[LiveApi, Cli
     )
     queued = httpx.post(url, json={"dataset": "iris"}, headers=api.headers)
     assert queued.status_code == 202 and queued.json()["kind"] == "batch" and queued.json()["state"] == "queued"
-    done = run_job(client, api.settings, queued.json()["id"], project)
+    done = run_job(api.worker_client(), api.settings, queued.json()["id"], project)
     assert done is not None and done.state == "succeeded", done
     assert done.output is not None and done.output["rows"] == 150 and done.output["dataset"] == "iris-predictions"
     written = client.datasets.version(project, "iris-predictions", 1)

@@ -46,7 +46,7 @@ def test_iris_job_runs_to_a_registered_staging_model(live: tuple[LiveApi, Client
         model_name="iris-clf",
         families=["linear", "random_forest", "lightgbm"],
     )
-    done = run_job(client, api.settings, job.id, "demo")
+    done = run_job(api.worker_client(), api.settings, job.id, "demo")
     assert done is not None and done.state == "succeeded", (done, client.jobs.logs("demo", job.id))
     assert done.test_metrics["f1_macro"] >= 0.9
     assert done.progress.trials_done == 6 and len(done.leaderboard) == 6
@@ -65,14 +65,14 @@ def test_iris_job_runs_to_a_registered_staging_model(live: tuple[LiveApi, Client
     plots = {a.path for a in mc.list_artifacts(parent.info.run_id, "plots")}
     assert {"plots/optimisation_history.png", "plots/confusion_matrix.png"} <= plots
     # A second worker picking up the same job finds it taken: it never runs twice.
-    assert run_job(client, api.settings, job.id, "demo") is None
+    assert run_job(api.worker_client(), api.settings, job.id, "demo") is None
 
 
 def test_cancel_stops_a_running_job_within_seconds(live: tuple[LiveApi, Client]) -> None:
     api, client = live
     job = client.jobs.create("demo", dataset="iris", target="target", timeout_s=300, families=["random_forest"])
     result: list[object] = []
-    thread = threading.Thread(target=lambda: result.append(run_job(client, api.settings, job.id, "demo")))
+    thread = threading.Thread(target=lambda: result.append(run_job(api.worker_client(), api.settings, job.id, "demo")))
     thread.start()
     deadline = time.monotonic() + 60
     while client.jobs.get("demo", job.id).progress.trials_done < 2 and time.monotonic() < deadline:
@@ -92,7 +92,7 @@ def test_a_job_that_breaks_while_running_fails_with_its_reason(live: tuple[LiveA
     # The stored file disappears under the job: the run must end failed, saying why.
     for key in api.app.state.store.list_keys("projects/"):
         api.app.state.store.delete(key)
-    done = run_job(client, api.settings, job.id, "demo")
+    done = run_job(api.worker_client(), api.settings, job.id, "demo")
     assert done is not None and done.state == "failed"
     assert "missing" in (done.reason or "")
     assert any(line.level == "error" for line in client.jobs.logs("demo", job.id))
@@ -103,8 +103,8 @@ def test_a_stale_flow_run_for_another_job_does_nothing(live: tuple[LiveApi, Clie
     api, client = live
     job = client.jobs.create("demo", dataset="iris", target="target", max_trials=2)
     created = job.created_at.timestamp()
-    assert run_job(client, api.settings, job.id, "demo", created=created - 3600) is None
-    assert run_job(client, api.settings, job.id + 1, "demo", created=created) is None  # no such job here
+    assert run_job(api.worker_client(), api.settings, job.id, "demo", created=created - 3600) is None
+    assert run_job(api.worker_client(), api.settings, job.id + 1, "demo", created=created) is None  # no such job here
     after = client.jobs.get("demo", job.id)
     assert after.state == "queued" and after.worker is None and after.progress.trials_claimed == 0
     assert not any("running on" in line.message for line in client.jobs.logs("demo", job.id))

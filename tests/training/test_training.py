@@ -6,7 +6,6 @@ import math
 import threading
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pandas as pd
 import pytest
@@ -16,6 +15,7 @@ from miniml.data.formats import detect
 from miniml.data.profiles import profile_table
 from miniml.domain.tasks import Task, detect_task
 from miniml.tracking.runs import Tracker
+from miniml.tracking.signing import load_verified
 from miniml.training.data import Features, coerce, features_from_profile, load_frame, split
 from miniml.training.families import FAMILIES
 from miniml.training.search import (
@@ -106,10 +106,13 @@ def test_each_family_trains_and_loads_back_from_mlflow(
     tracker = Tracker(mlflow_uri)
     run = tracker.start_job_run("fam", 1, {})
     name = f"fam.{family}-{task}"
+    key = b"k" * 32
     version = tracker.log_model(
-        run, pipe, fam, data.x_test.head(3), registered=name, params=best.params, metrics=metrics
+        run, pipe, fam, data.x_test.head(3), registered=name, params=best.params, metrics=metrics, signing_key=key
     )
-    loaded = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+    # Every family round-trips through the signed path the inference service takes.
+    loaded, signature = load_verified(mlflow_uri, name, version, key)
+    assert signature is not None and list(signature.inputs.input_names()) == list(data.x_test.columns)
     assert list(loaded.predict(data.x_test.head(3))) == list(pipe.predict(data.x_test.head(3)))
 
 

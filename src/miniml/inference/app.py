@@ -21,6 +21,7 @@ from fastapi import FastAPI, Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from miniml import logs
 from miniml.api.errors import check_metrics_token, from_error, problem_response
@@ -43,6 +44,7 @@ from miniml.inference.state import ApiLink, Served, State
 from miniml.monitoring.metrics import InferenceMetrics
 from miniml.schemas.monitoring import FeedbackBatch
 from miniml.storage import make_store
+from miniml.tracking.signing import signing_key
 
 log = logging.getLogger("miniml.inference")
 
@@ -89,6 +91,23 @@ def _too_large(limit: int) -> str:
     return f"The request body is larger than {limit:,} bytes; send fewer rows per request."
 
 
+class DeclaredBodyLimit:
+    """A body declared larger than the limit is refused before any key check or read (413)."""
+
+    def __init__(self, app: ASGIApp, *, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            for name, value in scope["headers"]:
+                if name == b"content-length" and value.isdigit() and int(value) > self.limit:
+                    response = problem_response(413, "Payload too large", _too_large(self.limit), request_id=None)
+                    await response(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+
 _OIP_TYPES = {"number": "FP64", "string": "BYTES", "boolean": "BOOL"}
 
 
@@ -103,7 +122,12 @@ def _flat(data: Any) -> list[Any]:
 
 def create_inference_app(settings: Settings) -> FastAPI:
     metrics = InferenceMetrics()
-    state = State(tracking_uri=settings.mlflow_uri, max_batch_rows=settings.inference.max_batch_rows, metrics=metrics)
+    state = State(
+        tracking_uri=settings.mlflow_uri,
+        max_batch_rows=settings.inference.max_batch_rows,
+        metrics=metrics,
+        signing_key=signing_key(settings.auth.model_signing_key, settings.data_dir),
+    )
     replica = settings.inference.replica_id or f"{settings.inference.host}:{settings.inference.port}"
     public_url = settings.inference.public_url or settings.inference_url
     wake = asyncio.Event()
@@ -174,6 +198,7 @@ def create_inference_app(settings: Settings) -> FastAPI:
     app.state.state = state
     app.state.metrics = metrics
     app.state.capture = capture
+    app.add_middleware(DeclaredBodyLimit, limit=max_body)  # type: ignore[arg-type]
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:

@@ -7,13 +7,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import mlflow
 import numpy as np
 
 import miniml.tracking  # noqa: F401  (MLflow settings for every process that loads models)
 from miniml.errors import InvalidInput
 from miniml.inference.batching import Batcher, Columns
 from miniml.inference.fastpath import compile_numeric
+from miniml.tracking.signing import load_verified
 
 _NUMERIC = {"double", "float", "long", "integer"}
 
@@ -35,16 +35,14 @@ class LoadedModel:
     load_seconds: float
 
 
-def load(tracking_uri: str, registered: str, version: str, *, max_batch_rows: int) -> LoadedModel:
-    """Load the scikit-learn model itself (not pyfunc): its schema checks are done here, faster."""
+def load(tracking_uri: str, registered: str, version: str, *, max_batch_rows: int, signing_key: bytes) -> LoadedModel:
+    """Load the scikit-learn model itself (not pyfunc), once its signature and digest check out; its
+    schema checks are done here, faster."""
     start = time.perf_counter()
-    mlflow.set_tracking_uri(tracking_uri)
-    uri = f"models:/{registered}/{version}"
-    info = mlflow.models.get_model_info(uri)
-    model = mlflow.sklearn.load_model(uri)
+    model, signature = load_verified(tracking_uri, registered, version, signing_key)
     columns = []
-    if info.signature is not None and info.signature.inputs is not None:
-        for spec in info.signature.inputs.inputs:
+    if signature is not None and signature.inputs is not None:
+        for spec in signature.inputs.inputs:
             kind = str(getattr(spec.type, "name", spec.type)).lower()
             columns.append(
                 Column(

@@ -90,6 +90,7 @@ class State:
     tracking_uri: str
     max_batch_rows: int
     metrics: InferenceMetrics
+    signing_key: bytes
     served: dict[str, Served] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
     cache: dict[tuple[str, str], LoadedModel] = field(default_factory=dict)
@@ -173,7 +174,9 @@ class State:
     def _load(self, registered: str, version: str) -> LoadedModel:
         import gc
 
-        model = load(self.tracking_uri, registered, version, max_batch_rows=self.max_batch_rows)
+        model = load(
+            self.tracking_uri, registered, version, max_batch_rows=self.max_batch_rows, signing_key=self.signing_key
+        )
         self.metrics.load_seconds.observe(model.load_seconds)
         gc.collect()
         gc.freeze()  # loaded models are long-lived: keep them out of every later collection

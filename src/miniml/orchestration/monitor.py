@@ -19,10 +19,12 @@ from typing import Any
 import orjson
 
 from miniml.config import Settings
+from miniml.errors import public_reason
 from miniml.monitoring.drift import drift_report
 from miniml.schemas.monitoring import DriftContext, DriftReportRead, DriftResult, EvaluationResult, RetrainingRead
 from miniml.sdk.client import Client
 from miniml.storage import ObjectStore, make_store
+from miniml.tracking.signing import load_verified, signing_key
 
 log = logging.getLogger("miniml.worker")
 
@@ -99,7 +101,6 @@ def run_drift_check(client: Client, settings: Settings, project: str, deployment
 
 
 def run_evaluation(client: Client, settings: Settings, project: str, deployment: str, retraining_id: int) -> str:
-    import mlflow
 
     from miniml.domain.tasks import Task
     from miniml.orchestration.runner import _table
@@ -117,16 +118,16 @@ def run_evaluation(client: Client, settings: Settings, project: str, deployment:
             frame = load_frame(_table(path, version))
         features = features_from_profile(version.profile, ctx.target)
         data = split(frame, features, ctx.target, Task(ctx.task), test_size=ctx.test_size, seed=ctx.seed)
-        mlflow.set_tracking_uri(settings.mlflow_uri)
+        key = signing_key(settings.auth.model_signing_key, settings.data_dir)
         scores = {}
         for which, v in (("champion", ctx.champion_version), ("challenger", ctx.challenger_version)):
-            model = mlflow.sklearn.load_model(f"models:/{ctx.registered_name}/{v}")
+            model, _signature = load_verified(settings.mlflow_uri, ctx.registered_name, str(v), key)
             scores[which] = score(ctx.metric, model, data.x_test, data.y_test)
         result = EvaluationResult(
             champion_score=scores["champion"], challenger_score=scores["challenger"], rows=len(data.x_test)
         )
     except Exception as exc:
         log.exception("evaluation failed", extra={"deployment": deployment, "retraining": retraining_id})
-        result = EvaluationResult(error=f"{type(exc).__name__}: {str(exc)[:500]}")
+        result = EvaluationResult(error=public_reason(exc, limit=500))
     done: RetrainingRead = reports.evaluation_result(project, deployment, retraining_id, result)
     return done.state

@@ -29,6 +29,7 @@ from miniml.schemas.jobs import JobFinish, JobRead, TrialReport
 from miniml.sdk.client import Client
 from miniml.tracking.registry import registered_name
 from miniml.tracking.runs import Tracker
+from miniml.tracking.signing import load_verified, signing_key
 from miniml.training import plots
 from miniml.training.data import features_from_profile, load_frame, split
 from miniml.training.search import (
@@ -270,6 +271,7 @@ def _train(
         registered=registered,
         params={"family": family.name, **best.params},
         metrics=metrics,
+        signing_key=signing_key(settings.auth.model_signing_key, settings.data_dir),
     )
     if spec["promote_to"] != "none":
         tracker.set_alias(registered, spec["promote_to"], model_version)
@@ -284,7 +286,6 @@ def _train(
 
 def _batch(client: Client, settings: Settings, job: JobRead) -> JobRead:
     """Predict every row of a dataset version in record batches; upload the result as a new version."""
-    import mlflow
     import pyarrow.csv as pacsv
 
     from miniml.training.data import Features, coerce
@@ -292,11 +293,9 @@ def _batch(client: Client, settings: Settings, job: JobRead) -> JobRead:
     spec, project = job.spec, job.project
     reports = client.job_reports
     version = client.datasets.version(project, job.dataset, job.dataset_version)
-    mlflow.set_tracking_uri(settings.mlflow_uri)
-    uri = f"models:/{spec['registered_name']}/{spec['model_version']}"
-    model = mlflow.sklearn.load_model(uri)
-    info = mlflow.models.get_model_info(uri)
-    inputs = info.signature.inputs.inputs if info.signature is not None and info.signature.inputs is not None else []
+    key = signing_key(settings.auth.model_signing_key, settings.data_dir)
+    model, signature = load_verified(settings.mlflow_uri, spec["registered_name"], str(spec["model_version"]), key)
+    inputs = signature.inputs.inputs if signature is not None and signature.inputs is not None else []
     numeric = {"double", "float", "long", "integer", "boolean"}
     features = Features(
         numeric=[str(c.name) for c in inputs if str(getattr(c.type, "name", c.type)).lower() in numeric],

@@ -15,6 +15,7 @@ from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
 from miniml.errors import UpstreamUnavailable
+from miniml.tracking.signing import sign_version
 from miniml.training.families import Family
 from miniml.training.search import TrialResult
 
@@ -111,8 +112,9 @@ class Tracker:
         registered: str,
         params: dict[str, Any],
         metrics: dict[str, float],
+        signing_key: bytes,
     ) -> str:
-        """Log the model with signature and input example, register it; return the new version."""
+        """Log the model with signature and input example, register and sign it; return the new version."""
         self.client.log_batch(
             run_id,
             params=[mlflow.entities.Param(f"best.{k}", str(v)[:250]) for k, v in params.items()],
@@ -136,8 +138,9 @@ class Tracker:
                 pip_requirements=pip,
                 registered_model_name=registered,
             )
-        version = info.registered_model_version
-        return str(version)
+        version = str(info.registered_model_version)
+        self._call("sign the model", sign_version, self.uri, registered, version, signing_key)
+        return version
 
     def set_alias(self, registered: str, alias: str, version: str) -> None:
         self._call("set the alias", self.client.set_registered_model_alias, registered, alias, version)
