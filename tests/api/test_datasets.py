@@ -248,9 +248,33 @@ def test_bad_dataset_names_are_422_and_store_nothing(
     assert_nothing_stored(client, admin, settings)
 
 
-def test_path_in_file_name_is_refused(ds: tuple[TestClient, dict[str, str], Settings]) -> None:
+@pytest.mark.parametrize("filename", ["../../etc/iris.csv", "C:\\x.csv", "..\\..\\iris.csv", "\\\\host\\share\\x.csv"])
+def test_path_in_file_name_is_refused(ds: tuple[TestClient, dict[str, str], Settings], filename: str) -> None:
+    """A path in the file name is refused whatever its platform's separators (no silent basename)."""
     client, admin, settings = ds
-    assert_problem(upload(client, admin, IRIS.read_bytes(), "../../etc/iris.csv"), 422, "not valid")
+    assert_problem(upload(client, admin, IRIS.read_bytes(), filename), 422, "not valid")
+    assert_nothing_stored(client, admin, settings)
+
+
+@pytest.mark.parametrize(
+    ("boundary", "body"),
+    [
+        ("b" * 70_000, b"--" + b"b" * 70_000 + b"\r\n"),
+        ("x" * 71, b"--" + b"x" * 71 + b"\r\n"),
+        ("ok", b"--ok\r\nContent-Disposition: form-data; name=file; filename=a.csv\r\n\r\na,b\r\n1,2\r\n--nope--"),
+        ("ok", b"not a multipart body at all"),
+    ],
+    ids=["70KB-boundary", "71-char-boundary", "wrong-closing", "garbage"],
+)
+def test_malformed_multipart_is_400_and_leaves_nothing_on_disk(
+    ds: tuple[TestClient, dict[str, str], Settings], boundary: str, body: bytes
+) -> None:
+    client, admin, settings = ds
+    headers = {**admin, "content-type": f"multipart/form-data; boundary={boundary}"}
+    response = client.post(URL, content=body, headers=headers)
+    assert response.status_code in (400, 422), response.text
+    assert_problem(response, response.status_code, "multipart" if response.status_code == 400 else "file")
+    assert not list((settings.data_dir / "tmp").glob("upload-*")), "a temp file was left behind"
     assert_nothing_stored(client, admin, settings)
 
 

@@ -10,17 +10,18 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
 from python_multipart.exceptions import MultipartParseError
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 from starlette.requests import Request
 
 from miniml.data.spool import Spool
-from miniml.errors import InvalidInput, PayloadTooLarge
+from miniml.errors import BadRequest, InvalidInput, PayloadTooLarge
 
 MAX_FIELD_BYTES = 4096
 
@@ -38,6 +39,19 @@ class Upload:
             self.path.unlink()
 
 
+_BOUNDARY_RE = re.compile(rb"^[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]$")
+_FILENAME_RE = re.compile(rb'filename="([^"]*)"')
+
+
+def _raw_filename(disposition: bytes) -> str | None:
+    """The file name as sent. python-multipart keeps only the last part of a Windows path
+    ('C:\\x.csv' -> 'x.csv') but not of a POSIX one: a name with a path in either form is refused alike."""
+    found = _FILENAME_RE.search(disposition)
+    if found is None or b"\\" not in found.group(1):
+        return None
+    return found.group(1).decode("utf-8", "replace")
+
+
 async def receive_upload(
     request: Request, *, tmp_dir: Path, max_bytes: int, file_field: str = "file", spool: Spool | None = None
 ) -> Upload:
@@ -49,6 +63,12 @@ async def receive_upload(
         raise InvalidInput(
             f"Send the file as multipart/form-data with the file in field {file_field!r} "
             f"(curl -F {file_field}=@data.csv)."
+        )
+    if len(boundary) > 70 or not _BOUNDARY_RE.fullmatch(boundary):
+        # RFC 2046 §5.1.1: 1-70 characters from a small set; checked before anything is written.
+        raise BadRequest(
+            "The multipart boundary is malformed (RFC 2046 allows 1-70 letters, digits and a few "
+            "punctuation marks); let your HTTP client build the body."
         )
     tmp_dir.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=tmp_dir, prefix="upload-", suffix=".part")
@@ -88,7 +108,9 @@ async def receive_upload(
             if state["seen_file"]:
                 raise InvalidInput(f"Send exactly one file in field {file_field!r}.")
             state["seen_file"] = True
-            state["filename"] = opts.get(b"filename", b"").decode("utf-8", "replace")
+            state["filename"] = _raw_filename(headers.get(b"content-disposition", b"")) or opts.get(
+                b"filename", b""
+            ).decode("utf-8", "replace")
             if spool is not None:
                 spool.filename = str(state["filename"])
 
@@ -135,6 +157,13 @@ async def receive_upload(
                 spool.wrote(told)
         parser.finalize()
         out.close()
+        if parser.state not in (MultipartState.END, MultipartState.BOUNDARY_PADDING):
+            # python-multipart does not check that the closing boundary came; a cut or mis-closed
+            # body would otherwise be stored as if whole.
+            raise BadRequest(
+                "The multipart body ends without its closing boundary; send the whole body, "
+                "and let your HTTP client build it."
+            )
         if not state["seen_file"]:
             raise InvalidInput(f"No file in field {file_field!r}; send it with curl -F {file_field}=@data.csv.")
         if spool is not None:
@@ -146,7 +175,7 @@ async def receive_upload(
         out.close()
         path.unlink(missing_ok=True)
         if isinstance(exc, MultipartParseError):
-            raise InvalidInput(f"The multipart body is malformed ({exc}); let your HTTP client build it.") from None
+            raise BadRequest(f"The multipart body is malformed ({exc}); let your HTTP client build it.") from None
         raise
     size = state["size"]
     assert isinstance(size, int)
