@@ -102,7 +102,9 @@ class DeclaredBodyLimit:
         if scope["type"] == "http":
             for name, value in scope["headers"]:
                 if name == b"content-length" and value.isdigit() and int(value) > self.limit:
-                    response = problem_response(413, "Payload too large", _too_large(self.limit), request_id=None)
+                    response = problem_response(
+                        413, "Payload too large", _too_large(self.limit), request_id=uuid.uuid4().hex
+                    )
                     await response(scope, receive, send)
                     return
         await self.app(scope, receive, send)
@@ -289,7 +291,10 @@ def create_inference_app(settings: Settings) -> FastAPI:
             metrics.errors.labels(served.name, "model_error").inc()
             log.exception("predict failed", extra={"deployment": served.name, "version": variant.version})
             return problem_response(
-                500, "Internal error", f"The model failed to predict ({type(exc).__name__}).", request_id=None
+                500,
+                "Internal error",
+                f"The model failed to predict ({type(exc).__name__}).",
+                request_id=request_id(request),
             )
         values = preds.tolist()
         capture.add(served.project, served.name, variant.version, columns, values)
