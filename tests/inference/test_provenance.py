@@ -38,6 +38,9 @@ def _register_pickle(mlflow_uri: str, registered: str, marker: Path) -> str:
         info = mlflow.sklearn.log_model(
             Marker(marker), name="model", serialization_format="cloudpickle", registered_model_name=registered
         )
+    # MLflow's own log_model loads what it saved once, in this test process: the marker proves
+    # nothing yet. From here on it must never appear again.
+    marker.unlink(missing_ok=True)
     return str(info.registered_model_version)
 
 

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from miniml import logs
 from miniml.api import errors
 from miniml.api.middleware import ApiMetrics, RequestMiddleware
+from miniml.api.openapi import documented_openapi
 from miniml.api.routes import audit, auth, datasets, deployments, health, jobs, keys, models, monitoring, projects, seed
 from miniml.config import Settings
 from miniml.db.engine import make_engine, make_sessionmaker, upgrade
@@ -119,6 +120,7 @@ def create_app(settings: Settings) -> FastAPI:
     for module in (health, auth, keys, projects, datasets, jobs, models, deployments, monitoring, audit, seed):
         app.include_router(module.router)
     app.include_router(deployments.inference_router)
+    app.openapi = lambda: documented_openapi(app)  # type: ignore[method-assign]
     app.add_middleware(
         RequestMiddleware,  # type: ignore[arg-type]
         metrics=app.state.metrics,

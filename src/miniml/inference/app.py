@@ -282,8 +282,8 @@ def create_inference_app(settings: Settings) -> FastAPI:
             columns, rows, ignored = parse_rows(body, model, max_rows=settings.inference.max_rows)
             want_proba = request.query_params.get("probabilities", "").lower() in ("1", "true", "yes")
             preds, probas = await model.batcher.predict(columns, rows, want_proba and model.classes is not None)
-        except InvalidInput as exc:
-            metrics.requests.labels(*labels, "422").inc()
+        except MiniMLError as exc:  # bad input: 422, or 400 / 413 for the body itself
+            metrics.requests.labels(*labels, str(exc.status)).inc()
             metrics.errors.labels(served.name, "invalid_input").inc()
             return from_error(exc, request_id(request))
         except Exception as exc:

@@ -2,13 +2,31 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
 from miniml.domain.limits import MAX_ID
 
 VersionField = Annotated[int, Field(ge=1, le=MAX_ID)]
+
+# Name rules, declared in the schema so clients and fuzzers know them; the services check them
+# with messages that say how to fix a name (pydantic's own would only say "should match pattern").
+SLUG_PATTERN = r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$"
+NAME_PATTERN = r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+STAGE_WORDS: list[JsonValue] = ["staging", "production", "Staging", "Production"]
+
+
+def slug_field(description: str) -> Any:
+    return Field(description=description, json_schema_extra={"pattern": SLUG_PATTERN})
+
+
+def name_field(description: str, **kwargs: Any) -> Any:
+    return Field(description=description, json_schema_extra={"pattern": NAME_PATTERN}, **kwargs)
+
+
+def stage_field(description: str, **kwargs: Any) -> Any:
+    return Field(description=description, json_schema_extra={"enum": STAGE_WORDS}, **kwargs)
 
 
 class StrictModel(BaseModel):

@@ -3,7 +3,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from miniml.data.profiles import ColumnKind
 from miniml.schemas.common import ReadModel, StrictModel
@@ -60,6 +60,19 @@ class SeedValidationRequest(ValidationRequest):
     dataset_s3_uri: str | None = Field(default=None, description="The `s3_uri` an upload returned.")
     dataset: str | None = None
     version: int | None = None
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "anyOf": [
+                {"required": ["dataset_s3_uri"], "properties": {"dataset_s3_uri": {"type": "string"}}},
+                {
+                    "required": ["dataset", "version"],
+                    "properties": {"dataset": {"type": "string"}, "version": {"type": "integer"}},
+                },
+            ]
+        },
+    )
 
 
 class ValidationIssue(ReadModel):

@@ -3,10 +3,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, JsonValue, model_validator
 
 from miniml.domain.limits import MAX_ID
-from miniml.schemas.common import ReadModel, StrictModel, VersionField
+from miniml.schemas.common import ReadModel, StrictModel, VersionField, name_field, slug_field, stage_field
 
 
 class TrafficItem(StrictModel):
@@ -19,6 +19,13 @@ class ShadowSpec(StrictModel):
     fraction: float = Field(default=0.1, gt=0, le=1, description="Share of requests copied to it.")
 
 
+# Either a target or a traffic split, never both (declared for clients; checked in _one_of).
+_TARGET_AND_TRAFFIC: dict[str, JsonValue] = {
+    "required": ["target", "traffic"],
+    "properties": {"target": {"not": {"type": "null"}}, "traffic": {"type": "array"}},
+}
+
+
 class DeploymentTarget(StrictModel):
     target: VersionField | Annotated[str, Field(max_length=64)] | None = Field(
         default=None, description="An alias or stage (staging, production) or a version number."
@@ -26,7 +33,11 @@ class DeploymentTarget(StrictModel):
     shadow: ShadowSpec | None = Field(
         default=None, description="A version that predicts on copies of requests, off the request path; never answers."
     )
-    traffic: list[TrafficItem] | None = Field(default=None, description="A split between versions; weights sum to 100.")
+    traffic: list[TrafficItem] | None = Field(
+        default=None, min_length=2, description="A split between two or more versions; weights sum to 100."
+    )
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"not": _TARGET_AND_TRAFFIC})
 
     @model_validator(mode="after")
     def _one_of(self) -> DeploymentTarget:
@@ -41,8 +52,8 @@ class DeploymentTarget(StrictModel):
 
 
 class DeploymentCreate(DeploymentTarget):
-    name: str = Field(description="Endpoint name (slug), unique across projects: it is the URL.")
-    model_name: str = Field(description="The project's model, e.g. 'iris-clf'.")
+    name: str = slug_field("Endpoint name (slug), unique across projects: it is the URL.")
+    model_name: str = name_field("The project's model, e.g. 'iris-clf'.")
 
     @model_validator(mode="after")
     def _default_target(self) -> DeploymentCreate:
@@ -52,6 +63,17 @@ class DeploymentCreate(DeploymentTarget):
 
 
 class DeploymentUpdate(DeploymentTarget):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "not": _TARGET_AND_TRAFFIC,
+            "anyOf": [
+                {"required": [field], "properties": {field: {"not": {"type": "null"}}}}
+                for field in ("target", "traffic", "shadow")
+            ],
+        },
+    )
+
     @model_validator(mode="after")
     def _something(self) -> DeploymentUpdate:
         if self.target is None and self.traffic is None and self.shadow is None:
@@ -60,11 +82,21 @@ class DeploymentUpdate(DeploymentTarget):
 
 
 class SeedDeployRequest(StrictModel):
-    model_name: str
-    stage: str | None = "staging"
+    model_name: str = Field(description="'<project>.<model>', or the model's name with 'project'.")
+    stage: str | None = stage_field("staging or production.", default="staging")
     version: VersionField | None = None
-    project: str | None = None
-    name: str | None = None
+    project: str | None = slug_field("The model's project; default the part of model_name before the first dot.")
+    name: str | None = slug_field("Endpoint name; default the model's name.")
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "anyOf": [
+                {"required": ["project"], "properties": {"project": {"type": "string"}}},
+                {"properties": {"model_name": {"pattern": r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.[A-Za-z0-9]"}}},
+            ]
+        },
+    )
 
 
 class Variant(ReadModel):

@@ -3,7 +3,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from miniml.domain.jobs import JobState
 from miniml.domain.limits import MAX_ID, MAX_SEED, MAX_TRIALS
@@ -29,6 +29,15 @@ class JobCreate(StrictModel):
     promote_to: Literal["staging", "production", "none"] = "staging"
     model_name: str | None = Field(default=None, description="Registered model name; default the dataset's name.")
     parallelism: int = Field(default=1, ge=1, le=32, description="Worker processes sharing the study.")
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "anyOf": [
+                {"required": [field], "properties": {field: {"type": "string"}}} for field in ("dataset", "dataset_uri")
+            ]
+        },
+    )
 
 
 class SeedTrainRequest(StrictModel):

@@ -1,17 +1,29 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Annotated
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from miniml.domain.roles import Role
-from miniml.schemas.common import ReadModel, StrictModel
+from miniml.schemas.common import SLUG_PATTERN, ReadModel, StrictModel
 
 
 class KeyCreate(StrictModel):
     role: Role
-    projects: list[str] = Field(
-        default_factory=list, description="Projects the key may touch; required for viewer and engineer."
+    projects: list[Annotated[str, Field(json_schema_extra={"pattern": SLUG_PATTERN})]] = Field(
+        default_factory=list,
+        description="Projects the key may touch: one or more for viewer and engineer, none for admin and the "
+        "service roles (they reach every project).",
+    )
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "if": {"properties": {"role": {"enum": ["viewer", "engineer"]}}},
+            "then": {"required": ["projects"], "properties": {"projects": {"minItems": 1}}},
+            "else": {"properties": {"projects": {"maxItems": 0}}},
+        },
     )
     name: str = Field(default="", max_length=128, description="A label to recognise the key by.")
     expires_in_days: float | None = Field(default=None, gt=0, le=3650, description="Unset: never expires.")

@@ -5,7 +5,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from miniml.schemas.common import ReadModel, StrictModel
+from miniml.schemas.common import ReadModel, StrictModel, stage_field
 
 
 def normalise_stage(value: str) -> str:
@@ -49,7 +49,7 @@ class ModelComparison(ReadModel):
 
 
 class PromoteRequest(StrictModel):
-    stage: str
+    stage: str = stage_field("staging or production.")
 
     @field_validator("stage")
     @classmethod
@@ -60,7 +60,7 @@ class PromoteRequest(StrictModel):
 class SeedPromoteRequest(StrictModel):
     model_name: str
     version: int | str
-    to_stage: str
+    to_stage: str = stage_field("staging or production.")
     project: str | None = None
 
     @field_validator("to_stage")

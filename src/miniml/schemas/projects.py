@@ -4,11 +4,11 @@ from datetime import datetime
 
 from pydantic import Field
 
-from miniml.schemas.common import ReadModel, StrictModel
+from miniml.schemas.common import ReadModel, StrictModel, slug_field
 
 
 class ProjectCreate(StrictModel):
-    name: str = Field(description="Slug: 1-63 lowercase letters, digits and dashes.")
+    name: str = slug_field("Slug: 1-63 lowercase letters, digits and dashes.")
     description: str = Field(default="", max_length=2000)
 
 
