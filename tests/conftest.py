@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import uuid
 from collections.abc import Callable, Iterator
@@ -20,6 +21,11 @@ from miniml.domain.tenancy import Caller
 from miniml.schemas.keys import KeyCreate
 from miniml.schemas.projects import ProjectCreate
 from miniml.services import keys, projects
+
+# The session's MLflow runs behind its basic-auth app, as under miniml up: this process (and the
+# workers it starts) talk to it as its admin.
+MLFLOW_ADMIN_PASSWORD = os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", secrets.token_urlsafe(24))
+os.environ.setdefault("MLFLOW_TRACKING_USERNAME", "miniml")
 
 # Tests that have no MLflow server expect a quick 503, not minutes of retries.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -173,7 +179,7 @@ def _supervised(tmp_path_factory: pytest.TempPathFactory, names: set[str], **por
 
     settings = Settings(
         data_dir=tmp_path_factory.mktemp("services"),
-        mlflow={"port": ports.get("mlflow", free_port())},
+        mlflow={"port": ports.get("mlflow", free_port()), "admin_password": MLFLOW_ADMIN_PASSWORD},
         prefect={"port": ports.get("prefect", free_port())},
         api={"port": free_port()},
     )

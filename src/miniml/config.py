@@ -93,6 +93,17 @@ class MlflowSettings(BaseModel):
         default=None, description="MLflow tracking server URL; default http://127.0.0.1:<port>."
     )
     public_url: str | None = Field(default=None, description="MLflow UI URL shown to users.")
+    auth: bool = Field(
+        default=True,
+        description="MLflow behind credentials: miniml up starts it with MLflow's basic-auth app, each "
+        "person's API key signs in to it (username: the key id, password: the key) and sees only its "
+        "projects' runs and models. The platform's processes use the MLflow admin account.",
+    )
+    admin_password: str | None = Field(
+        default=None,
+        description="Password of MLflow's admin account ('miniml'). Unset: <data_dir>/mlflow.password, made "
+        "(0600) on first start. Give the same value to every role in compose.",
+    )
 
 
 class PrefectSettings(BaseModel):
@@ -129,6 +140,12 @@ class JobSettings(BaseModel):
     )
     loop_interval_s: float = Field(
         default=5.0, gt=0, description="How often the api retries submissions and checks heartbeats."
+    )
+    mlflow_sync_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="How often the api brings MLflow's grants in step with keys, projects and models "
+        "(a revocation reaches MLflow at once).",
     )
 
 

@@ -22,6 +22,7 @@ import httpx
 from miniml.config import Settings
 from miniml.errors import Conflict, UpstreamUnavailable
 from miniml.files import write_secret_file
+from miniml.tracking.access import ADMIN_USERNAME, admin_password, auth_config, secret_file
 
 BIN = Path(sys.executable).parent
 
@@ -77,13 +78,32 @@ def child_env(settings: Settings) -> dict[str, str]:
             "PYTHONUNBUFFERED": "1",
         }
     )
+    if settings.mlflow.auth:
+        # Every child talks to this platform's MLflow as its admin (never an inherited account).
+        env["MLFLOW_TRACKING_USERNAME"] = ADMIN_USERNAME
+        env["MLFLOW_TRACKING_PASSWORD"] = admin_password(settings.mlflow.admin_password, data)
     return env
+
+
+def mlflow_auth(settings: Settings) -> tuple[list[str], dict[str, str]]:
+    """Extra argv and env that put MLflow's basic-auth app in front of the embedded server."""
+    if not settings.mlflow.auth:
+        return [], {}
+    data = settings.data_dir.resolve()
+    password = admin_password(settings.mlflow.admin_password, data)
+    ini = write_secret_file(data / "mlflow-auth.ini", auth_config(data, password))
+    flask_secret = secret_file(data / "mlflow-flask.secret")
+    return ["--app-name", "basic-auth"], {
+        "MLFLOW_AUTH_CONFIG_PATH": str(ini),
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": flask_secret,
+    }
 
 
 def embedded_services(settings: Settings) -> list[Service]:
     data = settings.data_dir.resolve()
     (data / "prefect").mkdir(parents=True, exist_ok=True)
     py = sys.executable
+    auth_argv, auth_env = mlflow_auth(settings)
     return [
         Service(
             name="mlflow",
@@ -101,7 +121,9 @@ def embedded_services(settings: Settings) -> list[Service]:
                 str(settings.mlflow.port),
                 "--workers",
                 "1",
+                *auth_argv,
             ],
+            env=auth_env,
             port=settings.mlflow.port,
             health_url=f"{settings.mlflow_uri}/health",
         ),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -14,7 +15,7 @@ from fastapi import FastAPI
 from sqlalchemy.orm import Session, sessionmaker
 
 from miniml import logs
-from miniml.api import errors
+from miniml.api import errors, mlflow_users
 from miniml.api.middleware import ApiMetrics, RequestMiddleware
 from miniml.api.openapi import documented_openapi
 from miniml.api.routes import audit, auth, datasets, deployments, health, jobs, keys, models, monitoring, projects, seed
@@ -29,6 +30,7 @@ from miniml.services import jobs as job_service
 from miniml.services import keys as key_service
 from miniml.services import secrets
 from miniml.storage import make_store
+from miniml.tracking.access import MlflowAccess, use_admin_credentials
 from miniml.tracking.registry import Registry
 
 log = logging.getLogger("miniml.api")
@@ -53,11 +55,20 @@ def bootstrap_keys(settings: Settings, session: Session) -> str | None:
 
 
 async def supervise_jobs(
-    settings: Settings, db: sessionmaker[Session], orchestrator: Orchestrator, registry: Registry
+    settings: Settings,
+    db: sessionmaker[Session],
+    orchestrator: Orchestrator,
+    registry: Registry,
+    access: MlflowAccess | None = None,
 ) -> None:
     """Retry submissions Prefect could not take, fail jobs whose worker went silent, run monitoring schedules."""
 
+    synced = {"at": 0.0}
+
     def tick() -> None:
+        if time.monotonic() - synced["at"] >= settings.jobs.mlflow_sync_s:
+            synced["at"] = time.monotonic()
+            mlflow_users.sync(access, db)
         with db.begin() as session:
             for job_id in job_service.reap_stale_jobs(session, timeout_s=settings.jobs.heartbeat_timeout_s):
                 log.warning("job failed: no heartbeat", extra={"job_id": job_id})
@@ -89,6 +100,9 @@ def create_app(settings: Settings) -> FastAPI:
         with db.begin() as session:
             app.state.jwt_secret = settings.auth.jwt_secret or secrets.read_or_create_secret(session, "jwt")
             raw = bootstrap_keys(settings, session)
+            admin_id = raw.split("_")[1] if raw else None
+        if raw and admin_id:
+            mlflow_users.created(app.state.mlflow_access, admin_id, Role.admin, [], raw)
         if raw:
             path = settings.data_dir / "admin.key"
             # Shown once, and only on a terminal: a log file (miniml up's, a container's) must never
@@ -96,7 +110,9 @@ def create_app(settings: Settings) -> FastAPI:
             shown = f":\n  {raw}" if sys.stdout.isatty() else "; read it there"
             print(f"miniml: created the first admin key (saved to {path}){shown}", flush=True)
         async with anyio.create_task_group() as tasks:
-            tasks.start_soon(supervise_jobs, settings, db, app.state.orchestrator, app.state.registry)
+            tasks.start_soon(
+                supervise_jobs, settings, db, app.state.orchestrator, app.state.registry, app.state.mlflow_access
+            )
             yield
             tasks.cancel_scope.cancel()
         app.state.orchestrator.close()
@@ -114,6 +130,10 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.store = store
     app.state.orchestrator = Orchestrator(settings, db)
     app.state.registry = Registry(settings.mlflow_uri)
+    app.state.mlflow_access = None
+    if settings.mlflow.auth:
+        user, password = use_admin_credentials(settings.mlflow.admin_password, settings.data_dir)
+        app.state.mlflow_access = MlflowAccess(settings.mlflow_uri, user, password)
     app.state.metrics = ApiMetrics()
     app.state.metrics.registry.register(PlatformCollector(db, quality_window_s=settings.monitoring.quality_window_s))
     errors.install(app)

@@ -169,6 +169,10 @@ def worker() -> None:
 
     settings = Settings()
     secure_data_dir(settings.data_dir)
+    if settings.mlflow.auth:
+        from miniml.tracking.access import use_admin_credentials
+
+        use_admin_credentials(settings.mlflow.admin_password, settings.data_dir)
     os.environ.setdefault("PREFECT_API_URL", settings.prefect_api_url)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # Poll often: a submitted job starts within a few seconds instead of ~10.

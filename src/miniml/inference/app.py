@@ -459,4 +459,8 @@ def main_app() -> FastAPI:
     sys.setswitchinterval(0.001)
     settings = Settings()
     logs.configure(settings.log_level)
+    if settings.mlflow.auth:
+        from miniml.tracking.access import use_admin_credentials
+
+        use_admin_credentials(settings.mlflow.admin_password, settings.data_dir)
     return create_inference_app(settings)

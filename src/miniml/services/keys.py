@@ -20,6 +20,7 @@ from miniml.domain.roles import Role
 from miniml.domain.tenancy import Caller
 from miniml.errors import InvalidInput, NotFound, Unauthorized
 from miniml.schemas.keys import KeyCreate, KeyRead
+from miniml.tracking.access import MlflowUser
 
 KEY_PREFIX = "mml"
 # Writing last_used_at on every request would make every read a write; once a minute is plenty.
@@ -115,6 +116,24 @@ def service_key_id(session: Session, role: Role) -> str | None:
         .order_by(tables.ApiKey.created_at.desc())
         .limit(1)
     )
+
+
+def mlflow_users(session: Session) -> tuple[list[MlflowUser], set[str]]:
+    """What MLflow should know of each person's key: usable ones, and the ids of keys that no longer work."""
+    now = utcnow()
+    users: list[MlflowUser] = []
+    gone: set[str] = set()
+    for row in session.scalars(select(tables.ApiKey)):
+        role = Role(row.role)
+        if role.is_service:
+            continue
+        if row.revoked_at is not None or (row.expires_at is not None and row.expires_at <= now):
+            gone.add(row.id)
+            continue
+        permission = "EDIT" if role is Role.engineer else "READ"
+        projects = {} if role is Role.admin else {g.project.name: permission for g in row.grants}
+        users.append(MlflowUser(username=row.id, admin=role is Role.admin, projects=projects))
+    return users, gone
 
 
 def list_keys(session: Session) -> list[KeyRead]:

@@ -4,3 +4,8 @@ import os
 
 # Progress bars are for terminals; every miniml process logs JSON lines instead.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def experiment_name(project: str) -> str:
+    """Every project's runs live in one MLflow experiment."""
+    return f"miniml/{project}"

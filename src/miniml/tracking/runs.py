@@ -15,15 +15,12 @@ from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
 from miniml.errors import UpstreamUnavailable
+from miniml.tracking import experiment_name
 from miniml.tracking.signing import sign_version
 from miniml.training.families import Family
 from miniml.training.search import TrialResult
 
 _BASE_PIP = ("scikit-learn", "pandas", "numpy", "scipy", "cloudpickle")
-
-
-def experiment_name(project: str) -> str:
-    return f"miniml/{project}"
 
 
 def _pin(package: str) -> str:

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
-import secrets
 from pathlib import Path
 from typing import Any
 
 from miniml.errors import InvalidInput
+from miniml.tracking.access import secret_file
 
 TAG_DIGEST = "miniml.digest"
 TAG_SIGNATURE = "miniml.signature"
@@ -30,19 +29,7 @@ class UnsignedModel(InvalidInput):
 
 def signing_key(configured: str | None, data_dir: Path) -> bytes:
     """The configured key, or ``<data_dir>/signing.key``, created (0600) by whichever role needs it first."""
-    if configured:
-        return configured.encode()
-    path = data_dir / "signing.key"
-    if not path.exists():
-        data_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:  # another role made it at the same moment
-            pass
-        else:
-            with os.fdopen(fd, "w") as fh:
-                fh.write(secrets.token_urlsafe(48) + "\n")
-    return path.read_text().strip().encode()
+    return (configured or secret_file(data_dir / "signing.key")).encode()
 
 
 def digest_of(folder: Path) -> str:

@@ -1,7 +1,10 @@
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
 
+from fastapi import APIRouter, Path, Request
+
+from miniml.api import mlflow_users
 from miniml.api.deps import AdminDep, DbDep
 from miniml.schemas.keys import KeyCreate, KeyCreated, KeyRead
 from miniml.services import keys
@@ -10,10 +13,11 @@ router = APIRouter(prefix="/api/v1/keys", tags=["keys"])
 
 
 @router.post("", status_code=201)
-def create_key(body: KeyCreate, db: DbDep, caller: AdminDep) -> KeyCreated:
-    """Create an API key; the secret is in this response only."""
+def create_key(body: KeyCreate, request: Request, db: DbDep, caller: AdminDep) -> KeyCreated:
+    """Create an API key; the secret is in this response only. It also signs in to MLflow (username: its id)."""
     with db.begin() as session:
         read, raw = keys.create_key(session, caller, body)
+    mlflow_users.created(request.app.state.mlflow_access, read.id, read.role, read.projects, raw)
     return KeyCreated(**read.model_dump(), key=raw)
 
 
@@ -25,7 +29,9 @@ def list_keys(db: DbDep, caller: AdminDep) -> list[KeyRead]:
 
 
 @router.delete("/{key_id}")
-def revoke_key(key_id: str, db: DbDep, caller: AdminDep) -> KeyRead:
-    """Revoke a key; its access tokens stop working too."""
+def revoke_key(key_id: Annotated[str, Path(max_length=64)], request: Request, db: DbDep, caller: AdminDep) -> KeyRead:
+    """Revoke a key; its access tokens and its MLflow sign-in stop working too."""
     with db.begin() as session:
-        return keys.revoke_key(session, key_id)
+        read = keys.revoke_key(session, key_id)
+    mlflow_users.revoked(request.app.state.mlflow_access, key_id)
+    return read

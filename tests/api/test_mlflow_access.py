@@ -1,0 +1,90 @@
+"""MLflow behind credentials: anonymous callers get nothing, each key signs in to MLflow with its
+own id and key and sees only its projects' experiments and models, at its role's level; a revoked
+key is shut out of MLflow at once."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+from mlflow.tracking import MlflowClient
+
+from miniml.config import Settings
+from tests.conftest import LiveApi, free_port
+
+
+def until(check: Callable[[], bool], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def test_mlflow_shows_each_key_only_its_projects(tmp_path: Path, mlflow_uri: str) -> None:
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        api={"port": free_port()},
+        prefect={"port": free_port()},
+        mlflow={"tracking_uri": mlflow_uri},
+        jobs={"mlflow_sync_s": 0.5, "loop_interval_s": 0.2},
+    )
+    admin = MlflowClient(mlflow_uri)  # the platform's own account (the session's admin)
+    with LiveApi(settings) as api:
+        for name in ("mine", "theirs"):
+            httpx.post(f"{api.url}/api/v1/projects", json={"name": name}, headers=api.headers).raise_for_status()
+        # A model registered later in each project (as a worker would) is granted on the next sync.
+        for project in ("mine", "theirs"):
+            exp = admin.get_experiment_by_name(f"miniml/{project}")
+            exp_id = exp.experiment_id if exp else admin.create_experiment(f"miniml/{project}")
+            admin.create_run(exp_id)
+            admin.create_registered_model(f"{project}.m-{tmp_path.name[-8:]}")
+
+        def key(role: str, *projects: str) -> tuple[str, str]:
+            made = httpx.post(
+                f"{api.url}/api/v1/keys", json={"role": role, "projects": list(projects)}, headers=api.headers
+            ).json()
+            return made["id"], made["key"]
+
+        viewer_id, viewer = key("viewer", "mine")
+        engineer_id, engineer = key("engineer", "mine")
+        model = f"mine.m-{tmp_path.name[-8:]}"
+        other = f"theirs.m-{tmp_path.name[-8:]}"
+
+        def as_user(user: str, password: str) -> httpx.Client:
+            return httpx.Client(base_url=mlflow_uri, auth=(user, password), timeout=10)
+
+        # Anonymous: nothing, UI included.
+        assert httpx.get(f"{mlflow_uri}/api/2.0/mlflow/experiments/search?max_results=10").status_code == 401
+        assert httpx.get(f"{mlflow_uri}/").status_code == 401
+        # The viewer sees its project's experiment and model, and nothing of the other project.
+        v = as_user(viewer_id, viewer)
+        until(lambda: v.get("/api/2.0/mlflow/registered-models/get", params={"name": model}).status_code == 200)
+        names = {
+            e["name"]
+            for e in v.get("/api/2.0/mlflow/experiments/search", params={"max_results": 100}).json()["experiments"]
+        }
+        assert names == {"miniml/mine"}
+        assert v.get("/api/2.0/mlflow/registered-models/get", params={"name": other}).status_code == 403
+        found = v.get("/api/2.0/mlflow/registered-models/search", params={"max_results": 100}).json()
+        assert {m["name"] for m in found.get("registered_models", [])} == {model}
+        mine = admin.get_experiment_by_name("miniml/mine").experiment_id  # type: ignore[union-attr]
+        theirs = admin.get_experiment_by_name("miniml/theirs").experiment_id  # type: ignore[union-attr]
+        # READ: no runs written; EDIT (engineer): runs in its project only.
+        assert v.post("/api/2.0/mlflow/runs/create", json={"experiment_id": mine}).status_code == 403
+        e = as_user(engineer_id, engineer)
+        until(lambda: e.post("/api/2.0/mlflow/runs/create", json={"experiment_id": mine}).status_code == 200)
+        assert e.post("/api/2.0/mlflow/runs/create", json={"experiment_id": theirs}).status_code == 403
+        # A wrong password, or a key of another id, is refused.
+        assert as_user(viewer_id, engineer).get("/api/2.0/mlflow/users/current").status_code == 401
+        # Revoked: shut out of MLflow at once.
+        assert httpx.delete(f"{api.url}/api/v1/keys/{viewer_id}", headers=api.headers).status_code == 200
+        until(lambda: v.get("/api/2.0/mlflow/users/current").status_code == 401, timeout=5)
+
+
+@pytest.mark.parametrize("path", ["/api/2.0/mlflow/runs/search", "/api/2.0/mlflow/registered-models/search"])
+def test_anonymous_mlflow_calls_are_refused(mlflow_uri: str, path: str) -> None:
+    response = httpx.get(f"{mlflow_uri}{path}")
+    assert response.status_code == 401 and "Basic" in response.headers.get("www-authenticate", "")
