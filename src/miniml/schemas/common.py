@@ -17,8 +17,8 @@ NAME_PATTERN = r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 STAGE_WORDS: list[JsonValue] = ["staging", "production", "Staging", "Production"]
 
 
-def slug_field(description: str) -> Any:
-    return Field(description=description, json_schema_extra={"pattern": SLUG_PATTERN})
+def slug_field(description: str, **kwargs: Any) -> Any:
+    return Field(description=description, json_schema_extra={"pattern": SLUG_PATTERN}, **kwargs)
 
 
 def name_field(description: str, **kwargs: Any) -> Any:

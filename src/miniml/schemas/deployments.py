@@ -85,8 +85,10 @@ class SeedDeployRequest(StrictModel):
     model_name: str = Field(description="'<project>.<model>', or the model's name with 'project'.")
     stage: str | None = stage_field("staging or production.", default="staging")
     version: VersionField | None = None
-    project: str | None = slug_field("The model's project; default the part of model_name before the first dot.")
-    name: str | None = slug_field("Endpoint name; default the model's name.")
+    project: str | None = slug_field(
+        "The model's project; default the part of model_name before the first dot.", default=None
+    )
+    name: str | None = slug_field("Endpoint name; default the model's name.", default=None)
 
     model_config = ConfigDict(
         extra="forbid",
