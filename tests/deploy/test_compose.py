@@ -19,6 +19,9 @@ VALUES = {
     "MINIO_ROOT_USER": "miniml",
     "MINIO_ROOT_PASSWORD": "minio-secret-1",
     "GRAFANA_ADMIN_PASSWORD": "grafana-secret-1",
+    "MLFLOW_ADMIN_PASSWORD": "mlflow-admin-secret-1",
+    "MLFLOW_FLASK_SECRET_KEY": "mlflow-flask-secret-1",
+    "MODEL_SIGNING_KEY": "model-signing-key-0123456789abcdef-1",
 }
 
 
@@ -52,7 +55,7 @@ def config(tmp_path: Path, **overrides: str) -> subprocess.CompletedProcess[str]
 def test_example_env_holds_no_secret() -> None:
     for line in (ROOT / ".env.example").read_text().splitlines():
         key, _, value = line.partition("=")
-        if "PASSWORD" in key or "SECRET" in key or key == "MINIO_ROOT_USER":
+        if "PASSWORD" in key or "SECRET" in key or key.endswith("_KEY") or key == "MINIO_ROOT_USER":
             assert value == "", f"{key} carries a value in .env.example"
 
 
@@ -105,7 +108,14 @@ def test_services_match_what_the_code_reads(tmp_path: Path) -> None:
     assert any(str(defaults.api.port) in str(p) for p in services["api"]["ports"])
     assert str(defaults.inference.port) in [str(p) for p in services["inference"]["expose"]]
     assert any(str(defaults.mlflow.port) in str(p) for p in services["mlflow"]["ports"])
-    assert any(str(defaults.prefect.port) in str(p) for p in services["prefect"]["ports"])
+    # Only what asks for credentials is published: not Prefect's UI, Prometheus or PostgreSQL.
+    for name in ("prefect", "prometheus", "postgres"):
+        assert "ports" not in services[name], f"{name} is published but has no sign-in"
+    assert "basic-auth" in services["mlflow"]["command"]
+    assert services["mlflow"]["environment"]["MLFLOW_AUTH_CONFIG_PATH"] == "/etc/mlflow/basic_auth.ini"
+    assert (ROOT / "deploy" / "mlflow" / "basic_auth.ini").exists()
+    signing = {n for n in services if "MINIML_AUTH__MODEL_SIGNING_KEY" in services[n].get("environment", {})}
+    assert signing == {"worker", "inference"}
     for name in ("api", "worker", "inference"):
         env = services[name]["environment"]
         unknown = [k for k in env if k.startswith("MINIML_") and not _setting_exists(k)]
