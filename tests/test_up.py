@@ -98,6 +98,21 @@ def test_up_starts_every_service_and_stops_them_all(tmp_path: Path) -> None:
         rest, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, rest
     assert "stopped" in rest
+    # Private data folder; no secret in any log the platform wrote.
+    data = tmp_path / "data"
+    loose = [
+        (str(p), oct(p.stat().st_mode & 0o777))
+        for p in data.rglob("*")
+        if not p.is_symlink() and p.exists() and p.stat().st_mode & 0o077
+    ]
+    assert loose == [], loose
+    assert data.stat().st_mode & 0o777 == 0o700
+    found = [data / n for n in ("admin.key", "worker.key", "inference.key", "mlflow.password", "signing.key")]
+    secret_values = [p.read_text().strip() for p in found if p.exists()]
+    assert len(secret_values) >= 4
+    for log in (data / "logs").glob("*.log"):
+        text = log.read_text(errors="replace")
+        assert not any(v in text for v in secret_values), f"a secret is in {log.name}"
     time.sleep(0.5)
     alive = [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
     assert alive == [], [c.cmdline() for c in alive]

@@ -47,7 +47,10 @@ def up() -> None:
         timings = sup.start_all()
         console.print("[green]miniml is up[/green] " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
         console.print(f"  api        {settings.api_url}  (OpenAPI: {settings.api_url}/docs)")
-        console.print(f"  MLflow UI  {settings.mlflow_uri}")
+        console.print(
+            f"  MLflow UI  {settings.mlflow_uri}"
+            + ("  (sign in with a key: username its id, password the key)" if settings.mlflow.auth else "")
+        )
         console.print(f"  Prefect UI {settings.prefect_api_url.removesuffix('/api')}")
         console.print(f"  inference  {settings.inference_url}  (POST /v1/endpoints/<name>/predict)")
         if "prometheus" in sup.procs:
