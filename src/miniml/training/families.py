@@ -22,8 +22,9 @@ class Family:
     name: str
     build: Builder
     scale_numeric: bool
-    # MLflow serialisation: skops with an explicit allowlist where every type is scikit-learn's;
-    # cloudpickle where skops cannot describe the model (LightGBM/XGBoost boosters, torch modules).
+    # MLflow serialisation: skops with an explicit allowlist of the types each family's pipeline
+    # holds (scikit-learn's, the boosters'); cloudpickle only where skops cannot describe the model
+    # (torch modules). Either way the platform signs the artifacts and loads nothing unsigned.
     serialization: str
     trusted_types: tuple[str, ...] = ()
     pip: tuple[str, ...] = ()
@@ -141,8 +142,35 @@ FAMILIES: dict[str, Family] = {
             serialization="skops",
             trusted_types=(*_SKLEARN_TRUSTED, "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor"),
         ),
-        Family("lightgbm", _lightgbm, scale_numeric=False, serialization="cloudpickle", pip=("lightgbm",)),
-        Family("xgboost", _xgboost, scale_numeric=False, serialization="cloudpickle", pip=("xgboost-cpu",)),
+        Family(
+            "lightgbm",
+            _lightgbm,
+            scale_numeric=False,
+            serialization="skops",
+            # The booster travels as LightGBM's own model text inside its state.
+            trusted_types=(
+                *_SKLEARN_TRUSTED,
+                "collections.OrderedDict",
+                "lightgbm.basic.Booster",
+                "lightgbm.sklearn.LGBMClassifier",
+                "lightgbm.sklearn.LGBMRegressor",
+            ),
+            pip=("lightgbm",),
+        ),
+        Family(
+            "xgboost",
+            _xgboost,
+            scale_numeric=False,
+            serialization="skops",
+            trusted_types=(
+                *_SKLEARN_TRUSTED,
+                "miniml.training.estimators.LabelEncodedClassifier",
+                "xgboost.core.Booster",
+                "xgboost.sklearn.XGBClassifier",
+                "xgboost.sklearn.XGBRegressor",
+            ),
+            pip=("xgboost-cpu",),
+        ),
         Family("torch_mlp", _torch_mlp, scale_numeric=True, serialization="cloudpickle", pip=("torch",)),
     )
 }
