@@ -19,6 +19,7 @@ DEPENDS_ON_DATA = {
     "PATCH /api/v1/projects/{project}/deployments/{name}",
     "POST /api/v1/projects/{project}/datasets",
     "POST /datasets/upload",
+    "POST /api/v1/projects/{project}/models/{model}/versions",
     "POST /api/v1/projects/{project}/jobs",
     "POST /experiments/train",
     "POST /api/v1/projects/{project}/datasets/{name}/versions/{version}/validate",

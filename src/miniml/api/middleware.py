@@ -27,7 +27,7 @@ _MUTATING = {"POST", "PUT", "PATCH", "DELETE"}
 _NOT_AUDITED = {"/api/v1/auth/token"}
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 # Routes that take file uploads get the upload limit; every other body gets the JSON limit.
-_UPLOAD_PATH_RE = re.compile(r"^(/api/v1/projects/[^/]+/datasets|/datasets/upload)$")
+_UPLOAD_PATH_RE = re.compile(r"^(/api/v1/projects/[^/]+/(datasets|models/[^/]+/versions)|/datasets/upload)$")
 # Room for the multipart envelope around a file at the upload limit.
 _MULTIPART_SLACK = 64 * 1024
 _BOM = b"\xef\xbb\xbf"

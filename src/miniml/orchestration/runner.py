@@ -112,6 +112,9 @@ def run_job(
             job = client.jobs.get(project, job_id)
             if job.kind == "batch":
                 return _batch(client, settings, job)
+            if job.kind == "import":
+                run_id = _ensure_run(client, tracker, job, shard)
+                return _import(client, settings, tracker, job, run_id)
             run_id = _ensure_run(client, tracker, job, shard)
             return _train(client, settings, tracker, job, run_id, worker, beat, shard)
         except Exception as exc:
@@ -381,3 +384,80 @@ def _trials_left(client: Client, project: str, job_id: int, budget: int | None) 
         return None
     job = client.jobs.get(project, job_id)
     return 0 if job.state.terminal else budget - job.progress.trials_claimed
+
+
+def importable_types() -> frozenset[str]:
+    """What an imported skops file may hold besides skops' own defaults: the families' allowlists."""
+    from miniml.training.families import FAMILIES
+
+    return frozenset(t for f in FAMILIES.values() if f.serialization == "skops" for t in f.trusted_types)
+
+
+def _import(client: Client, settings: Settings, tracker: Tracker, job: JobRead, run_id: str) -> JobRead:
+    """A model built elsewhere: check its types, predict on the example rows, register and sign it."""
+    import skops.io as sio
+
+    from miniml.errors import InvalidInput
+    from miniml.storage import make_store
+    from miniml.training.families import Family
+
+    spec, project, reports = job.spec, job.project, client.job_reports
+    version = client.datasets.version(project, job.dataset, job.dataset_version)
+    with tempfile.TemporaryDirectory(prefix=f"miniml-import-{job.id}-") as tmp:
+        path = Path(tmp) / "model.skops"
+        make_store(settings).download(str(spec["object"]), path)
+        # Read from the file's schema; nothing is constructed yet.
+        found = set(sio.get_untrusted_types(file=path))
+        refused = sorted(found - importable_types())
+        if refused:
+            raise InvalidInput(
+                f"The model holds types outside the allowlist: {', '.join(refused[:10])}. The platform imports "
+                "scikit-learn, LightGBM and XGBoost pipelines; anything else cannot be loaded safely."
+            )
+        model = sio.load(path, trusted=sorted(found))
+        if not callable(getattr(model, "predict", None)):
+            raise InvalidInput(f"The imported object ({type(model).__name__}) has no predict method.")
+        data_path = client.datasets.download(
+            project, job.dataset, job.dataset_version, Path(tmp) / f"data.{version.format}"
+        )
+        frame = load_frame(_table(data_path, version))
+    target = spec.get("target")
+    example = (frame.drop(columns=[target]) if target else frame).head(5)
+    try:
+        model.predict(example)
+    except Exception as exc:
+        raise InvalidInput(
+            f"The model could not predict on {job.dataset} v{job.dataset_version}'s columns: {public_reason(exc)}"
+        ) from exc
+    pip = tuple(
+        p
+        for p, prefix in (("lightgbm", "lightgbm."), ("xgboost-cpu", "xgboost."))
+        if any(t.startswith(prefix) for t in found)
+    )
+    family = Family(
+        "imported",
+        lambda *_: None,
+        scale_numeric=False,
+        serialization="skops",
+        trusted_types=tuple(sorted(found)),
+        pip=pip,
+    )
+    registered = str(spec["registered_name"])
+    model_version = tracker.log_model(
+        run_id,
+        model,
+        family,
+        example,
+        registered=registered,
+        params={"imported": "true"},
+        metrics={},
+        signing_key=signing_key(settings.auth.model_signing_key, settings.data_dir),
+    )
+    make_store(settings).delete(str(spec["object"]))
+    tracker.finish(run_id, "FINISHED")
+    reports.log(
+        project, job.id, f"imported {registered} version {model_version}: checked against the allowlist, signed"
+    )
+    return reports.finish(
+        project, job.id, JobFinish(state="succeeded", model_name=registered, model_version=model_version)
+    )

@@ -49,6 +49,14 @@ class SeedTrainRequest(StrictModel):
     max_trials: int | None = Field(default=20, ge=1, le=MAX_TRIALS)
 
 
+class ImportCreate(StrictModel):
+    """Where a model built elsewhere gets its signature: rows of a dataset version of the project."""
+
+    dataset: str = Field(description="A dataset whose columns (less `target`) the model takes as input.")
+    version: int | None = Field(default=None, ge=1, le=MAX_ID, description="Its version; default the latest.")
+    target: str | None = Field(default=None, max_length=128, description="A column of it the model does not take.")
+
+
 class BatchCreate(StrictModel):
     dataset: str = Field(description="The dataset to predict for.")
     version: int | None = Field(default=None, ge=1, le=MAX_ID, description="Its version; default the latest.")

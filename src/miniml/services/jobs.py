@@ -17,7 +17,16 @@ from miniml.domain.roles import Role
 from miniml.domain.tasks import DEFAULT_METRIC, METRICS, Task, detect_task, maximise
 from miniml.domain.tenancy import Caller
 from miniml.errors import Conflict, Forbidden, InvalidInput, NotFound
-from miniml.schemas.jobs import BatchCreate, JobCreate, JobFinish, JobRead, Progress, TrialRead, TrialReport
+from miniml.schemas.jobs import (
+    BatchCreate,
+    ImportCreate,
+    JobCreate,
+    JobFinish,
+    JobRead,
+    Progress,
+    TrialRead,
+    TrialReport,
+)
 from miniml.services import datasets
 from miniml.services.projects import read_project
 from miniml.storage import ObjectStore
@@ -28,7 +37,7 @@ DEFAULT_MAX_TRIALS = 20
 
 
 def _resolve_dataset(
-    session: Session, store: ObjectStore, caller: Caller, project: str, body: JobCreate | BatchCreate
+    session: Session, store: ObjectStore, caller: Caller, project: str, body: JobCreate | BatchCreate | ImportCreate
 ) -> tables.DatasetVersion:
     uri = getattr(body, "dataset_uri", None)
     if uri:
@@ -467,4 +476,41 @@ def create_batch_job(
         job.id,
         f"queued: batch predictions of {data.dataset.name} v{data.version} with {dep.model_name} v{version}",
     )
+    return job
+
+
+def create_import_job(
+    session: Session, store: ObjectStore, caller: Caller, project: str, model: str, body: ImportCreate, *, key: str
+) -> tables.Job:
+    """A model built elsewhere, stored at ``key``: a worker checks it against the allowlist, then
+    registers and signs it (only workers hold the signing key)."""
+    proj = read_project(session, caller, project)
+    check_name(model, what="Model")
+    data = _resolve_dataset(session, store, caller, project, body)
+    columns = [c["name"] for c in data.profile["columns"]]
+    if body.target is not None and body.target not in columns:
+        raise InvalidInput(
+            f"Column {body.target!r} is not in {data.dataset.name} v{data.version}; it has {', '.join(columns)}."
+        )
+    spec = {
+        "kind": "import",
+        "object": key,
+        "model_name": model,
+        "registered_name": registered_name(project, model),
+        "target": body.target,
+        "parallelism": 1,
+        "max_trials": None,
+        "maximise": True,
+    }
+    job = tables.Job(
+        project_id=proj.id,
+        dataset_version_id=data.id,
+        spec=spec,
+        state=JobState.queued.value,
+        kind="import",
+        created_by=caller.key_id,
+    )
+    session.add(job)
+    session.flush()
+    log(session, job.id, f"queued: import of {model} with the columns of {data.dataset.name} v{data.version}")
     return job

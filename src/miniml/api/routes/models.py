@@ -1,14 +1,31 @@
 from __future__ import annotations
 
+import uuid
 from typing import Annotated
 
+import anyio
 from fastapi import APIRouter, Query, Request, Response
 
-from miniml.api.deps import AdminDep, DbDep, EngineerDep, RegistryDep, VersionPath, ViewerDep
+from miniml.api.deps import (
+    AdminDep,
+    DbDep,
+    EngineerDep,
+    RegistryDep,
+    SettingsDep,
+    StoreDep,
+    VersionPath,
+    ViewerDep,
+)
 from miniml.api.routes.deployments import push_after_commit
+from miniml.api.routes.jobs import submit_after_commit
+from miniml.api.uploads import receive_upload
 from miniml.domain.limits import MAX_ID
+from miniml.domain.names import check_name
+from miniml.domain.tenancy import Caller
+from miniml.errors import InvalidInput
+from miniml.schemas.jobs import ImportCreate, JobRead
 from miniml.schemas.models import ModelComparison, ModelRead, ModelVersionRead, PromoteRequest
-from miniml.services import deployments, models
+from miniml.services import deployments, jobs, models, projects
 
 router = APIRouter(prefix="/api/v1/projects/{project}/models", tags=["models"])
 
@@ -49,6 +66,78 @@ def compare_model_versions(
     """Two versions side by side, with metric differences (b - a)."""
     with db.begin() as session:
         return models.compare(session, registry, caller, project, model, str(a), str(b))
+
+
+def _import_project_id(db: DbDep, caller: Caller, project: str, model: str) -> int:
+    with db.begin() as session:
+        check_name(model, what="Model")
+        return projects.read_project(session, caller, project).id
+
+
+_MULTIPART_FILE = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {"file": {"type": "string", "format": "binary", "description": "model.skops"}},
+                }
+            }
+        },
+    }
+}
+
+
+@router.post("/{model}/versions", status_code=202, openapi_extra=_MULTIPART_FILE)
+async def import_model_version(
+    project: str,
+    model: str,
+    request: Request,
+    db: DbDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    caller: EngineerDep,
+    dataset: Annotated[str, Query(max_length=128, description="Rows whose columns (less `target`) are the input.")],
+    version: Annotated[int | None, Query(ge=1, le=MAX_ID, description="Its version; default the latest.")] = None,
+    target: Annotated[str | None, Query(max_length=128, description="A column the model does not take.")] = None,
+) -> JobRead:
+    """Import a model built elsewhere: a scikit-learn compatible pipeline saved with skops (multipart field `file`).
+
+    A worker checks every type in it against the platform's allowlist (never unpickling anything),
+    predicts on the dataset's rows, registers it with their columns as its signature and signs it;
+    answers the job at once (202). Pickle files are refused.
+    """
+    body = ImportCreate(dataset=dataset, version=version, target=target)
+    # An unknown project or a bad name is refused before a single byte is stored.
+    project_id = await anyio.to_thread.run_sync(_import_project_id, db, caller, project, model)
+    upload = await receive_upload(request, tmp_dir=settings.data_dir / "tmp", max_bytes=settings.api.max_upload_bytes)
+    try:
+        with open(upload.path, "rb") as fh:
+            magic = fh.read(4)
+        if not upload.filename.lower().endswith(".skops") or magic != b"PK\x03\x04":
+            raise InvalidInput(
+                f"{upload.filename or 'The file'} is not a skops file; save the model with "
+                "skops.io.dump(model, 'model.skops') (pickle and joblib files are not taken)."
+            )
+        key = f"projects/{project_id}/imports/{uuid.uuid4().hex}.skops"
+        await anyio.to_thread.run_sync(lambda: store.put_file(key, upload.path, move=True))
+    finally:
+        upload.discard()
+
+    def create() -> JobRead:
+        try:
+            with db.begin() as session:
+                job = jobs.create_import_job(session, store, caller, project, model, body, key=key)
+                return jobs.to_read(session, job, mlflow_ui=settings.mlflow_public_url)
+        except BaseException:
+            store.delete(key)
+            raise
+
+    read = await anyio.to_thread.run_sync(create)
+    await submit_after_commit(request, read.id)
+    return read
 
 
 @router.get("/{model}/versions/{version}")
