@@ -77,6 +77,10 @@ def test_mlflow_shows_each_key_only_its_projects(tmp_path: Path, mlflow_uri: str
         e = as_user(engineer_id, engineer)
         until(lambda: e.post("/api/2.0/mlflow/runs/create", json={"experiment_id": mine}).status_code == 200)
         assert e.post("/api/2.0/mlflow/runs/create", json={"experiment_id": theirs}).status_code == 403
+        # A model the project registers after the key was made is granted by the periodic sync.
+        later = f"mine.later-{tmp_path.name[-8:]}"
+        admin.create_registered_model(later)
+        until(lambda: v.get("/api/2.0/mlflow/registered-models/get", params={"name": later}).status_code == 200)
         # A wrong password, or a key of another id, is refused.
         assert as_user(viewer_id, engineer).get("/api/2.0/mlflow/users/current").status_code == 401
         # Revoked: shut out of MLflow at once.

@@ -137,7 +137,7 @@ def test_drift_over_the_threshold_retrains_and_promotes_only_a_better_challenger
     # A poor champion with the same lineage (job, dataset): the retrained challenger must beat it.
     # (Version numbers depend on earlier tests: MLflow is shared by the session.)
     poor = DummyClassifier(strategy="constant", constant="Iris-virginica")
-    champion = register(Tracker(mlflow_uri), "demo", "iris", poor, job=first.id)
+    champion = register(Tracker(mlflow_uri), "demo", "iris", poor, job=first.id, settings=api.settings)
     client.deployments.create("demo", "auto", "iris", target=int(champion))
     client.deployments.set_monitoring(
         "demo", "auto", drift_interval_s=0, retrain={"drift_threshold": 0.25, "min_improvement": 0.05}

@@ -57,4 +57,4 @@ def sync(access: MlflowAccess | None, db: sessionmaker[Session]) -> None:
         return
     with db.begin() as session:
         users, gone = keys.mlflow_users(session)
-    _run("periodic sync", access.apply, users, gone)
+    _run("periodic sync", lambda: access.apply(users, gone=gone))
