@@ -55,6 +55,13 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LiveApi, 
             "admin-token": {"Authorization": f"Bearer {token}"},
             "worker": {"X-API-Key": api.worker_key},
             "inference": {"X-API-Key": api.inference_key},
+            # What the api sends with a push: a short token for the inference service's key.
+            "inference-token": {
+                "Authorization": "Bearer "
+                + httpx.post(f"{api.url}/api/v1/auth/token", headers={"X-API-Key": api.inference_key}).json()[
+                    "access_token"
+                ]
+            },
             "other-project": key("engineer", "other"),
         }
         with TestClient(create_inference_app(settings), raise_server_exceptions=False) as inference:
@@ -88,7 +95,7 @@ def test_every_operation_checks_the_callers_own_credential(
                 assert_problem(response, 401)
                 assert 'Bearer realm="miniml"' in response.headers["www-authenticate"], (path, who)
             elif path == "/admin/reconcile":
-                if who in ("admin", "admin-token", "inference"):
+                if who in ("admin", "admin-token", "inference", "inference-token"):
                     assert response.status_code == 202, (who, response.text)
                 else:
                     assert_problem(response, 403, "admin")
