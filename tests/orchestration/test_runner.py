@@ -108,3 +108,22 @@ def test_a_stale_flow_run_for_another_job_does_nothing(live: tuple[LiveApi, Clie
     after = client.jobs.get("demo", job.id)
     assert after.state == "queued" and after.worker is None and after.progress.trials_claimed == 0
     assert not any("running on" in line.message for line in client.jobs.logs("demo", job.id))
+
+
+def test_a_job_takes_only_the_run_opened_for_it(live: tuple[LiveApi, Client], mlflow_uri: str) -> None:
+    """Another project's run, another job's run, or an unknown id are refused; the job's own is taken."""
+    from miniml.tracking.runs import Tracker
+
+    api, client = live
+    job = client.jobs.create("demo", dataset="iris", target="target", max_trials=1)
+    worker = api.worker_client()
+    worker.job_reports.start("demo", job.id, "w1")
+    tracker = Tracker(mlflow_uri)
+    foreign = tracker.start_job_run("elsewhere", job.id, {})
+    other_job = tracker.start_job_run("demo", job.id + 1000, {})
+    for run_id in (foreign, other_job, "0" * 32):
+        with pytest.raises(Exception, match="takes only the parent run"):
+            worker.job_reports.set_run("demo", job.id, run_id)
+    assert client.jobs.get("demo", job.id).mlflow_run_id is None
+    own = tracker.start_job_run("demo", job.id, {})
+    assert worker.job_reports.set_run("demo", job.id, own).mlflow_run_id == own

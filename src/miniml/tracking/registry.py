@@ -94,8 +94,12 @@ class Registry:
             return None
         try:
             return self.client.get_run(run_id)
-        except _mlflow_error():
-            return None
+        except _mlflow_error() as exc:
+            if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE"):
+                return None
+            raise UpstreamUnavailable(
+                f"MLflow at {self.uri} failed to read run {run_id[:64]}: {exc.message[:200]}"
+            ) from exc
 
     def resolve(self, project: str, model: str, alias_or_version: str) -> str:
         """The version number a target names: an alias (or stage word) or a number."""
