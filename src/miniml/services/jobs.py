@@ -426,6 +426,29 @@ def mark_submitted(session: Session, job_id: int, flow_run_id: str) -> None:
         session.flush()
 
 
+def _queue_one_step_job(
+    session: Session,
+    caller: Caller,
+    proj: tables.Project,
+    data: tables.DatasetVersion,
+    kind: str,
+    spec: dict[str, Any],
+) -> tables.Job:
+    """A job a worker runs in one step (no trials): batch predictions, a model import."""
+    full = {"kind": kind, **spec, "parallelism": 1, "max_trials": None, "maximise": True}
+    job = tables.Job(
+        project_id=proj.id,
+        dataset_version_id=data.id,
+        spec=full,
+        state=JobState.queued.value,
+        kind=kind,
+        created_by=caller.key_id,
+    )
+    session.add(job)
+    session.flush()
+    return job
+
+
 def create_batch_job(
     session: Session,
     store: ObjectStore,
@@ -452,25 +475,12 @@ def create_batch_job(
         )
     output = check_name(body.output_name or f"{data.dataset.name}-predictions", what="Dataset")
     spec = {
-        "kind": "batch",
         "deployment": dep.name,
         "registered_name": registered_name(project, dep.model_name),
         "model_version": version,
         "output_dataset": output,
-        "parallelism": 1,
-        "max_trials": None,
-        "maximise": True,
     }
-    job = tables.Job(
-        project_id=proj.id,
-        dataset_version_id=data.id,
-        spec=spec,
-        state=JobState.queued.value,
-        kind="batch",
-        created_by=caller.key_id,
-    )
-    session.add(job)
-    session.flush()
+    job = _queue_one_step_job(session, caller, proj, data, "batch", spec)
     log(
         session,
         job.id,
@@ -493,24 +503,11 @@ def create_import_job(
             f"Column {body.target!r} is not in {data.dataset.name} v{data.version}; it has {', '.join(columns)}."
         )
     spec = {
-        "kind": "import",
         "object": key,
         "model_name": model,
         "registered_name": registered_name(project, model),
         "target": body.target,
-        "parallelism": 1,
-        "max_trials": None,
-        "maximise": True,
     }
-    job = tables.Job(
-        project_id=proj.id,
-        dataset_version_id=data.id,
-        spec=spec,
-        state=JobState.queued.value,
-        kind="import",
-        created_by=caller.key_id,
-    )
-    session.add(job)
-    session.flush()
+    job = _queue_one_step_job(session, caller, proj, data, "import", spec)
     log(session, job.id, f"queued: import of {model} with the columns of {data.dataset.name} v{data.version}")
     return job
