@@ -80,13 +80,8 @@ class TorchMLP(BaseEstimator):  # type: ignore[misc]
             self.n_outputs_ = 1
             yt = torch.as_tensor(((y - self.y_mean_) / self.y_std_).reshape(-1, 1), device=device)
             loss_fn = nn.MSELoss()
-        blocks: list[nn.Module] = []
-        width = xt.shape[1]
-        for _ in range(self.layers):
-            blocks += [nn.Linear(width, self.hidden), nn.ReLU(), nn.Dropout(self.dropout)]
-            width = self.hidden
-        blocks.append(nn.Linear(width, self.n_outputs_))
-        self.model_ = nn.Sequential(*blocks).to(device)
+        self.n_inputs_ = int(xt.shape[1])
+        self.model_ = self._network().to(device)
         opt = torch.optim.AdamW(self.model_.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         generator = torch.Generator(device="cpu").manual_seed(self.seed)
         n = xt.shape[0]
@@ -102,6 +97,45 @@ class TorchMLP(BaseEstimator):  # type: ignore[misc]
         self.model_.eval()
         self.model_.cpu()  # serve and pickle from the CPU, whatever trained it
         return self
+
+    def _network(self) -> Any:
+        from torch import nn
+
+        blocks: list[nn.Module] = []
+        width = self.n_inputs_
+        for _ in range(self.layers):
+            blocks += [nn.Linear(width, self.hidden), nn.ReLU(), nn.Dropout(self.dropout)]
+            width = self.hidden
+        blocks.append(nn.Linear(width, self.n_outputs_))
+        return nn.Sequential(*blocks)
+
+    # Saved as plain values plus the network's state_dict (torch.save bytes), read back with
+    # torch.load(weights_only=True) into a network this class builds: no pickled module, so skops
+    # can store it with an allowlist of this class alone.
+    def __getstate__(self) -> dict[str, Any]:
+        import io
+
+        import torch
+
+        state = dict(self.__dict__)
+        model = state.pop("model_", None)
+        if model is not None:
+            buffer = io.BytesIO()
+            torch.save(model.state_dict(), buffer)
+            state["weights_"] = buffer.getvalue()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        import io
+
+        import torch
+
+        weights = state.pop("weights_", None)
+        self.__dict__.update(state)
+        if weights is not None:
+            self.model_ = self._network()
+            self.model_.load_state_dict(torch.load(io.BytesIO(weights), weights_only=True))
+            self.model_.eval()
 
     def _forward(self, x: Any) -> np.ndarray:
         import torch

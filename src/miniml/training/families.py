@@ -23,8 +23,8 @@ class Family:
     build: Builder
     scale_numeric: bool
     # MLflow serialisation: skops with an explicit allowlist of the types each family's pipeline
-    # holds (scikit-learn's, the boosters'); cloudpickle only where skops cannot describe the model
-    # (torch modules). Either way the platform signs the artifacts and loads nothing unsigned.
+    # holds (scikit-learn's, the boosters', our own estimators'). No family uses pickle; the
+    # platform also signs the artifacts and loads nothing unsigned.
     serialization: str
     trusted_types: tuple[str, ...] = ()
     pip: tuple[str, ...] = ()
@@ -171,6 +171,19 @@ FAMILIES: dict[str, Family] = {
             ),
             pip=("xgboost-cpu",),
         ),
-        Family("torch_mlp", _torch_mlp, scale_numeric=True, serialization="cloudpickle", pip=("torch",)),
+        Family(
+            "torch_mlp",
+            _torch_mlp,
+            scale_numeric=True,
+            serialization="skops",
+            # The network travels as a state_dict read back with torch.load(weights_only=True).
+            trusted_types=(
+                *_SKLEARN_TRUSTED,
+                "miniml.training.estimators.LabelEncodedClassifier",
+                "miniml.training.estimators.TorchMLPClassifier",
+                "miniml.training.estimators.TorchMLPRegressor",
+            ),
+            pip=("torch",),
+        ),
     )
 }
