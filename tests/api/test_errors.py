@@ -117,6 +117,12 @@ def test_audit_records_mutations_for_admins_only(
     assert events[0]["project"] == "demo" and events[0]["key_id"] == admin["X-API-Key"].split("_")[1]
     make_project("other")
     assert_problem(client.get("/api/v1/audit", headers=make_key("engineer", "other")), 403, "admin")
+    # `since` is an ISO 8601 date or time, never a bare number.
+    assert len(client.get("/api/v1/audit", params={"since": "2000-01-01"}, headers=admin).json()) == len(events)
+    later = client.get("/api/v1/audit", params={"since": "2999-01-01T00:00:00Z"}, headers=admin)
+    assert later.status_code == 200 and later.json() == []
+    for bad in ("0.5", "1700000000", "yesterday", "2026-13-45"):
+        assert_problem(client.get("/api/v1/audit", params={"since": bad}, headers=admin), 422, "since")
 
 
 @pytest.fixture
