@@ -172,6 +172,27 @@ def test_idempotency_key_replays_the_first_job(jc: tuple[TestClient, dict[str, s
     assert (
         client.post(JOBS, json=body, headers={**admin, "Idempotency-Key": "other"}).json()["id"] != first.json()["id"]
     )
+    # The same body spelled otherwise (defaults written out, keys reordered) is the same request.
+    spelled = {"max_trials": 2, "seed": 0, "target": "target", "dataset": "iris"}
+    assert client.post(JOBS, json=spelled, headers=headers).json()["id"] == first.json()["id"]
+    # Another body under the same key: 422 naming the key, no job made, the first one untouched.
+    before = job_count(client, admin)
+    other = client.post(JOBS, json={**body, "max_trials": 3}, headers=headers)
+    assert_problem(other, 422, "retry-123", "another body")
+    assert job_count(client, admin) == before
+
+
+def test_concurrent_requests_with_one_key_make_one_job(jc: tuple[TestClient, dict[str, str]]) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    client, admin = jc
+    body = {"dataset": "iris", "target": "target", "max_trials": 2}
+    headers = {**admin, "Idempotency-Key": "burst-1"}
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda _: client.post(JOBS, json=body, headers=headers), range(6)))
+    assert {a.status_code for a in answers} <= {200, 202}, [a.text for a in answers]
+    assert len({a.json()["id"] for a in answers}) == 1
+    assert sorted(a.status_code for a in answers).count(202) == 1
 
 
 def test_worker_protocol_and_state_machine(jc: tuple[TestClient, dict[str, str]]) -> None:

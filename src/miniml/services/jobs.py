@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 from datetime import timedelta
 from typing import Any
 
+import orjson
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -139,12 +141,14 @@ def create_job(
     idempotency_key: str | None = None,
 ) -> tuple[tables.Job, bool]:
     proj = read_project(session, caller, project)
+    # The request a key stands for (IETF idempotency-key draft): a replay must carry the same body.
+    fingerprint = hashlib.sha256(orjson.dumps(body.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)).hexdigest()
     if idempotency_key:
         same = session.scalar(
             select(tables.Job).where(tables.Job.project_id == proj.id, tables.Job.idempotency_key == idempotency_key)
         )
         if same is not None:
-            return same, False
+            return _replay(same, idempotency_key, fingerprint), False
     if body.promote_to == "production" and not caller.role.allows(Role.admin):
         raise Forbidden("Only an admin may promote to production; use promote_to 'staging' or 'none'.")
     version = _resolve_dataset(session, store, caller, project, body)
@@ -152,7 +156,7 @@ def create_job(
     job = tables.Job(
         project_id=proj.id,
         dataset_version_id=version.id,
-        spec=spec,
+        spec={**spec, "request_sha256": fingerprint} if idempotency_key else spec,
         state=JobState.queued.value,
         idempotency_key=idempotency_key,
         created_by=caller.key_id,
@@ -167,11 +171,20 @@ def create_job(
         )
         if again is None:
             raise
-        return again, False
+        return _replay(again, idempotency_key, fingerprint), False
     log(
         session, job.id, f"queued: {spec['task']} on {version.dataset.name} v{version.version}, target {spec['target']}"
     )
     return job, True
+
+
+def _replay(job: tables.Job, key: str | None, fingerprint: str) -> tables.Job:
+    if job.spec.get("request_sha256", fingerprint) != fingerprint:
+        raise InvalidInput(
+            f"Idempotency-Key {key!r} was used for job {job.id} with another body; send that body again "
+            "to get the job back, or use a new key for a new job."
+        )
+    return job
 
 
 def read_job(session: Session, caller: Caller, project: str, job_id: int) -> tables.Job:
