@@ -127,3 +127,36 @@ def test_a_job_takes_only_the_run_opened_for_it(live: tuple[LiveApi, Client], ml
     assert client.jobs.get("demo", job.id).mlflow_run_id is None
     own = tracker.start_job_run("demo", job.id, {})
     assert worker.job_reports.set_run("demo", job.id, own).mlflow_run_id == own
+
+
+def test_a_reaped_job_ends_its_mlflow_runs_failed(tmp_path: Path, mlflow_uri: str) -> None:
+    """A worker that dies mid-job leaves its parent and trial runs RUNNING; the api's reaper ends them FAILED."""
+    from miniml.tracking.runs import Tracker
+
+    settings = Settings(
+        data_dir=tmp_path / "d",
+        api={"port": free_port()},
+        prefect={"port": free_port()},
+        mlflow={"tracking_uri": mlflow_uri},
+        jobs={"heartbeat_timeout_s": 1, "loop_interval_s": 0.2},
+    )
+    with LiveApi(settings) as api:
+        client = Client(api.url, api_key=api.key)
+        client.projects.create("demo")
+        client.datasets.upload("demo", IRIS)
+        job = client.jobs.create("demo", dataset="iris", target="target", max_trials=1)
+        worker = api.worker_client()
+        worker.job_reports.start("demo", job.id, "doomed")
+        tracker = Tracker(mlflow_uri)
+        parent = tracker.start_job_run("demo", job.id, {})
+        worker.job_reports.set_run("demo", job.id, parent)
+        mc = MlflowClient(mlflow_uri)
+        child = mc.create_run(mc.get_run(parent).info.experiment_id, tags={"mlflow.parentRunId": parent}).info.run_id
+        deadline = time.monotonic() + 30
+        while client.jobs.get("demo", job.id).state != "failed":
+            assert time.monotonic() < deadline, "the job was never reaped"
+            time.sleep(0.2)
+        while {mc.get_run(r).info.status for r in (parent, child)} != {"FAILED"}:
+            assert time.monotonic() < deadline, [mc.get_run(r).info.status for r in (parent, child)]
+            time.sleep(0.2)
+        assert "no heartbeat" in str(client.jobs.get("demo", job.id).reason)

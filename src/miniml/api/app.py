@@ -70,8 +70,16 @@ async def supervise_jobs(
             synced["at"] = time.monotonic()
             mlflow_users.sync(access, db)
         with db.begin() as session:
-            for job_id in job_service.reap_stale_jobs(session, timeout_s=settings.jobs.heartbeat_timeout_s):
-                log.warning("job failed: no heartbeat", extra={"job_id": job_id})
+            reaped = job_service.reap_stale_jobs(session, timeout_s=settings.jobs.heartbeat_timeout_s)
+        for job_id, run_id in reaped:
+            log.warning("job failed: no heartbeat", extra={"job_id": job_id})
+            if run_id:  # its worker is gone: end its MLflow runs as FAILED, as the worker would have
+                try:
+                    registry.end_runs(run_id, "FAILED")
+                except MiniMLError as exc:
+                    log.warning(
+                        "MLflow runs of a reaped job left open", extra={"job_id": job_id, "error": exc.detail[:200]}
+                    )
         for step in (orchestrator.submit_pending, lambda: orchestrator.supervise_monitoring(registry)):
             try:  # each step on its own: Prefect refusing a job must not stop the drift schedule
                 step()

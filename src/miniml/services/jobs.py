@@ -404,8 +404,9 @@ def finish_job(session: Session, job: tables.Job, body: JobFinish) -> tables.Job
     return job
 
 
-def reap_stale_jobs(session: Session, *, timeout_s: float) -> list[int]:
-    """Fail running jobs whose worker stopped sending heartbeats (killed, lost, out of memory)."""
+def reap_stale_jobs(session: Session, *, timeout_s: float) -> list[tuple[int, str | None]]:
+    """Fail running jobs whose worker stopped sending heartbeats (killed, lost, out of memory);
+    return each with its MLflow parent run, which the caller ends too."""
     cutoff = utcnow() - timedelta(seconds=timeout_s)
     stale = list(
         session.scalars(
@@ -419,7 +420,7 @@ def reap_stale_jobs(session: Session, *, timeout_s: float) -> list[int]:
             JobState.failed,
             f"worker {job.worker} sent no heartbeat for {timeout_s:.0f}s (it died or was killed)",
         )
-    return [j.id for j in stale]
+    return [(j.id, j.mlflow_run_id) for j in stale]
 
 
 def unsubmitted_jobs(session: Session) -> list[tables.Job]:

@@ -146,3 +146,22 @@ class Registry:
         if info.signature is None or info.signature.inputs is None:
             return []
         return [str(c.name) for c in info.signature.inputs.inputs]
+
+    def end_runs(self, run_id: str, status: str) -> int:
+        """End a job's parent run and its trial runs still RUNNING (a dead worker could not); return how many."""
+        parent = self.run(run_id)
+        if parent is None:
+            return 0
+        children = self._call(
+            "the job's trial runs",
+            self.client.search_runs,
+            [parent.info.experiment_id],
+            f"tags.mlflow.parentRunId = '{run_id}' and attributes.status = 'RUNNING'",
+            max_results=10_000,
+        )
+        ended = 0
+        for run in [*children, parent]:
+            if run.info.status == "RUNNING":
+                self._call("end a run", self.client.set_terminated, run.info.run_id, status=status)
+                ended += 1
+        return ended
