@@ -9,6 +9,7 @@
   x Conflict                  409  name taken; invalid state change; object still in use
   x PayloadTooLarge           413  body over the route's limit
   x UpstreamUnavailable       503  the DB, MLflow, S3 or Prefect did not answer; safe to retry
+  x InsufficientStorage       507  the disk the platform writes to is full
 
 The server maps a class to its status in one table (``api/errors.py``); the SDK maps a response
 back to the same class in one function (``sdk/client.py``).
@@ -85,6 +86,11 @@ def public_reason(exc: BaseException, *, limit: int = 300) -> str:
     return f"{type(exc).__name__}: {text[:limit]}" if text else type(exc).__name__
 
 
+class InsufficientStorage(MiniMLError):
+    status = 507
+    title = "Insufficient storage"
+
+
 ERRORS_BY_STATUS: dict[int, type[MiniMLError]] = {
     cls.status: cls
     for cls in (
@@ -96,5 +102,6 @@ ERRORS_BY_STATUS: dict[int, type[MiniMLError]] = {
         Conflict,
         PayloadTooLarge,
         UpstreamUnavailable,
+        InsufficientStorage,
     )
 }

@@ -519,3 +519,33 @@ def test_the_work_behind_an_upload_yields_the_cpu_to_request_handling(
     assert seen["profile"] == background and seen["parse"] == background
     assert seen["part"] == ({before} if store.remote else set())
     assert nice() == before  # this thread (and the event loop's) untouched
+
+
+def test_a_full_disk_is_507_naming_where_and_keeps_nothing(tmp_path: Path) -> None:
+    """A 1 MiB tmpfs over the upload folder: a 4 MiB upload is a 507 that says the disk is full."""
+    import subprocess
+
+    settings = Settings(data_dir=tmp_path / "data")
+    tmp = settings.data_dir / "tmp"
+    tmp.mkdir(parents=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(tmp)], capture_output=True, check=False
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.decode()[:200]}")
+    try:
+        with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+            admin = {"X-API-Key": (settings.data_dir / "admin.key").read_text().strip()}
+            client.post("/api/v1/projects", json={"name": "demo"}, headers=admin)
+            rows = IRIS.read_bytes().splitlines(keepends=True)
+            big = rows[0] + b"".join(rows[1:] * 700)  # ~4 MiB
+            assert len(big) > 3 << 20
+            answer = upload(client, admin, big, "big.csv")
+            assert_problem(answer, 507, "is full", "nothing of this upload was kept", str(tmp))
+            assert list(tmp.iterdir()) == []
+            assert client.get(URL, headers=admin).json() == []
+            # Space again: the same upload goes through.
+            small = upload(client, admin, IRIS.read_bytes(), "iris.csv")
+            assert small.status_code == 201, small.text
+    finally:
+        subprocess.run(["umount", str(tmp)], check=False)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import hmac
 import logging
+import os
 from typing import Any
 
 import orjson
@@ -14,7 +16,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from miniml.errors import MiniMLError, Unauthorized, UpstreamUnavailable
+from miniml.errors import InsufficientStorage, MiniMLError, Unauthorized, UpstreamUnavailable
 
 log = logging.getLogger("miniml.api")
 
@@ -121,3 +123,17 @@ def install(app: FastAPI) -> None:
         raise exc
 
     app.add_exception_handler(DBAPIError, on_dbapi)
+
+    async def on_os_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, OSError)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = f" ({os.path.dirname(exc.filename)})" if exc.filename else ""
+            log.error("disk full", extra={"path": exc.filename, "request_id": request_id_of(request)})
+            err = InsufficientStorage(
+                f"The platform's disk is full{where}; nothing of this request was kept. "
+                "Free space (or ask the operator to), then send it again."
+            )
+            return from_error(err, request_id_of(request))
+        raise exc
+
+    app.add_exception_handler(OSError, on_os_error)

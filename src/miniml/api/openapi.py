@@ -21,6 +21,7 @@ _WHY = {
     "413": "The body is larger than this route accepts.",
     "422": "Well-formed but unusable input; the detail names the field and what to send.",
     "503": "The metadata DB, MLflow, S3 or Prefect did not answer; retry (see Retry-After).",
+    "507": "The disk the platform writes to is full; nothing of the request was kept.",
 }
 _MUTATING = {"post", "put", "patch", "delete"}
 
@@ -59,7 +60,7 @@ def _errors_of(route: APIRoute, method: str) -> list[str]:
     if has_input or role is not None:
         codes.add("422")
     if method in _MUTATING:
-        codes |= {"400", "413"}
+        codes |= {"400", "413", "507"}
         if role is not None:
             codes.add("409")
     return sorted(codes)

@@ -8,6 +8,7 @@ removes the temp file on any failure, a client disconnect included.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -21,7 +22,7 @@ from python_multipart.multipart import MultipartParser, MultipartState, parse_op
 from starlette.requests import Request
 
 from miniml.data.spool import Spool
-from miniml.errors import BadRequest, InvalidInput, PayloadTooLarge
+from miniml.errors import BadRequest, InsufficientStorage, InvalidInput, PayloadTooLarge
 
 MAX_FIELD_BYTES = 4096
 
@@ -174,6 +175,11 @@ async def receive_upload(
             spool.fail()
         out.close()
         path.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise InsufficientStorage(
+                f"The disk holding uploads ({tmp_dir}) is full; nothing of this upload was kept. "
+                "Free space there (or ask the operator to), then send it again."
+            ) from None
         if isinstance(exc, MultipartParseError):
             raise BadRequest(f"The multipart body is malformed ({exc}); let your HTTP client build it.") from None
         raise
