@@ -549,3 +549,28 @@ def test_a_full_disk_is_507_naming_where_and_keeps_nothing(tmp_path: Path) -> No
             assert small.status_code == 201, small.text
     finally:
         subprocess.run(["umount", str(tmp)], check=False)
+
+
+def test_parallel_uploads_to_one_new_name_each_make_a_version(tmp_path: Path, db_url: str) -> None:
+    """20 uploads of different bytes to one new dataset name at once: 20 versions, no error (SQLite and PostgreSQL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    from tests.conftest import LiveApi, free_port
+
+    settings = Settings(data_dir=tmp_path / "data", api={"port": free_port()}, db={"url": db_url})
+    rows = IRIS.read_bytes().splitlines(keepends=True)
+    with LiveApi(settings) as api:
+        httpx.post(f"{api.url}/api/v1/projects", json={"name": "demo"}, headers=api.headers).raise_for_status()
+
+        def send(i: int) -> httpx.Response:
+            body = b"".join(rows[: 20 + i])  # every file different
+            return httpx.post(f"{api.url}{URL}", files={"file": ("race.csv", body)}, headers=api.headers, timeout=60)
+
+        with ThreadPoolExecutor(20) as pool:
+            answers = list(pool.map(send, range(20)))
+        assert [a.status_code for a in answers] == [201] * 20, [a.text for a in answers if a.status_code != 201]
+        assert sorted(a.json()["version"] for a in answers) == list(range(1, 21))
+        listed = httpx.get(f"{api.url}{URL}/race/versions", headers=api.headers).json()
+        assert len(listed) == 20

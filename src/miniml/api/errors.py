@@ -106,7 +106,7 @@ def install(app: FastAPI) -> None:
         )
 
     async def on_db_down(request: Request, exc: Exception) -> Response:
-        log.warning("metadata DB unavailable: %s", type(exc).__name__)
+        log.warning("metadata DB unavailable: %s %s", type(exc).__name__, str(exc)[:300])
         err = UpstreamUnavailable("The metadata database is not answering; retry in a few seconds.")
         return from_error(err, request_id_of(request))
 

@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from miniml.data.formats import FileFormat, TableFile
@@ -149,6 +150,9 @@ def find_same(
     return proj.id, _same_bytes(session, proj.id, name, sha256)
 
 
+_CREATE_ATTEMPTS = 50
+
+
 def create_version(
     session: Session,
     caller: Caller,
@@ -168,36 +172,51 @@ def create_version(
     ``find_same`` (two identical uploads at once): the caller then deletes its object.
     """
     proj = read_project(session, caller, project)
-    same = _same_bytes(session, proj.id, name, sha256)
-    if same is not None:
-        return same, False
-    dataset = session.scalar(
-        select(tables.Dataset).where(tables.Dataset.project_id == proj.id, tables.Dataset.name == name)
-    )
-    if dataset is None:
-        dataset = tables.Dataset(project_id=proj.id, name=name, created_by=caller.key_id)
-        session.add(dataset)
-        session.flush()
-    latest = session.scalar(
-        select(func.max(tables.DatasetVersion.version)).where(tables.DatasetVersion.dataset_id == dataset.id)
-    )
-    row = tables.DatasetVersion(
-        dataset_id=dataset.id,
-        version=(latest or 0) + 1,
-        sha256=sha256,
-        size_bytes=size,
-        format=table.format.value,
-        delimiter=table.delimiter,
-        filename=filename[:255],
-        object_key=key,
-        row_count=profile["rows"],
-        column_types={k: str(v) for k, v in table.column_types.items()},
-        profile=profile,
-        created_by=caller.key_id,
-    )
-    session.add(row)
-    session.flush()
-    return row, True
+    # Parallel uploads to one name race for the dataset row and the next version number: each
+    # attempt runs in a savepoint behind the project's row lock, and a lost race (a unique
+    # violation) is read again and retried.
+    for _attempt in range(_CREATE_ATTEMPTS):
+        try:
+            with session.begin_nested():
+                # Take the project's row for writing first: uploads to one project queue here
+                # (PostgreSQL row lock; SQLite's write lock, taken before any read so that the
+                # busy timeout applies instead of a stale-snapshot "database is locked").
+                session.execute(update(tables.Project).where(tables.Project.id == proj.id).values(id=tables.Project.id))
+                same = _same_bytes(session, proj.id, name, sha256)
+                if same is not None:
+                    return same, False
+                dataset = session.scalar(
+                    select(tables.Dataset).where(tables.Dataset.project_id == proj.id, tables.Dataset.name == name)
+                )
+                if dataset is None:
+                    dataset = tables.Dataset(project_id=proj.id, name=name, created_by=caller.key_id)
+                    session.add(dataset)
+                    session.flush()
+                latest = session.scalar(
+                    select(func.max(tables.DatasetVersion.version)).where(
+                        tables.DatasetVersion.dataset_id == dataset.id
+                    )
+                )
+                row = tables.DatasetVersion(
+                    dataset_id=dataset.id,
+                    version=(latest or 0) + 1,
+                    sha256=sha256,
+                    size_bytes=size,
+                    format=table.format.value,
+                    delimiter=table.delimiter,
+                    filename=filename[:255],
+                    object_key=key,
+                    row_count=profile["rows"],
+                    column_types={k: str(v) for k, v in table.column_types.items()},
+                    profile=profile,
+                    created_by=caller.key_id,
+                )
+                session.add(row)
+                session.flush()
+            return row, True
+        except IntegrityError:
+            session.expire_all()
+    raise Conflict(f"Dataset {name!r} is being written by many uploads at once; send this one again.")
 
 
 def references(session: Session, version: tables.DatasetVersion) -> list[str]:
