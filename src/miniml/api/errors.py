@@ -11,12 +11,12 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from miniml.errors import InsufficientStorage, MiniMLError, Unauthorized, UpstreamUnavailable
+from miniml.errors import Conflict, InsufficientStorage, MiniMLError, Unauthorized, UpstreamUnavailable
 
 log = logging.getLogger("miniml.api")
 
@@ -137,3 +137,12 @@ def install(app: FastAPI) -> None:
         raise exc
 
     app.add_exception_handler(OSError, on_os_error)
+
+    async def on_integrity(request: Request, exc: Exception) -> Response:
+        # Two requests created the same name at once and the DB's unique index kept one: the
+        # other is told, never a 500. (Dataset versions retry instead: both uploads are kept.)
+        log.info("lost a create race", extra={"error": str(exc)[:200], "request_id": request_id_of(request)})
+        err = Conflict("Another request created this at the same moment; read it, or retry with another name.")
+        return from_error(err, request_id_of(request))
+
+    app.add_exception_handler(IntegrityError, on_integrity)
