@@ -46,13 +46,21 @@ class Batcher:
         # A numpy form of the preprocessing and the estimator behind it (inference/fastpath.py).
         self.fast = fast
         self.max_rows = max_rows
-        self.queue: asyncio.Queue[_Item] = asyncio.Queue()
-        # One thread per model: predict never blocks the event loop, and calls stay ordered.
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict", initializer=_serving_thread)
+        # None wakes the loop up to see that it is closing.
+        self.queue: asyncio.Queue[_Item | None] = asyncio.Queue()
+        self.executor: ThreadPoolExecutor | None = None
         self.task: asyncio.Task[None] | None = None
+        self.closing = False
 
     def start(self) -> None:
-        if self.task is None:
+        # Also after close(): a request that picked this model just before a swap still gets its
+        # answer from it (the loop runs again until its queue is empty).
+        if self.task is None or self.task.done():
+            if self.executor is None:
+                # One thread per model: predict never blocks the event loop, and calls stay ordered.
+                self.executor = ThreadPoolExecutor(
+                    max_workers=1, thread_name_prefix="predict", initializer=_serving_thread
+                )
             self.task = asyncio.get_running_loop().create_task(self._run())
 
     async def predict(self, columns: Columns, rows: int, proba: bool) -> tuple[np.ndarray, np.ndarray | None]:
@@ -63,27 +71,39 @@ class Batcher:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
-            items = [await self.queue.get()]
-            total = items[0].rows
-            while not self.queue.empty() and total < self.max_rows:
-                item = self.queue.get_nowait()
-                items.append(item)
-                total += item.rows
-            try:
-                preds, probas = await loop.run_in_executor(self.executor, self._predict, items)
-            except Exception as exc:
-                for item in items:
-                    if not item.future.done():
-                        item.future.set_exception(exc)
-                continue
-            offset = 0
+        try:
+            while not (self.closing and self.queue.empty()):
+                first = await self.queue.get()
+                items = [first] if first is not None else []
+                total = first.rows if first is not None else 0
+                while not self.queue.empty() and total < self.max_rows:
+                    item = self.queue.get_nowait()
+                    if item is not None:
+                        items.append(item)
+                        total += item.rows
+                if items:
+                    await self._answer(loop, items)
+        finally:
+            # Every request that reached the queue was answered; the thread goes with the loop.
+            if self.executor is not None:
+                self.executor.shutdown(wait=False)
+                self.executor = None
+
+    async def _answer(self, loop: asyncio.AbstractEventLoop, items: list[_Item]) -> None:
+        try:
+            preds, probas = await loop.run_in_executor(self.executor, self._predict, items)
+        except Exception as exc:
             for item in items:
-                end = offset + item.rows
-                part = probas[offset:end] if probas is not None and item.proba else None
                 if not item.future.done():
-                    item.future.set_result((preds[offset:end], part))
-                offset = end
+                    item.future.set_exception(exc)
+            return
+        offset = 0
+        for item in items:
+            end = offset + item.rows
+            part = probas[offset:end] if probas is not None and item.proba else None
+            if not item.future.done():
+                item.future.set_result((preds[offset:end], part))
+            offset = end
 
     def _predict(self, items: list[_Item]) -> tuple[np.ndarray, np.ndarray | None]:
         if len(items) == 1:
@@ -103,9 +123,13 @@ class Batcher:
         return preds, probas
 
     def close(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-        self.executor.shutdown(wait=False, cancel_futures=False)
+        """Stop once every queued request is answered (requests holding this model finish on it)."""
+        self.closing = True
+        if self.task is not None and not self.task.done():
+            self.queue.put_nowait(None)
+        elif self.executor is not None:
+            self.executor.shutdown(wait=False)
+            self.executor = None
 
 
 def _concat(parts: list[np.ndarray | list[Any]]) -> np.ndarray | list[Any]:
