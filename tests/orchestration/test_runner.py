@@ -160,3 +160,17 @@ def test_a_reaped_job_ends_its_mlflow_runs_failed(tmp_path: Path, mlflow_uri: st
             assert time.monotonic() < deadline, [mc.get_run(r).info.status for r in (parent, child)]
             time.sleep(0.2)
         assert "no heartbeat" in str(client.jobs.get("demo", job.id).reason)
+
+
+def test_a_failed_job_tells_why_without_a_traceback(live: tuple[LiveApi, Client]) -> None:
+    """The job log and reason say what failed; the traceback stays in the worker's own log."""
+    api, client = live
+    job = client.jobs.create("demo", dataset="iris", target="target", max_trials=1)
+    for stored in (api.settings.data_dir / "objects").rglob("*.csv"):
+        stored.unlink()  # the dataset's file is gone: the worker cannot read it
+    done = run_job(api.worker_client(), api.settings, job.id, "demo")
+    assert done is not None and done.state == "failed" and done.reason
+    lines = [line.message for line in client.jobs.logs("demo", job.id)]
+    assert any(line.startswith("failed: ") for line in lines), lines
+    text = "\n".join([*lines, done.reason])
+    assert "Traceback" not in text and 'File "' not in text and "[SQL:" not in text, text
