@@ -62,3 +62,36 @@ def test_secrets_are_written_private_whatever_the_umask(tmp_path: Path) -> None:
     finally:
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600 and path.read_text() == "v\n"
+
+
+def test_an_empty_or_short_secret_is_refused_never_used(tmp_path: Path) -> None:
+    import pytest
+
+    from miniml.tracking.access import secret_file
+    from miniml.tracking.signing import signing_key
+
+    made = secret_file(tmp_path / "fresh.secret")
+    assert len(made) >= 32 and stat.S_IMODE((tmp_path / "fresh.secret").stat().st_mode) == 0o600
+    assert secret_file(tmp_path / "fresh.secret") == made  # kept, not made again
+    (tmp_path / "signing.key").write_text("")  # a crash between create and write, in older versions
+    with pytest.raises(RuntimeError, match="no usable secret"):
+        signing_key(None, tmp_path)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp file left
+
+
+def test_public_reasons_carry_no_sql() -> None:
+    from miniml.errors import UpstreamUnavailable, public_reason
+
+    wrapped = UpstreamUnavailable(
+        "MLflow failed on close the run: (sqlite3.OperationalError) database is locked "
+        "[SQL: UPDATE runs SET status=? WHERE run_uuid = ?] [parameters: ('FAILED', 'abc')]"
+    )
+    reason = public_reason(wrapped)
+    assert "SQL" not in reason and "parameters" not in reason and reason.startswith("MLflow failed")
+
+    class OperationalError(Exception):
+        __module__ = "sqlalchemy.exc"
+
+    assert (
+        public_reason(OperationalError("SELECT secret FROM api_key [SQL: x]")) == "OperationalError: a database error"
+    )

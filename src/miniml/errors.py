@@ -72,14 +72,19 @@ class UpstreamUnavailable(MiniMLError):
     title = "Service unavailable"
 
 
+def _without_sql(text: str) -> str:
+    for marker in ("[SQL:", "[parameters:", "(Background on this error", "(sqlite3.", "(psycopg."):
+        text = text.split(marker, maxsplit=1)[0]
+    return text.strip()
+
+
 def public_reason(exc: BaseException, *, limit: int = 300) -> str:
     """What a user may read about a failure: our own errors whole, others as their type and first
     line, with no traceback, SQL statement or parameters (those stay in the service's log)."""
-    if isinstance(exc, MiniMLError):
-        return exc.detail[: limit * 4]
+    if isinstance(exc, MiniMLError):  # ours, but it may quote MLflow's, which may quote SQL
+        return _without_sql(exc.detail)[: limit * 4]
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    for marker in ("[SQL:", "[parameters:", "(Background on this error"):
-        text = text.split(marker)[0]
+    text = _without_sql(text)
     if type(exc).__module__.split(".")[0] in ("sqlalchemy", "psycopg", "psycopg2", "sqlite3", "asyncpg"):
         text = "a database error"
     text = text.strip()

@@ -40,9 +40,9 @@ def write_secret_file(path: Path, value: str) -> Path:
     """Write a secret (a key) readable by this user only, whatever the umask."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # before a byte is written: an older file may have had a looser mode
     with os.fdopen(fd, "w") as fh:
         fh.write(value + "\n")
-    os.chmod(path, 0o600)
     return path
 
 

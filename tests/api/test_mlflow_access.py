@@ -1,6 +1,6 @@
 """MLflow behind credentials: anonymous callers get nothing, each key signs in to MLflow with its
-own id and key and sees only its projects' experiments and models, at its role's level; a revoked
-key is shut out of MLflow at once."""
+own id and key and reads only its projects' experiments and models (writes are the platform's);
+a revoked key is shut out of MLflow at once."""
 
 from __future__ import annotations
 
@@ -72,11 +72,18 @@ def test_mlflow_shows_each_key_only_its_projects(tmp_path: Path, mlflow_uri: str
         assert {m["name"] for m in found.get("registered_models", [])} == {model}
         mine = admin.get_experiment_by_name("miniml/mine").experiment_id  # type: ignore[union-attr]
         theirs = admin.get_experiment_by_name("miniml/theirs").experiment_id  # type: ignore[union-attr]
-        # READ: no runs written; EDIT (engineer): runs in its project only.
-        assert v.post("/api/2.0/mlflow/runs/create", json={"experiment_id": mine}).status_code == 403
+        # People read MLflow; only the platform writes it: no run, no artifact, no alias from a key,
+        # not even an engineer's in its own project (a file put into a model's artifacts before
+        # a worker signs them would be signed with them).
         e = as_user(engineer_id, engineer)
-        until(lambda: e.post("/api/2.0/mlflow/runs/create", json={"experiment_id": mine}).status_code == 200)
-        assert e.post("/api/2.0/mlflow/runs/create", json={"experiment_id": theirs}).status_code == 403
+        until(lambda: e.get("/api/2.0/mlflow/registered-models/get", params={"name": model}).status_code == 200)
+        for user in (v, e):
+            assert user.post("/api/2.0/mlflow/runs/create", json={"experiment_id": mine}).status_code == 403
+            assert user.post("/api/2.0/mlflow/runs/create", json={"experiment_id": theirs}).status_code == 403
+            alias = {"name": model, "alias": "production", "version": "1"}
+            assert user.post("/api/2.0/mlflow/registered-models/alias", json=alias).status_code == 403
+            put = user.put(f"/api/2.0/mlflow-artifacts/artifacts/{mine}/x/evil.txt", content=b"x")
+            assert put.status_code == 403
         # A model the project registers after the key was made is granted by the periodic sync.
         later = f"mine.later-{tmp_path.name[-8:]}"
         admin.create_registered_model(later)

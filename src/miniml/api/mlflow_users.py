@@ -32,11 +32,10 @@ def created(access: MlflowAccess | None, key_id: str, role: Role, projects: list
     """A new person's key: its MLflow user and grants, in the background."""
     if access is None or role.is_service:
         return
-    permission = "EDIT" if role is Role.engineer else "READ"
-    user = MlflowUser(
+    user = MlflowUser(  # people read MLflow; only the platform writes it (services/keys.py)
         username=key_id,
         admin=role is Role.admin,
-        projects={} if role is Role.admin else dict.fromkeys(projects, permission),
+        projects={} if role is Role.admin else dict.fromkeys(projects, "READ"),
     )
 
     def work() -> None:

@@ -158,7 +158,7 @@ async def receive_upload(
                 spool.wrote(told)
         parser.finalize()
         out.close()
-        if parser.state not in (MultipartState.END, MultipartState.BOUNDARY_PADDING):
+        if parser.state != MultipartState.END:
             # python-multipart does not check that the closing boundary came; a cut or mis-closed
             # body would otherwise be stored as if whole.
             raise BadRequest(

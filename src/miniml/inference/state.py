@@ -258,9 +258,12 @@ class ApiLink:
             try:
                 started = time.monotonic()
                 response = await self.check.get("/api/v1/auth/whoami", headers=send)
-                if response.status_code >= 500:
+                if response.status_code >= 500 or response.status_code == 429:
                     response.raise_for_status()
-                who = response.json() if response.status_code == 200 else None
+                try:
+                    who = response.json() if response.status_code == 200 else None
+                except ValueError as exc:  # not the api answering: do not cache, let the caller retry
+                    raise httpx.DecodingError("the key check's answer is not JSON", request=response.request) from exc
                 if len(self.keys) > 10_000:
                     self.keys.clear()
                 self.keys[digest] = (started, who)

@@ -130,8 +130,9 @@ def mlflow_users(session: Session) -> tuple[list[MlflowUser], set[str]]:
         if row.revoked_at is not None or (row.expires_at is not None and row.expires_at <= now):
             gone.add(row.id)
             continue
-        permission = "EDIT" if role is Role.engineer else "READ"
-        projects = {} if role is Role.admin else {g.project.name: permission for g in row.grants}
+        # People read MLflow; only the platform writes it: an EDIT grant would let an engineer put
+        # files into a model's artifacts before a worker signs them, or move the production alias.
+        projects = {} if role is Role.admin else {g.project.name: "READ" for g in row.grants}
         users.append(MlflowUser(username=row.id, admin=role is Role.admin, projects=projects))
     return users, gone
 

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import secrets
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,17 +42,28 @@ def admin_password(configured: str | None, data_dir: Path) -> str:
 
 
 def secret_file(path: Path) -> str:
-    """A random secret kept in ``path`` (0600), made by whichever process needs it first."""
+    """A random secret kept in ``path`` (0600), made by whichever process needs it first.
+
+    Written whole to a temp file and linked into place, so no process ever reads a half-written
+    or empty secret; one shorter than 32 characters is refused rather than used.
+    """
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            pass
-        else:
+            os.fchmod(fd, 0o600)
             with os.fdopen(fd, "w") as fh:
                 fh.write(secrets.token_urlsafe(32) + "\n")
-    return path.read_text().strip()
+                fh.flush()
+                os.fsync(fh.fileno())
+            with contextlib.suppress(FileExistsError):  # another process made it first: keep theirs
+                os.link(tmp, path)
+        finally:
+            os.unlink(tmp)
+    value = path.read_text().strip()
+    if len(value) < 32:
+        raise RuntimeError(f"{path} holds no usable secret (under 32 characters); remove it to have a new one made.")
+    return value
 
 
 def admin_credentials(configured: str | None, data_dir: Path) -> tuple[str, str]:
