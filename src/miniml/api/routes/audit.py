@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 
@@ -12,14 +12,22 @@ from miniml.services import audit
 
 router = APIRouter(prefix="/api/v1/audit", tags=["audit"])
 
-# A date, or a date and time with an optional offset: a bare number (a Unix time?) is refused.
-_ISO_8601 = r"^\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?(Z|[+-]\d{2}:\d{2})?)?$"
+# A date or an RFC 3339 date-time; a bare number (a Unix time?) is refused.
+_DATE_PREFIX = r"^\d{4}-\d{2}-\d{2}"
+_WHEN: dict[str, Any] = {
+    "type": "string",
+    "pattern": _DATE_PREFIX,
+    "maxLength": 40,
+    "anyOf": [{"format": "date"}, {"format": "date-time"}],
+}
 
 
 def _parse_since(value: str) -> datetime:
+    from pydantic import TypeAdapter, ValidationError
+
     try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
+        parsed = TypeAdapter(datetime).validate_python(value)
+    except ValidationError:
         raise InvalidInput(f"since={value!r} is not a date; send ISO 8601, e.g. 2026-12-01T09:00:00Z.") from None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
@@ -33,8 +41,9 @@ def list_audit_events(
     since: Annotated[
         str | None,
         Query(
-            pattern=_ISO_8601,
+            pattern=_DATE_PREFIX,
             max_length=40,
+            json_schema_extra=_WHEN,
             description="Only events at or after this ISO 8601 date or time, e.g. 2026-12-01 or 2026-12-01T09:00:00Z.",
         ),
     ] = None,
