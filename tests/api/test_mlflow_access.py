@@ -88,6 +88,12 @@ def test_mlflow_shows_each_key_only_its_projects(tmp_path: Path, mlflow_uri: str
         later = f"mine.later-{tmp_path.name[-8:]}"
         admin.create_registered_model(later)
         until(lambda: v.get("/api/2.0/mlflow/registered-models/get", params={"name": later}).status_code == 200)
+        # A name taken ahead of the platform (MLflow lets any user create, and makes the creator its
+        # manager) does not stay in its taker's hands: the next sync takes the grant back.
+        squat = v.post("/api/2.0/mlflow/experiments/create", json={"name": f"miniml/future-{tmp_path.name[-8:]}"})
+        if squat.status_code == 200:
+            exp_id = squat.json()["experiment_id"]
+            until(lambda: v.get("/api/2.0/mlflow/experiments/get", params={"experiment_id": exp_id}).status_code == 403)
         # A wrong password, or a key of another id, is refused.
         assert as_user(viewer_id, engineer).get("/api/2.0/mlflow/users/current").status_code == 401
         # Revoked: shut out of MLflow at once.

@@ -161,9 +161,17 @@ class MlflowAccess:
         found = self._ok(self.http.get("/api/2.0/mlflow/registered-models/search", params=body))
         return [str(m["name"]) for m in found.get("registered_models", []) if str(m["name"]).startswith(prefix)]
 
-    def granted(self, username: str) -> set[tuple[str, str]]:
+    def granted(self, username: str) -> dict[tuple[str, str], str]:
+        """(resource type, id or name) -> permission, for this user's own grants."""
         answer = self._ok(self.http.get("/api/3.0/mlflow/users/permissions/list", params={"username": username}))
-        return {(str(p["resource_type"]), str(p["resource_pattern"])) for p in answer.get("permissions", [])}
+        return {
+            (str(p["resource_type"]), str(p["resource_pattern"])): str(p["permission"])
+            for p in answer.get("permissions", [])
+        }
+
+    def revoke(self, username: str, resource_type: str, resource_id: str) -> None:
+        body = {"username": username, "resource_type": resource_type, "resource_id": resource_id}
+        self._ok(self.http.post("/api/3.0/mlflow/users/permissions/revoke", json=body), "RESOURCE_DOES_NOT_EXIST")
 
     def grant(self, username: str, resource_type: str, resource_id: str, permission: str) -> None:
         body = {
@@ -175,7 +183,12 @@ class MlflowAccess:
         self._ok(self.http.post("/api/3.0/mlflow/users/permissions/grant", json=body), "RESOURCE_ALREADY_EXISTS")
 
     def apply(self, users: list[MlflowUser], *, gone: set[str]) -> int:
-        """Grant what is missing to existing users; delete the users of revoked or expired keys."""
+        """Make each user's grants exactly what its key allows; delete the users of revoked or expired keys.
+
+        Whatever else a user holds goes: grants of a project the key lost, a level above READ, and
+        the MANAGE MLflow gives whoever creates an experiment or model (so a name taken ahead of
+        the platform stays out of its taker's hands).
+        """
         changes = 0
         models: dict[str, list[str]] = {}
         existing = self.users()
@@ -193,11 +206,17 @@ class MlflowAccess:
                 )
                 changes += 1
             have = self.granted(user.username)
+            wanted: dict[tuple[str, str], str] = {}
             for project, permission in user.projects.items():
-                wanted = [("experiment", self.experiment_id(experiment_name(project)))]
-                wanted += [("registered_model", m) for m in models.setdefault(project, self.models(f"{project}."))]
-                for resource_type, rid in wanted:
-                    if (resource_type, rid) not in have:
-                        self.grant(user.username, resource_type, rid, permission)
-                        changes += 1
+                wanted[("experiment", self.experiment_id(experiment_name(project)))] = permission
+                for m in models.setdefault(project, self.models(f"{project}.")):
+                    wanted[("registered_model", m)] = permission
+            for (resource_type, rid), level in have.items():
+                if wanted.get((resource_type, rid)) != level:
+                    self.revoke(user.username, resource_type, rid)
+                    changes += 1
+            for (resource_type, rid), permission in wanted.items():
+                if have.get((resource_type, rid)) != permission:
+                    self.grant(user.username, resource_type, rid, permission)
+                    changes += 1
         return changes
