@@ -3,9 +3,10 @@
 MLflow runs its basic-auth app with ``default_permission = NO_PERMISSIONS``: anonymous calls get
 401, and a signed-in user sees only what was granted. Each person's API key is an MLflow user
 (username: the key id, password: the key itself, so the MLflow UI and client take the same
-credential). Viewers get READ and engineers EDIT on their projects' experiment and registered
-models; admin keys are MLflow admins. The platform's own processes use the MLflow admin account.
-MLflow 3.17 grants exact names only, so every model a project registers is granted as it appears.
+credential). Viewers and engineers get READ on their projects' experiment and registered models
+(only the platform writes: runs, artifacts it signs, aliases); admin keys are MLflow admins. The
+platform's own processes use the MLflow admin account. MLflow 3.17 grants exact names only, so
+every model a project registers is granted as it appears.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ ADMIN_USERNAME = "miniml"
 class MlflowUser:
     username: str
     admin: bool
-    # project -> READ or EDIT, on its experiment and every model it registered
+    # project -> permission (READ) on its experiment and every model it registered
     projects: dict[str, str]
 
 
