@@ -60,10 +60,13 @@ def test_key_checks_are_shared_refreshed_ahead_and_expire(tmp_path: Path) -> Non
             await asyncio.sleep(max(0.0, 6.3 - (time.monotonic() - first)))
             assert await link.whoami(headers) is not None
             assert whoami_calls(api) - base == 2
-            # Revoked: refused once the refreshed entry has run out (at most key_cache_s later).
+            # Revoked: refused once the cached entry has run out, at most key_cache_s after the
+            # revocation (plus a lookup; polled: under load the refresh's own stamp comes later).
             assert httpx.delete(f"{api.url}/api/v1/keys/{key_id}", headers=api.headers).status_code in (200, 204)
-            await asyncio.sleep(max(0.0, 6.2 - (time.monotonic() - refreshed)))
-            assert await link.whoami(headers) is None
+            revoked = time.monotonic()
+            while await link.whoami(headers) is not None:
+                assert time.monotonic() - revoked < 6 + 2, "a revoked key kept working past the cache time"
+                await asyncio.sleep(0.1)
             await link.http.aclose()
 
         asyncio.run(scenario())
