@@ -74,6 +74,14 @@ def test_up_starts_every_service_and_stops_them_all(tmp_path: Path) -> None:
         assert {c["name"] for c in ready.json()["checks"]} == {"database", "mlflow", "prefect", "worker"}
         assert httpx.get(f"http://127.0.0.1:{ports['mlflow']}/health").status_code == 200
         assert httpx.get(f"http://127.0.0.1:{ports['prefect']}/api/health").status_code == 200
+        # MLflow asks for credentials; the first admin key (made while MLflow was still starting) signs in.
+        mlflow = f"http://127.0.0.1:{ports['mlflow']}/api/2.0/mlflow/experiments/search?max_results=5"
+        assert httpx.get(mlflow).status_code == 401
+        admin_auth = (key.group(1).split("_")[1], key.group(1))
+        deadline = time.monotonic() + 60
+        while httpx.get(mlflow, auth=admin_auth).status_code != 200:
+            assert time.monotonic() < deadline, "the admin key never signed in to MLflow"
+            time.sleep(0.5)
         headers = {"X-API-Key": key.group(1)}
         created = httpx.post(f"http://127.0.0.1:{ports['api']}/api/v1/projects", json={"name": "demo"}, headers=headers)
         assert created.status_code == 201

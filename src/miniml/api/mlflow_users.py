@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
+import httpx
 from sqlalchemy.orm import Session, sessionmaker
 
 from miniml.domain.roles import Role
@@ -19,6 +21,7 @@ from miniml.services import keys
 from miniml.tracking.access import MlflowAccess, MlflowUser
 
 log = logging.getLogger("miniml.api")
+_WAIT_FOR_MLFLOW_S = 180.0
 
 
 def _run(what: str, fn: Any, *args: Any) -> None:
@@ -39,7 +42,17 @@ def created(access: MlflowAccess | None, key_id: str, role: Role, projects: list
     )
 
     def work() -> None:
-        access.create_user(key_id, raw, admin=user.admin)
+        # The user can only be made now (its password is the key, never stored): wait for an
+        # MLflow that is still starting (the first admin key is made while it boots).
+        deadline = time.monotonic() + _WAIT_FOR_MLFLOW_S
+        while True:
+            try:
+                access.create_user(key_id, raw, admin=user.admin)
+                break
+            except httpx.TransportError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1.0)
         access.apply([user], gone=set())
 
     threading.Thread(target=_run, args=(f"key {key_id} created", work), daemon=True).start()
