@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pickle
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -16,11 +15,13 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from miniml.config import Settings
 from miniml.orchestration.runner import run_job
 from miniml.sdk.client import Client
 from miniml.tracking.signing import load_verified, signing_key
-from tests.conftest import LiveApi, assert_problem, free_port
+from tests.conftest import LiveApi, assert_problem
+from tests.orchestration.test_runner import live
+
+__all__ = ["live"]  # the runner tests' fixture: a live api on the session's MLflow, iris uploaded
 
 IRIS = Path(__file__).resolve().parents[2] / "data" / "samples" / "iris.csv"
 
@@ -45,22 +46,6 @@ class Outsider:
 
     def __setstate__(self, state: dict[str, object]) -> None:
         Path(str(state["marker"])).touch()
-
-
-@pytest.fixture
-def live(tmp_path: Path, mlflow_uri: str) -> Iterator[tuple[LiveApi, Client]]:
-    settings = Settings(
-        data_dir=tmp_path / "d",
-        api={"port": free_port()},
-        prefect={"port": free_port()},
-        mlflow={"tracking_uri": mlflow_uri},
-        worker={"heartbeat_s": 0.5},
-    )
-    with LiveApi(settings) as api:
-        client = Client(api.url, api_key=api.key)
-        client.projects.create("demo")
-        client.datasets.upload("demo", IRIS)
-        yield api, client
 
 
 def _post(api: LiveApi, name: str, content: bytes, filename: str, **params: str) -> httpx.Response:
