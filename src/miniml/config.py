@@ -74,6 +74,13 @@ class ApiSettings(BaseModel):
         default=1 << 20, ge=1024, description="Largest JSON body accepted by any route (413 above)."
     )
     max_upload_bytes: int = Field(default=1 << 30, ge=1024, description="Largest dataset upload accepted (413 above).")
+    drain_s: float = Field(
+        default=2.0,
+        ge=0,
+        le=120,
+        description="On SIGTERM: seconds of answering /readyz 503 while still serving, before it stops listening "
+        "and finishes the requests in flight.",
+    )
 
 
 class StorageSettings(BaseModel):
@@ -212,6 +219,20 @@ class InferenceSettings(BaseModel):
         default=20_000, ge=0, description="Captured rows held in memory between flushes; beyond, samples are dropped."
     )
     capture_flush_s: float = Field(default=30.0, gt=0, description="Seconds between writes of captured rows.")
+    key_stale_s: float = Field(
+        default=300.0,
+        ge=0,
+        le=3600,
+        description="While the api cannot be reached (restarting), a key it accepted within this many seconds keeps "
+        "predicting; keys never seen, or refused, are not served. 0: every check needs the api.",
+    )
+    drain_s: float = Field(
+        default=2.0,
+        ge=0,
+        le=120,
+        description="On SIGTERM: seconds of answering /readyz 503 while still serving, before it stops listening "
+        "and finishes the requests in flight.",
+    )
 
 
 class Settings(BaseSettings):

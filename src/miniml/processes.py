@@ -209,12 +209,64 @@ def prometheus_service(settings: Settings) -> list[Service]:
     ]
 
 
+@dataclass
+class ChildState:
+    """What ``miniml status`` shows of one child: written to ``<data_dir>/up.json`` as it changes."""
+
+    name: str
+    state: str = "starting"  # starting, running, restarting, stopped
+    pid: int | None = None
+    restarts: int = 0
+    started_at: float = 0.0
+    last_exit: str | None = None
+    last_exit_at: float | None = None
+    restart_at: float | None = None
+    deaths: list[float] = field(default_factory=list)
+
+
+def describe_exit(code: int) -> str:
+    """'code 1' or 'killed by SIGKILL' (Popen reports a signal as a negative code)."""
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+    return f"code {code}"
+
+
+class CrashLoop(UpstreamUnavailable):
+    """A child kept dying: the platform stops rather than restart it forever."""
+
+
 class Supervisor:
-    def __init__(self, settings: Settings, services: Sequence[Service]) -> None:
+    """Starts the children, restarts one that exits (with backoff), and stops them all in order.
+
+    A child that dies ``max_restarts`` times within ``window_s`` is a crash loop: ``supervise``
+    raises ``CrashLoop`` naming it, and ``miniml up`` stops everything.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        services: Sequence[Service],
+        *,
+        max_restarts: int = 5,
+        window_s: float = 60.0,
+        backoff_s: float = 1.0,
+        max_backoff_s: float = 15.0,
+    ) -> None:
         self.settings = settings
         self.services = list(services)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.children: dict[str, ChildState] = {svc.name: ChildState(svc.name) for svc in self.services}
         self.log_dir = settings.data_dir.resolve() / "logs"
+        self.status_file = settings.data_dir.resolve() / "up.json"
+        self.max_restarts = max_restarts
+        self.window_s = window_s
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        # Process groups of children that died, kept until stop: a training flow outlives its
+        # killed worker and finishes its job; ``stop_all`` still ends it.
+        self.orphans: list[int] = []
+        self.events: list[str] = []
 
     def check_ports(self) -> None:
         for svc in self.services:
@@ -228,7 +280,7 @@ class Supervisor:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         env = child_env(self.settings) | svc.env
         with open(self.log_dir / f"{svc.name}.log", "ab") as log:
-            self.procs[svc.name] = subprocess.Popen(
+            proc = self.procs[svc.name] = subprocess.Popen(
                 svc.argv,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -237,6 +289,9 @@ class Supervisor:
                 start_new_session=True,
                 cwd=self.settings.data_dir.resolve(),
             )
+        child = self.children[svc.name]
+        child.pid, child.started_at, child.restart_at = proc.pid, time.time(), None
+        child.state = "starting" if svc.health_url else "running"
 
     def wait_ready(self, svc: Service) -> float:
         """Wait for the service's health URL; return the seconds it took."""
@@ -247,16 +302,24 @@ class Supervisor:
                 raise UpstreamUnavailable(
                     f"{svc.name} exited with code {proc.returncode} while starting; see {self.log_dir / svc.name}.log."
                 )
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(svc.health_url, timeout=2).status_code < 500:
-                    break
+            if self._answers(svc):
+                break
             if time.monotonic() - start > svc.ready_timeout_s:
                 raise UpstreamUnavailable(
                     f"{svc.name} did not answer {svc.health_url} within {svc.ready_timeout_s:.0f}s; "
                     f"see {self.log_dir / svc.name}.log."
                 )
             time.sleep(0.3)
+        self.children[svc.name].state = "running"
         return time.monotonic() - start
+
+    @staticmethod
+    def _answers(svc: Service, timeout_s: float = 2.0) -> bool:
+        if not svc.health_url:
+            return True
+        with contextlib.suppress(httpx.HTTPError):
+            return httpx.get(svc.health_url, timeout=timeout_s).status_code < 500
+        return False
 
     def start_all(self) -> dict[str, float]:
         """Start phase by phase; return how long each service took to answer."""
@@ -270,10 +333,74 @@ class Supervisor:
             for svc in batch:
                 self.wait_ready(svc)
                 timings[svc.name] = time.monotonic() - start
+        self.write_status()
         return timings
 
     def dead(self) -> list[str]:
         return [name for name, proc in self.procs.items() if proc.poll() is not None]
+
+    def supervise(self) -> list[str]:
+        """One pass: note children that exited, restart those whose backoff is over, mark the
+        restarted ones running once they answer. Returns what happened, a line each."""
+        now = time.time()
+        events: list[str] = []
+        for svc in self.services:
+            child, proc = self.children[svc.name], self.procs.get(svc.name)
+            if proc is None:
+                continue
+            if child.state in ("starting", "running") and proc.poll() is not None:
+                events.append(self._exited(svc, child, proc.returncode, now))
+            elif child.state == "restarting" and child.restart_at is not None and now >= child.restart_at:
+                child.restarts += 1
+                self.start(svc)
+                events.append(f"{svc.name} restarted (pid {child.pid}, restart {child.restarts})")
+            elif child.state == "starting" and self._answers(svc, timeout_s=0.5):
+                child.state = "running"
+                events.append(f"{svc.name} is answering again")
+        if events:
+            self.events.extend(events)
+            self.write_status()
+        return events
+
+    def _exited(self, svc: Service, child: ChildState, code: int, now: float) -> str:
+        how = describe_exit(code)
+        child.last_exit, child.last_exit_at, child.state = how, now, "restarting"
+        child.deaths = [t for t in child.deaths if now - t < self.window_s] + [now]
+        pid = self.procs[svc.name].pid
+        if svc.port is not None:
+            # A server's leftovers would hold its port: end the whole group before the restart.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+        else:
+            self.orphans.append(pid)
+        if len(child.deaths) > self.max_restarts:
+            child.state = "stopped"
+            self.write_status()
+            raise CrashLoop(
+                f"{svc.name} exited {len(child.deaths)} times within {self.window_s:.0f}s (last: {how}); "
+                f"stopping the platform. See {self.log_dir / svc.name}.log."
+            )
+        delay = min(self.max_backoff_s, self.backoff_s * 2 ** (len(child.deaths) - 1))
+        child.restart_at = now + delay
+        return f"{svc.name} exited ({how}); restarting in {delay:.0f}s"
+
+    def write_status(self, state: str = "running") -> None:
+        """Write ``up.json`` for ``miniml status`` (atomically: a reader never sees half of it)."""
+        import json
+
+        body = {
+            "pid": os.getpid(),
+            "state": state,
+            "updated_at": time.time(),
+            "children": [
+                {k: v for k, v in vars(c).items() if k != "deaths"} | {"url": svc.health_url, "port": svc.port}
+                for svc, c in ((svc, self.children[svc.name]) for svc in self.services)
+            ],
+        }
+        with contextlib.suppress(OSError):
+            tmp = self.status_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(body, indent=1))
+            tmp.replace(self.status_file)
 
     def stop_all(self, timeout_s: float = 15.0) -> None:
         """Signal every child's process group, wait, then kill what is left."""
@@ -286,9 +413,14 @@ class Supervisor:
         for proc in self.procs.values():
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-        for proc in self.procs.values():
+        groups = [proc.pid for proc in self.procs.values()] + self.orphans
+        for pgid in groups:
             # Kill the whole group, also when the leader exited but left children behind.
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
+                os.killpg(pgid, signal.SIGKILL)
+        for proc in self.procs.values():
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=5)
+        for child in self.children.values():
+            child.state = "stopped"
+        self.write_status("stopped")

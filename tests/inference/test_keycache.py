@@ -70,3 +70,42 @@ def test_key_checks_are_shared_refreshed_ahead_and_expire(tmp_path: Path) -> Non
             await link.http.aclose()
 
         asyncio.run(scenario())
+
+
+def test_an_accepted_key_keeps_predicting_while_the_api_is_away(tmp_path: Path) -> None:
+    """The api restarting (connection refused) must not stop predictions of callers it just accepted;
+    a caller it never saw, or one it refused, gets nothing from the cache."""
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        api={"port": free_port()},
+        mlflow={"port": free_port()},
+        prefect={"port": free_port()},
+    )
+    api = LiveApi(settings).__enter__()
+    try:
+        httpx.post(f"{api.url}/api/v1/projects", json={"name": "keys"}, headers=api.headers).raise_for_status()
+        created = httpx.post(
+            f"{api.url}/api/v1/keys", json={"role": "viewer", "projects": ["keys"]}, headers=api.headers
+        )
+        known = {"x-api-key": created.json()["key"]}
+        refused = {"x-api-key": "mml_nope_" + "x" * 32}
+
+        async def scenario() -> None:
+            stale = ApiLink(api.url, api.key, key_cache_s=0.2, key_stale_s=30)
+            strict = ApiLink(api.url, api.key, key_cache_s=0.2, key_stale_s=0)
+            assert (await stale.whoami(known) or {}).get("role") == "viewer"
+            assert await strict.whoami(known) is not None
+            assert await stale.whoami(refused) is None
+            await asyncio.to_thread(api.__exit__, None, None, None)  # the api is gone: its port refuses
+            await asyncio.sleep(0.3)
+            assert (await stale.whoami(known) or {}).get("role") == "viewer"
+            for link, headers in ((strict, known), (stale, refused), (stale, {"x-api-key": "mml_never_seen"})):
+                try:
+                    await link.whoami(headers)
+                except httpx.HTTPError:
+                    continue
+                raise AssertionError(f"answered without the api: {headers}")
+
+        asyncio.run(scenario())
+    finally:
+        api.__exit__(None, None, None)

@@ -22,6 +22,7 @@ from miniml.api.routes import audit, auth, datasets, deployments, health, jobs, 
 from miniml.config import Settings
 from miniml.db.engine import make_engine, make_sessionmaker, upgrade
 from miniml.domain.roles import Role
+from miniml.drain import Drain
 from miniml.errors import MiniMLError
 from miniml.files import secure_data_dir, write_secret_file
 from miniml.monitoring.collector import PlatformCollector
@@ -103,6 +104,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.drain.install()
         upgrade(engine)
         await anyio.to_thread.run_sync(store.prepare)
         with db.begin() as session:
@@ -133,6 +135,7 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.drain = Drain(settings.api.drain_s)
     app.state.engine = engine
     app.state.db = db
     app.state.store = store

@@ -28,7 +28,7 @@ app.command("deploy", help="Deploy a model under an endpoint name (= miniml depl
 def up() -> None:
     """Start the whole platform on this machine (api, MLflow, Prefect); Ctrl-C stops it all."""
     from miniml.config import Settings
-    from miniml.processes import Supervisor, embedded_services
+    from miniml.processes import CrashLoop, Supervisor, embedded_services
 
     settings = Settings()
     secure_data_dir(settings.data_dir)  # before any child starts: they inherit the private umask
@@ -65,13 +65,15 @@ def up() -> None:
             console.print(f"  admin key  {key_file.read_text().strip()}  (shown once; saved in {key_file})")
         else:
             console.print(f"  admin key  in {key_file}")
-        console.print("Press Ctrl-C to stop.")
+        console.print("Press Ctrl-C to stop; `miniml status` shows each process.")
         while not stopping["now"]:
-            dead = sup.dead()
-            if dead:
-                err_console.print(f"[red]{', '.join(dead)} exited; stopping.[/red] See {sup.log_dir}.")
-                raise typer.Exit(1)
-            time.sleep(1)
+            try:
+                for event in sup.supervise():
+                    (err_console if "exited" in event else console).print(f"miniml: {event}")
+            except CrashLoop as exc:
+                err_console.print(f"[red]miniml: {exc.detail}[/red]")
+                raise typer.Exit(1) from None
+            time.sleep(0.5)
     except MiniMLError as exc:
         fail(exc)
     except KeyboardInterrupt:
@@ -80,6 +82,65 @@ def up() -> None:
         console.print("miniml: stopping...")
         sup.stop_all()
         console.print("miniml: stopped.")
+
+
+@app.command()
+def status(as_json: bool = typer.Option(False, "--json", help="Print the raw state as JSON.")) -> None:
+    """Show each process of `miniml up` on this data folder: state, pid, restarts, last exit."""
+    import json
+
+    from miniml.config import Settings
+
+    settings = Settings()
+    path = settings.data_dir.resolve() / "up.json"
+    try:
+        body = json.loads(path.read_text())
+    except (OSError, ValueError):
+        err_console.print(f"miniml is not running here (no {path}); start it with `miniml up`.")
+        raise typer.Exit(1) from None
+    alive = body.get("state") == "running" and _pid_alive(int(body.get("pid", 0)))
+    if not alive:
+        body["state"] = "stopped"
+    if as_json:
+        typer.echo(json.dumps(body, indent=1))
+        raise typer.Exit(0 if alive else 1)
+    from rich.table import Table
+
+    now = time.time()
+    table = Table("process", "state", "pid", "restarts", "up for", "last exit", "url")
+    for child in body.get("children", []):
+        state = child["state"] if alive else "stopped"
+        up_for = f"{now - child['started_at']:.0f}s" if state in ("running", "starting") else "-"
+        last = child.get("last_exit") or "-"
+        if child.get("last_exit_at"):
+            last += f" ({now - child['last_exit_at']:.0f}s ago)"
+        colour = {"running": "green", "starting": "yellow", "restarting": "yellow"}.get(state, "red")
+        table.add_row(
+            child["name"],
+            f"[{colour}]{state}[/{colour}]",
+            str(child.get("pid") or "-"),
+            str(child.get("restarts", 0)),
+            up_for,
+            last,
+            child.get("url") or "",
+        )
+    console.print(f"miniml up (pid {body.get('pid')}) in {settings.data_dir.resolve()}: {body['state']}")
+    console.print(table)
+    raise typer.Exit(0 if alive else 1)
+
+
+def _pid_alive(pid: int) -> bool:
+    import os
+
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _serve(target: str, *, host: str, port: int, workers: int = 1) -> None:

@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from miniml import logs
 from miniml.api.errors import check_metrics_token, from_error, problem_response
 from miniml.config import Settings
+from miniml.drain import Drain
 from miniml.errors import (
     BadRequest,
     Forbidden,
@@ -133,6 +134,7 @@ def create_inference_app(settings: Settings) -> FastAPI:
     replica = settings.inference.replica_id or f"{settings.inference.host}:{settings.inference.port}"
     public_url = settings.inference.public_url or settings.inference_url
     wake = asyncio.Event()
+    drain = Drain(settings.inference.drain_s)
     store = make_store(settings)
     capture = Capture(
         store,
@@ -184,7 +186,13 @@ def create_inference_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        link = ApiLink(settings.api_url, inference_key(settings), key_cache_s=settings.inference.key_cache_s)
+        drain.install()
+        link = ApiLink(
+            settings.api_url,
+            inference_key(settings),
+            key_cache_s=settings.inference.key_cache_s,
+            key_stale_s=settings.inference.key_stale_s,
+        )
         app.state.link = link
         await anyio.to_thread.run_sync(store.prepare)
         task = asyncio.get_running_loop().create_task(reconcile_forever(link))
@@ -198,6 +206,7 @@ def create_inference_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="miniml inference", version="0.1.0", lifespan=lifespan)
     app.state.state = state
+    app.state.drain = drain
     app.state.metrics = metrics
     app.state.capture = capture
     app.add_middleware(DeclaredBodyLimit, limit=max_body)  # type: ignore[arg-type]
@@ -211,8 +220,11 @@ def create_inference_app(settings: Settings) -> FastAPI:
         """Ready once every deployment loaded; counts only: anonymous callers learn no names."""
         report = state.report()
         failing = sum(1 for d in report.values() if not d["ready"])
-        body = {"ready": state.ready, "deployments": len(report), "failing": failing}
-        return Response(orjson.dumps(body), status_code=200 if state.ready else 503, media_type="application/json")
+        ready = state.ready and not drain.draining
+        body = {"ready": ready, "deployments": len(report), "failing": failing} | (
+            {"draining": True} if drain.draining else {}
+        )
+        return Response(orjson.dumps(body), status_code=200 if ready else 503, media_type="application/json")
 
     @app.get("/metrics", include_in_schema=False)
     def metrics_route(request: Request) -> Response:
@@ -365,8 +377,9 @@ def create_inference_app(settings: Settings) -> FastAPI:
 
     @app.get("/v2/health/ready")
     def oip_ready() -> Response:
+        ready = state.ready and not drain.draining
         return Response(
-            orjson.dumps({"ready": state.ready}), status_code=200 if state.ready else 503, media_type="application/json"
+            orjson.dumps({"ready": ready}), status_code=200 if ready else 503, media_type="application/json"
         )
 
     @app.get("/v2/health/live")

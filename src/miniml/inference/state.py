@@ -200,12 +200,13 @@ class State:
 class ApiLink:
     """The replica's view of the api: desired state, replica reports, and key checks (cached)."""
 
-    def __init__(self, api_url: str, api_key: str, *, key_cache_s: float) -> None:
+    def __init__(self, api_url: str, api_key: str, *, key_cache_s: float, key_stale_s: float = 0.0) -> None:
         self.http = httpx.AsyncClient(base_url=api_url, headers={"X-API-Key": api_key}, timeout=10)
         # Callers' credentials are checked on a client of their own, which carries none of the
         # service's: the api answers for exactly what the caller sent, never for this replica.
         self.check = httpx.AsyncClient(base_url=api_url, timeout=10)
         self.key_cache_s = key_cache_s
+        self.key_stale_s = key_stale_s
         self.keys: dict[str, tuple[float, dict[str, Any] | None]] = {}
         self.lookups: dict[str, asyncio.Task[dict[str, Any] | None]] = {}
 
@@ -249,7 +250,14 @@ class ApiLink:
                 self._lookup(digest, send).add_done_callback(_consume)  # refresh ahead, keep serving
             return hit[1]
         task = self.lookups.get(digest) or self._lookup(digest, send)
-        return await asyncio.shield(task)
+        try:
+            return await asyncio.shield(task)
+        except httpx.HTTPError:
+            # The api is not answering (restarting, or busy): a caller it accepted a moment ago keeps
+            # predicting for key_stale_s. Revoking a key needs the api, so none is missed meanwhile.
+            if hit is not None and hit[1] is not None and age < self.key_stale_s:
+                return hit[1]
+            raise
 
     def _lookup(self, digest: str, send: dict[str, str]) -> asyncio.Task[dict[str, Any] | None]:
         async def run() -> dict[str, Any] | None:

@@ -43,6 +43,8 @@ async def _check_http(name: str, url: str) -> dict[str, Any]:
 async def readyz(request: Request) -> Response:
     """Ready when the metadata DB, MLflow, Prefect and a training worker answer; lists each check."""
     settings = request.app.state.settings
+    if request.app.state.drain.draining:
+        return JSONResponse(request.app.state.drain.body(), status_code=503, headers={"Retry-After": "5"})
     checks = [await anyio.to_thread.run_sync(_check_db, request)]
     checks.append(await _check_http("mlflow", settings.mlflow_uri.rstrip("/") + "/health"))
     checks.append(await _check_http("prefect", settings.prefect_api_url.rstrip("/") + "/health"))
