@@ -215,6 +215,9 @@ class Deployment(Base):
     drift_interval_s: Mapped[int] = mapped_column(Integer, default=600, server_default="600")
     drift_window_s: Mapped[int] = mapped_column(Integer, default=3600, server_default="3600")
     retrain_policy: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # The last rollout a replica refused (None once a change is accepted): the version and why.
+    rollout_error: Mapped[str | None] = mapped_column(Text)
+    rollout_version: Mapped[str | None] = mapped_column(String(32))
     project: Mapped[Project] = relationship(lazy="joined")
 
 
@@ -297,6 +300,7 @@ class DeploymentEvent(Base):
     key_id: Mapped[str | None] = mapped_column(String(32))
     action: Mapped[str] = mapped_column(String(32))
     target: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    detail: Mapped[str | None] = mapped_column(Text)
 
 
 class InferenceReplica(Base):

@@ -8,12 +8,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 
 import miniml.tracking  # noqa: F401  (MLflow settings for every process that loads models)
 from miniml.errors import InvalidInput
 from miniml.inference.batching import Batcher, Columns
 from miniml.inference.fastpath import compile_numeric
-from miniml.tracking.signing import load_verified
+from miniml.tracking.signing import load_verified_with_example
 
 _NUMERIC = {"double", "float", "long", "integer"}
 
@@ -33,13 +34,15 @@ class LoadedModel:
     classes: list[Any] | None
     batcher: Batcher
     load_seconds: float
+    # Rows logged with the version (its input example): a rollout predicts them before switching.
+    example: list[dict[str, Any]] | None = None
 
 
 def load(tracking_uri: str, registered: str, version: str, *, max_batch_rows: int, signing_key: bytes) -> LoadedModel:
     """Load the scikit-learn model itself (not pyfunc), once its signature and digest check out; its
     schema checks are done here, faster."""
     start = time.perf_counter()
-    model, signature = load_verified(tracking_uri, registered, version, signing_key)
+    model, signature, example = load_verified_with_example(tracking_uri, registered, version, signing_key)
     columns = []
     if signature is not None and signature.inputs is not None:
         for spec in signature.inputs.inputs:
@@ -71,7 +74,18 @@ def load(tracking_uri: str, registered: str, version: str, *, max_batch_rows: in
             fast=compile_numeric(model, names) if columns and all(c.kind == "number" for c in columns) else None,
         ),
         load_seconds=time.perf_counter() - start,
+        example=_records(example),
     )
+
+
+def _records(example: Any) -> list[dict[str, Any]] | None:
+    """The input example as JSON-like rows (what a caller would send), or None."""
+    import pandas as pd
+
+    if not isinstance(example, pd.DataFrame) or example.empty:
+        return None
+    rows: list[dict[str, Any]] = orjson.loads(example.head(20).to_json(orient="records"))
+    return rows
 
 
 def parse_rows(body: Any, model: LoadedModel, *, max_rows: int) -> tuple[Columns, int, list[str]]:

@@ -19,7 +19,7 @@ import anyio
 import httpx
 
 from miniml.errors import NotFound
-from miniml.inference.models import LoadedModel, load
+from miniml.inference.models import LoadedModel, load, parse_rows
 from miniml.monitoring.metrics import InferenceMetrics
 
 log = logging.getLogger("miniml.inference")
@@ -93,6 +93,9 @@ class State:
     signing_key: bytes
     served: dict[str, Served] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
+    # Versions a rollout refused (failed load aside): (registered, version, allowed, live) → why.
+    refused: dict[tuple[str, str, bool, frozenset[tuple[str, str]]], str] = field(default_factory=dict)
+    rollouts: dict[str, dict[str, str]] = field(default_factory=dict)
     cache: dict[tuple[str, str], LoadedModel] = field(default_factory=dict)
     shadows: dict[str, ShadowStats] = field(default_factory=dict)
     reconciled_once: bool = False
@@ -109,21 +112,40 @@ class State:
         async with self.lock:
             wanted: dict[str, Served] = {}
             errors: dict[str, str] = {}
+            rollouts: dict[str, dict[str, str]] = {}
             for d in desired:
                 variants: list[Variant] = []
                 error = d.get("error")
+                live = self.served.get(d["name"])
+                live_keys = frozenset((live.registered, v.version) for v in live.variants) if live else frozenset()
+                allow = bool(d.get("allow_schema_change"))
                 for v in d["variants"]:
                     key = (d["registered_name"], str(v["version"]))
+                    refused = self.refused.get((*key, allow, live_keys))
                     model = self.cache.get(key)
-                    if model is None:
+                    fresh = model is None
+                    if refused is None and model is None:
                         try:
                             model = await anyio.to_thread.run_sync(self._load, *key)
                         except Exception as exc:
                             error = f"version {key[1]} failed to load: {type(exc).__name__}: {str(exc)[:300]}"
                             log.warning("model load failed", extra={"deployment": d["name"], "error": error})
+                            rollouts[d["name"]] = {"version": key[1], "reason": error}
                             variants = []
                             break
-                        self.cache[key] = model
+                    if refused is None and model is not None and key not in live_keys:
+                        refused = await self._rollout_check(model, live, allow)
+                        if refused is not None:
+                            self.refused[(*key, allow, live_keys)] = refused
+                            if fresh:
+                                model.batcher.close()
+                    if refused is not None or model is None:
+                        error = f"rollout of version {key[1]} refused: {refused}"
+                        rollouts[d["name"]] = {"version": key[1], "reason": error}
+                        log.warning("rollout refused", extra={"deployment": d["name"], "error": error})
+                        variants = []
+                        break
+                    self.cache[key] = model
                     variants.append(Variant(version=key[1], weight=int(v["weight"]), model=model))
                 shadow = None
                 spec = d.get("shadow")
@@ -156,6 +178,9 @@ class State:
                     errors[d["name"]] = error
             self.served = wanted  # the switch: one assignment
             self.errors = errors
+            self.rollouts = rollouts
+            if len(self.refused) > 1000:
+                self.refused.clear()
             used = {
                 (s.registered, v.version)
                 for s in wanted.values()
@@ -170,6 +195,41 @@ class State:
             self.ready = all(name in wanted for name in (d["name"] for d in desired)) and not any(
                 d["name"] in errors and d["name"] not in wanted for d in desired
             )
+
+    async def _rollout_check(self, model: LoadedModel, live: Served | None, allow_schema_change: bool) -> str | None:
+        """Why a loaded version may not take traffic, or None: the columns callers send now must be
+        enough for it (unless the caller allowed a schema change), and it must predict its example rows."""
+        if live is not None and not allow_schema_change:
+            taken: dict[str, str] = {}
+            for v in live.variants:
+                for column in v.model.columns:
+                    taken.setdefault(column.name, column.kind)
+            serving = ", ".join(v.version for v in live.variants)
+            needs = [c.name for c in model.columns if c.name not in taken]
+            if needs:
+                return (
+                    f"it needs column(s) {', '.join(needs)} that version(s) {serving} now serving do not take, so "
+                    'callers do not send them; deploy it with "allow_schema_change": true once they do.'
+                )
+            changed = [
+                f"{c.name} ({taken[c.name]} now, {c.kind} in it)"
+                for c in model.columns
+                if "any" not in (c.kind, taken[c.name]) and c.kind != taken[c.name]
+            ]
+            if changed:
+                return (
+                    f"column(s) {', '.join(changed)} change type from version(s) {serving} now serving; "
+                    'deploy it with "allow_schema_change": true once callers send the new types.'
+                )
+        if model.example:
+            try:
+                columns, rows, _ignored = parse_rows({"rows": model.example}, model, max_rows=len(model.example))
+                predictions, _ = await model.batcher.predict(columns, rows, False)
+            except Exception as exc:
+                return f"its smoke prediction on {len(model.example)} example rows failed: {type(exc).__name__}: {str(exc)[:300]}"
+            if len(predictions) != rows:
+                return f"its smoke prediction answered {len(predictions)} predictions for {rows} example rows"
+        return None
 
     def _load(self, registered: str, version: str) -> LoadedModel:
         import gc
@@ -190,10 +250,14 @@ class State:
                 "ready": name not in self.errors,
                 "error": self.errors.get(name),
             }
+            if name in self.rollouts:
+                out[name]["rollout_failed"] = self.rollouts[name]
             if name in self.shadows:
                 out[name]["shadow"] = self.shadows[name].report()
         for name, error in self.errors.items():
             out.setdefault(name, {"versions": [], "ready": False, "error": error})
+            if name in self.rollouts:
+                out[name]["rollout_failed"] = self.rollouts[name]
         return out
 
 

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, JsonValue, model_validator
 
@@ -35,6 +35,11 @@ class DeploymentTarget(StrictModel):
     )
     traffic: list[TrafficItem] | None = Field(
         default=None, min_length=2, description="A split between two or more versions; weights sum to 100."
+    )
+    allow_schema_change: bool = Field(
+        default=False,
+        description="Roll out a version that needs columns (or column types) the version now serving does not "
+        "take; without it such a rollout is refused and the old version keeps serving.",
     )
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"not": _TARGET_AND_TRAFFIC})
@@ -125,6 +130,11 @@ class DeploymentRead(ReadModel):
     error: str | None = Field(description="Why the desired versions could not be resolved, if they could not.")
     replicas: list[ReplicaView]
     ready: bool = Field(description="Every live replica serves the desired versions.")
+    state: Literal["ready", "rolling_out", "rollout_failed", "failed"] = Field(
+        description="ready; rolling_out (replicas still loading); rollout_failed (the last change was refused or "
+        "failed to load: the old version keeps serving, see rollout_error); failed (the target resolves to nothing)."
+    )
+    rollout_error: str | None = Field(default=None, description="Why the last rollout failed, while it stands.")
     endpoint: str
     created_at: datetime
     updated_at: datetime
@@ -135,6 +145,7 @@ class DeploymentEventRead(ReadModel):
     key_id: str | None
     action: str
     target: dict[str, Any] | None
+    detail: str | None = None
 
 
 class DesiredDeployment(ReadModel):
@@ -144,6 +155,7 @@ class DesiredDeployment(ReadModel):
     variants: list[Variant]
     shadow: dict[str, Any] | None = None
     error: str | None = None
+    allow_schema_change: bool = False
 
 
 class ShadowReport(ReadModel):

@@ -47,7 +47,39 @@ def target_of(body: DeploymentTarget, current: dict[str, Any] | None = None) -> 
             raise InvalidInput("target is empty; give an alias (staging, production) or a version number.")
         else:
             out = {"kind": "alias", "alias": target.lower()}
-    return out | ({"shadow": shadow} if shadow else {})
+    return (
+        out
+        | ({"shadow": shadow} if shadow else {})
+        | ({"allow_schema_change": True} if body.allow_schema_change else {})
+    )
+
+
+def schema_refusal(
+    registry: Registry, project: str, model: str, current: dict[str, Any], target: dict[str, Any]
+) -> str | None:
+    """Why ``target`` may not replace ``current``: a new version needs a column no version now
+    serving takes (callers do not send it). None when compatible, or the caller allowed the change."""
+    if target.get("allow_schema_change"):
+        return None
+    try:
+        live = resolve(registry, project, model, current)
+    except InvalidInput:
+        return None  # nothing resolvable is live: there is no schema to keep
+    serving = {v.version for v in live}
+    taken: set[str] = set()
+    for v in live:
+        taken |= set(registry.input_columns(project, model, v.version))
+    for v in resolve(registry, project, model, target):
+        if v.version in serving:
+            continue
+        needs = [c for c in registry.input_columns(project, model, v.version) if c not in taken]
+        if needs:
+            return (
+                f"Version {v.version} of {model!r} needs column(s) {', '.join(needs)} that version(s) "
+                f"{', '.join(sorted(serving))} now serving do not take, so callers do not send them; the old version "
+                'keeps serving. Send "allow_schema_change": true to roll it out anyway.'
+            )
+    return None
 
 
 def resolve_shadow(registry: Registry, project: str, model: str, target: dict[str, Any]) -> dict[str, Any] | None:
@@ -75,7 +107,9 @@ def resolve(registry: Registry, project: str, model: str, target: dict[str, Any]
         raise InvalidInput(f"{exc.detail} Train or register it first.") from None
 
 
-def _event(session: Session, dep: tables.Deployment, caller: Caller | None, action: str) -> None:
+def _event(
+    session: Session, dep: tables.Deployment, caller: Caller | None, action: str, detail: str | None = None
+) -> None:
     session.add(
         tables.DeploymentEvent(
             project_id=dep.project_id,
@@ -83,6 +117,7 @@ def _event(session: Session, dep: tables.Deployment, caller: Caller | None, acti
             key_id=caller.key_id if caller else None,
             action=action,
             target=dep.target,
+            detail=detail,
         )
     )
 
@@ -120,27 +155,66 @@ def list_deployments(session: Session, caller: Caller, project: str) -> list[tab
     return list(session.scalars(query.order_by(tables.Deployment.name)))
 
 
+class RolloutRefused(Conflict):
+    """The new target is incompatible with what serves now: nothing switched (the refusal is recorded)."""
+
+
 def update_deployment(
     session: Session, registry: Registry, caller: Caller, project: str, name: str, body: DeploymentTarget
-) -> tables.Deployment:
+) -> tuple[tables.Deployment, RolloutRefused | None]:
+    """Point the deployment at a new target; or, when that target is refused, record why (on the
+    deployment and in its history) and return the refusal for the caller to raise once committed."""
     dep = read_deployment(session, caller, project, name)
     target = target_of(body, dep.target)
     resolve(registry, project, dep.model_name, target)
     resolve_shadow(registry, project, dep.model_name, target)
+    why = schema_refusal(registry, project, dep.model_name, dep.target, target)
+    if why is not None:
+        versions = [v.version for v in resolve(registry, project, dep.model_name, target)]
+        dep.rollout_error, dep.rollout_version = why, ",".join(versions)[:32]
+        _event(session, dep, caller, "rollout_refused", why)
+        session.flush()
+        return dep, RolloutRefused(why)
     dep.previous_target, dep.target, dep.updated_at = dep.target, target, utcnow()
+    dep.rollout_error = dep.rollout_version = None
     session.flush()
     _event(session, dep, caller, "update")
-    return dep
+    return dep, None
 
 
-def rollback_deployment(session: Session, caller: Caller, project: str, name: str) -> tables.Deployment:
-    dep = read_deployment(session, caller, project, name)
+def rollback_deployment(session: Session, caller: Caller | None, project: str, name: str) -> tables.Deployment:
+    dep = read_deployment(session, caller, project, name) if caller else _by_name(session, name)
     if dep.previous_target is None:
         raise Conflict(f"Deployment {name!r} has no previous target to roll back to.")
-    dep.previous_target, dep.target, dep.updated_at = dep.target, dep.previous_target, utcnow()
-    session.flush()
-    _event(session, dep, caller, "rollback")
+    _roll_back(session, dep, caller)
     return dep
+
+
+def _by_name(session: Session, name: str) -> tables.Deployment:
+    dep = session.scalar(select(tables.Deployment).where(tables.Deployment.name == name))
+    if dep is None:
+        raise NotFound(f"Deployment {name!r} does not exist.")
+    return dep
+
+
+def _roll_back(session: Session, dep: tables.Deployment, caller: Caller | None, detail: str | None = None) -> None:
+    # Going back to what served before is a known state: its schema is allowed again.
+    previous = dict(dep.previous_target or {}) | {"allow_schema_change": True}
+    dep.previous_target, dep.target, dep.updated_at = dep.target, previous, utcnow()
+    if caller is not None:
+        dep.rollout_error = dep.rollout_version = None
+    session.flush()
+    _event(session, dep, caller, "rollback", detail)
+
+
+def clear_rollout_errors(session: Session, project_id: int, model_name: str) -> None:
+    """A promotion moves alias-targeted deployments to another version: their last refusal no longer stands."""
+    for dep in session.scalars(
+        select(tables.Deployment).where(
+            tables.Deployment.project_id == project_id, tables.Deployment.model_name == model_name
+        )
+    ):
+        dep.rollout_error = dep.rollout_version = None
 
 
 def delete_deployment(session: Session, caller: Caller, project: str, name: str) -> None:
@@ -181,6 +255,7 @@ def desired_state(session: Session, registry: Registry) -> list[DesiredDeploymen
                 variants=variants,
                 shadow=shadow,
                 error=error,
+                allow_schema_change=bool(dep.target.get("allow_schema_change")),
             )
         )
     return out
@@ -190,13 +265,54 @@ def served_versions(session: Session, registry: Registry) -> set[tuple[str, str]
     return {(d.registered_name, v.version) for d in desired_state(session, registry) for v in d.variants}
 
 
-def record_replica(session: Session, report: ReplicaReport) -> None:
+def record_replica(session: Session, report: ReplicaReport) -> list[str]:
+    """Keep what a replica serves; settle the rollouts it refused. Returns the deployments rolled
+    back automatically (the replicas should hear of it now)."""
     row = session.get(tables.InferenceReplica, report.replica)
     if row is None:
         row = tables.InferenceReplica(id=report.replica)
         session.add(row)
     row.url, row.status, row.updated_at = report.url, report.deployments, utcnow()
+    rolled_back = []
+    for name, status in report.deployments.items():
+        failed = status.get("rollout_failed") if isinstance(status, dict) else None
+        if isinstance(failed, dict) and _rollout_failed(session, name, str(failed.get("version", ""))[:32], failed):
+            rolled_back.append(name)
     session.flush()
+    return rolled_back
+
+
+def _rollout_failed(session: Session, name: str, version: str, failed: dict[str, Any]) -> bool:
+    """Record a replica's refusal once; a refused explicit version is rolled back (an alias stays:
+    the old version keeps serving until the alias moves). True when it rolled back."""
+    from miniml.services import audit
+
+    dep = session.scalar(select(tables.Deployment).where(tables.Deployment.name == name))
+    reason = str(failed.get("reason", ""))[:2000]
+    if dep is None or (dep.rollout_error == reason and dep.rollout_version == version):
+        return False
+    target = dep.target
+    wanted = (
+        [target.get("version")] if target.get("kind") == "version" else [s["version"] for s in target.get("split", [])]
+    )
+    if target.get("kind") != "alias" and version not in [str(w) for w in wanted]:
+        return False  # a report about a target that has changed since
+    dep.rollout_error, dep.rollout_version = reason, version
+    _event(session, dep, None, "rollout_failed", reason)
+    audit.create_event(
+        session,
+        key_id=None,
+        action="deployment.rollout_failed",
+        project=dep.project.name,
+        target=f"deployments/{dep.name}: version {version}: {reason}"[:500],
+        status=409,
+        request_id="replica",
+    )
+    refused = "refused:" in reason
+    if refused and target.get("kind") != "alias" and dep.previous_target is not None:
+        _roll_back(session, dep, None, f"automatic: version {version} was refused")
+        return True
+    return False
 
 
 def live_replicas(session: Session) -> list[tables.InferenceReplica]:
@@ -226,6 +342,7 @@ def to_read(session: Session, registry: Registry, dep: tables.Deployment, infere
         )
     want = sorted(v.version for v in desired)
     ready = bool(replicas) and all(r.ready and sorted(r.versions) == want for r in replicas)
+    state = "failed" if error else "rollout_failed" if dep.rollout_error else "ready" if ready else "rolling_out"
     return DeploymentRead(
         project=project,
         name=dep.name,
@@ -237,6 +354,8 @@ def to_read(session: Session, registry: Registry, dep: tables.Deployment, infere
         error=error,
         replicas=replicas,
         ready=ready,
+        state=state,
+        rollout_error=dep.rollout_error,
         endpoint=f"{inference_url}/v1/endpoints/{dep.name}/predict",
         created_at=dep.created_at,
         updated_at=dep.updated_at,

@@ -11,6 +11,7 @@ from miniml.domain.roles import Role
 from miniml.domain.tenancy import Caller
 from miniml.errors import Conflict, Forbidden
 from miniml.schemas.models import ModelComparison, ModelRead, ModelVersionRead
+from miniml.services.deployments import clear_rollout_errors
 from miniml.services.projects import read_project
 from miniml.tracking.registry import Registry, registered_name
 
@@ -108,6 +109,7 @@ def promote(
     if stage == "production" and not caller.role.allows(Role.admin):
         raise Forbidden("Only an admin may promote to production; an engineer may promote to staging.")
     registry.promote(project, model, version, stage)
+    clear_rollout_errors(session, read_project(session, caller, project).id, model)
     return read_version(session, registry, caller, project, model, version)
 
 

@@ -102,6 +102,12 @@ def verified_copy(tracking_uri: str, registered: str, version: str, key: bytes, 
 
 def load_verified(tracking_uri: str, registered: str, version: str, key: bytes) -> tuple[Any, Any]:
     """The scikit-learn model of a version and its MLflow signature, loaded only after ``verified_copy``."""
+    model, signature, _example = load_verified_with_example(tracking_uri, registered, version, key)
+    return model, signature
+
+
+def load_verified_with_example(tracking_uri: str, registered: str, version: str, key: bytes) -> tuple[Any, Any, Any]:
+    """``load_verified`` plus the rows logged with the version as its input example (a DataFrame, or None)."""
     import tempfile
 
     import mlflow
@@ -109,5 +115,9 @@ def load_verified(tracking_uri: str, registered: str, version: str, key: bytes) 
     with tempfile.TemporaryDirectory(prefix="miniml-load-") as tmp:
         folder = verified_copy(tracking_uri, registered, version, key, Path(tmp))
         model = mlflow.sklearn.load_model(str(folder))
-        signature = mlflow.models.Model.load(str(folder / "MLmodel")).signature
-    return model, signature
+        meta = mlflow.models.Model.load(str(folder / "MLmodel"))
+        try:
+            example = meta.load_input_example(str(folder))
+        except Exception:  # an example MLflow cannot read back is no example
+            example = None
+    return model, meta.signature, example

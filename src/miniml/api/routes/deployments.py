@@ -91,10 +91,14 @@ def update_deployment(
     registry: RegistryDep,
     caller: AdminDep,
 ) -> DeploymentRead:
-    """Point the deployment at a new target; replicas load it first, then switch (no downtime)."""
+    """Point the deployment at a new target; replicas load it, check it and predict example rows first,
+    then switch (no downtime). A version needing columns the live one does not take is refused (409)
+    unless `allow_schema_change` is true; a refusal leaves the old version serving."""
     with db.begin() as session:
-        dep = deployments.update_deployment(session, registry, caller, project, name, body)
+        dep, refused = deployments.update_deployment(session, registry, caller, project, name, body)
         read = _read(request, session, registry, dep)
+    if refused is not None:
+        raise refused  # recorded on the deployment and in its history; nothing switched
     push_after_commit(request)
     return read
 
@@ -165,8 +169,10 @@ def desired_state(db: DbDep, registry: RegistryDep, caller: InferenceDep) -> lis
 
 
 @inference_router.post("/replicas", status_code=204)
-def report_replica(body: ReplicaReport, db: DbDep, caller: InferenceDep) -> Response:
+def report_replica(body: ReplicaReport, request: Request, db: DbDep, caller: InferenceDep) -> Response:
     """(inference) What a replica serves now."""
     with db.begin() as session:
-        deployments.record_replica(session, body)
+        rolled_back = deployments.record_replica(session, body)
+    if rolled_back:
+        push_after_commit(request)
     return Response(status_code=204)

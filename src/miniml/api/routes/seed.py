@@ -98,13 +98,14 @@ def deploy_seed(
     body: SeedDeployRequest, request: Request, response: Response, db: DbDep, registry: RegistryDep, caller: AdminDep
 ) -> DeploymentRead:
     """Deploy a model by stage (seed route); the deployment takes the model's name, or moves if it exists."""
+    refused = None
     with db.begin() as session:
         project, model = _seed_model(session, caller, body.project, body.model_name)
         name = body.name or model.lower().replace(".", "-").replace("_", "-")
         target = str(body.version) if body.version else (body.stage or "staging")
         existing = [d for d in deployments.list_deployments(session, caller, project) if d.name == name]
         if existing:
-            dep = deployments.update_deployment(
+            dep, refused = deployments.update_deployment(
                 session, registry, caller, project, name, DeploymentUpdate(target=target)
             )
             response.status_code = 200
@@ -113,6 +114,8 @@ def deploy_seed(
                 session, registry, caller, project, DeploymentCreate(name=name, model_name=model, target=target)
             )
         read = deployments.to_read(session, registry, dep, request.app.state.settings.inference_url)
+    if refused is not None:
+        raise refused  # recorded on the deployment; nothing switched
     push_after_commit(request)
     return read
 

@@ -1,0 +1,29 @@
+"""why a deployment's last rollout failed, and the reason on history events
+
+Revision ID: 0008
+Revises: 0007
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0008"
+down_revision = "0007"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("deployment", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("rollout_error", sa.Text(), nullable=True))
+        batch_op.add_column(sa.Column("rollout_version", sa.String(32), nullable=True))
+    with op.batch_alter_table("deployment_event", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("detail", sa.Text(), nullable=True))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("deployment_event", schema=None) as batch_op:
+        batch_op.drop_column("detail")
+    with op.batch_alter_table("deployment", schema=None) as batch_op:
+        batch_op.drop_column("rollout_version")
+        batch_op.drop_column("rollout_error")
