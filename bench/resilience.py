@@ -144,7 +144,7 @@ def main() -> None:
             for name in ("worker", "mlflow"):
                 events.append(f"{name} killed, back in {kill_and_wait(data, name):.1f}s")
             time.sleep(max(0.0, args.seconds - (time.monotonic() - began)))
-        for label, load, seconds in (("undisturbed", calm, args.seconds), ("disturbed", rough, None)):
+        for label, load in (("undisturbed", calm), ("disturbed", rough)):
             total = load.ok + len(load.failed)
             rate = 10_000 * len(load.failed) / max(1, total)
             print(f"{label:12s} {total:7d} requests, {len(load.failed)} failed = {rate:.1f} per 10,000")

@@ -140,11 +140,15 @@ def test_every_child_comes_back_and_predictions_keep_flowing(tmp_path: Path) -> 
         assert httpx.get(f"{api}/healthz").status_code == 200
         # `miniml status` shows the same: every process running, the api restarted twice.
         env = os.environ | {"MINIML_DATA_DIR": str(data), "COLUMNS": "200"}
-        shown = subprocess.run([sys.executable, "-m", "miniml", "status"], env=env, capture_output=True, text=True)
+        shown = subprocess.run(
+            [sys.executable, "-m", "miniml", "status"], check=False, env=env, capture_output=True, text=True
+        )
         assert shown.returncode == 0, shown.stderr
         api_line = next(line for line in shown.stdout.splitlines() if line.split()[:1] == ["api"])
         assert "running" in api_line and "killed by SIGKILL" in api_line, shown.stdout
-        raw = subprocess.run([sys.executable, "-m", "miniml", "status", "--json"], env=env, capture_output=True)
+        raw = subprocess.run(
+            [sys.executable, "-m", "miniml", "status", "--json"], check=False, env=env, capture_output=True
+        )
         assert {c["name"]: c["restarts"] for c in json.loads(raw.stdout)["children"]}["inference"] == 2
     finally:
         if load is not None:
@@ -155,5 +159,7 @@ def test_every_child_comes_back_and_predictions_keep_flowing(tmp_path: Path) -> 
     assert "api exited (code 0); restarting" in rest  # SIGTERM: it drained and exited cleanly
     assert "worker exited (killed by SIGKILL)" in rest
     env = os.environ | {"MINIML_DATA_DIR": str(data)}
-    after = subprocess.run([sys.executable, "-m", "miniml", "status"], env=env, capture_output=True, text=True)
+    after = subprocess.run(
+        [sys.executable, "-m", "miniml", "status"], check=False, env=env, capture_output=True, text=True
+    )
     assert after.returncode == 1 and "stopped" in after.stdout
