@@ -16,6 +16,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -218,6 +219,8 @@ class Deployment(Base):
     # The last rollout a replica refused (None once a change is accepted): the version and why.
     rollout_error: Mapped[str | None] = mapped_column(Text)
     rollout_version: Mapped[str | None] = mapped_column(String(32))
+    # Set by the change that allowed new columns (or a rollback): the replicas let it switch.
+    allow_schema_change: Mapped[bool] = mapped_column(default=False, server_default=false())
     project: Mapped[Project] = relationship(lazy="joined")
 
 

@@ -55,29 +55,31 @@ def target_of(body: DeploymentTarget, current: dict[str, Any] | None = None) -> 
 
 
 def schema_refusal(
-    registry: Registry, project: str, model: str, current: dict[str, Any], target: dict[str, Any]
+    session: Session, registry: Registry, project: str, dep: tables.Deployment, target: dict[str, Any]
 ) -> str | None:
-    """Why ``target`` may not replace ``current``: a new version needs a column no version now
-    serving takes (callers do not send it). None when compatible, or the caller allowed the change."""
-    if target.get("allow_schema_change"):
-        return None
-    try:
-        live = resolve(registry, project, model, current)
-    except InvalidInput:
-        return None  # nothing resolvable is live: there is no schema to keep
-    serving = {v.version for v in live}
+    """Why ``target`` may not replace what the deployment serves now: a new version needs a column
+    no serving version takes (callers do not send it). None when compatible or nothing is known to serve."""
+    serving = {v for r in live_replicas(session) for v in (r.status.get(dep.name) or {}).get("versions", [])}
+    if not serving:
+        try:
+            serving = {v.version for v in resolve(registry, project, dep.model_name, dep.target)}
+        except InvalidInput:
+            return None  # nothing resolvable is live: there is no schema to keep
     taken: set[str] = set()
-    for v in live:
-        taken |= set(registry.input_columns(project, model, v.version))
-    for v in resolve(registry, project, model, target):
+    for version in serving:
+        columns = registry.input_columns(project, dep.model_name, str(version))
+        if not columns:
+            return None  # a serving version without a signature: its schema is unknown
+        taken |= set(columns)
+    for v in resolve(registry, project, dep.model_name, target):
         if v.version in serving:
             continue
-        needs = [c for c in registry.input_columns(project, model, v.version) if c not in taken]
+        needs = [c for c in registry.input_columns(project, dep.model_name, v.version) if c not in taken]
         if needs:
             return (
-                f"Version {v.version} of {model!r} needs column(s) {', '.join(needs)} that version(s) "
-                f"{', '.join(sorted(serving))} now serving do not take, so callers do not send them; the old version "
-                'keeps serving. Send "allow_schema_change": true to roll it out anyway.'
+                f"Version {v.version} of {dep.model_name!r} needs column(s) {', '.join(needs)} that version(s) "
+                f"{', '.join(sorted(map(str, serving)))} now serving do not take, so callers do not send them; the old "
+                'version keeps serving. Send "allow_schema_change": true to roll it out anyway.'
             )
     return None
 
@@ -168,7 +170,7 @@ def update_deployment(
     target = target_of(body, dep.target)
     resolve(registry, project, dep.model_name, target)
     resolve_shadow(registry, project, dep.model_name, target)
-    why = schema_refusal(registry, project, dep.model_name, dep.target, target)
+    why = None if body.allow_schema_change else schema_refusal(session, registry, project, dep, target)
     if why is not None:
         versions = [v.version for v in resolve(registry, project, dep.model_name, target)]
         dep.rollout_error, dep.rollout_version = why, ",".join(versions)[:32]
@@ -177,6 +179,7 @@ def update_deployment(
         return dep, RolloutRefused(why)
     dep.previous_target, dep.target, dep.updated_at = dep.target, target, utcnow()
     dep.rollout_error = dep.rollout_version = None
+    dep.allow_schema_change = body.allow_schema_change
     session.flush()
     _event(session, dep, caller, "update")
     return dep, None
@@ -198,9 +201,8 @@ def _by_name(session: Session, name: str) -> tables.Deployment:
 
 
 def _roll_back(session: Session, dep: tables.Deployment, caller: Caller | None, detail: str | None = None) -> None:
-    # Going back to what served before is a known state: its schema is allowed again.
-    previous = dict(dep.previous_target or {}) | {"allow_schema_change": True}
-    dep.previous_target, dep.target, dep.updated_at = dep.target, previous, utcnow()
+    dep.previous_target, dep.target, dep.updated_at = dep.target, dep.previous_target or dep.target, utcnow()
+    dep.allow_schema_change = True  # what served before is a known state: its schema is allowed again
     if caller is not None:
         dep.rollout_error = dep.rollout_version = None
     session.flush()
@@ -255,7 +257,7 @@ def desired_state(session: Session, registry: Registry) -> list[DesiredDeploymen
                 variants=variants,
                 shadow=shadow,
                 error=error,
-                allow_schema_change=bool(dep.target.get("allow_schema_change")),
+                allow_schema_change=dep.allow_schema_change,
             )
         )
     return out

@@ -17,6 +17,7 @@ def upgrade() -> None:
     with op.batch_alter_table("deployment", schema=None) as batch_op:
         batch_op.add_column(sa.Column("rollout_error", sa.Text(), nullable=True))
         batch_op.add_column(sa.Column("rollout_version", sa.String(32), nullable=True))
+        batch_op.add_column(sa.Column("allow_schema_change", sa.Boolean(), server_default=sa.false(), nullable=False))
     with op.batch_alter_table("deployment_event", schema=None) as batch_op:
         batch_op.add_column(sa.Column("detail", sa.Text(), nullable=True))
 
@@ -25,5 +26,6 @@ def downgrade() -> None:
     with op.batch_alter_table("deployment_event", schema=None) as batch_op:
         batch_op.drop_column("detail")
     with op.batch_alter_table("deployment", schema=None) as batch_op:
+        batch_op.drop_column("allow_schema_change")
         batch_op.drop_column("rollout_version")
         batch_op.drop_column("rollout_error")
