@@ -144,7 +144,7 @@ def test_every_child_comes_back_and_predictions_keep_flowing(tmp_path: Path) -> 
             [sys.executable, "-m", "miniml", "status"], check=False, env=env, capture_output=True, text=True
         )
         assert shown.returncode == 0, shown.stderr
-        api_line = next(line for line in shown.stdout.splitlines() if line.split()[:1] == ["api"])
+        api_line = next(line for line in shown.stdout.splitlines() if line.strip("│ ").startswith("api "))
         assert "running" in api_line and "killed by SIGKILL" in api_line, shown.stdout
         raw = subprocess.run(
             [sys.executable, "-m", "miniml", "status", "--json"], check=False, env=env, capture_output=True
