@@ -244,6 +244,9 @@ def worker() -> None:
     from miniml.monitoring.metrics import start_worker_metrics
 
     start_worker_metrics(settings)
+    # SIGTERM stops the worker as Ctrl-C does (Prefect's runner only listens for SIGINT); a flow
+    # run in flight is left to the heartbeat reaper or finishes in its own process.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     serve(settings)
 
 
