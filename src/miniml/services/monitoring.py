@@ -15,6 +15,7 @@ from datetime import UTC, timedelta
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from miniml.db import tables
@@ -280,9 +281,24 @@ def latest_drift(session: Session) -> list[tables.DriftReport]:
 # Feedback and quality ---------------------------------------------------------------------------
 
 
+_FEEDBACK_ATTEMPTS = 3
+
+
 def record_feedback(session: Session, records: list[FeedbackRecord]) -> int:
     """Store labels; a second label for the same prediction replaces the first."""
     deps = {d.name: d for d in session.scalars(select(tables.Deployment))}
+    # A label for the same prediction may be stored by another request at the same moment (a
+    # client's retry): the loser's savepoint is undone and the batch runs again, then updating.
+    for _attempt in range(_FEEDBACK_ATTEMPTS - 1):
+        try:
+            with session.begin_nested():
+                return _store_feedback(session, deps, records)
+        except IntegrityError:
+            session.expire_all()
+    return _store_feedback(session, deps, records)
+
+
+def _store_feedback(session: Session, deps: dict[str, tables.Deployment], records: list[FeedbackRecord]) -> int:
     stored = 0
     for rec in records:
         dep = deps.get(rec.deployment)
