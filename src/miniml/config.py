@@ -34,7 +34,10 @@ class DatabaseSettings(BaseModel):
     )
     pool_size: int = Field(default=5, ge=1, description="Connection pool size (PostgreSQL only).")
     connect_timeout_s: float = Field(
-        default=3.0, gt=0, description="Seconds to wait for a DB connection before answering 503."
+        default=3.0,
+        gt=0,
+        description="Seconds to wait for a DB connection, a pooled one, or a lock another writer holds "
+        "(SQLite's busy timeout, PostgreSQL's lock_timeout) before answering 503.",
     )
 
 

@@ -8,7 +8,7 @@
   x NotFound                  404  no such object, or it belongs to a project the key cannot see
   x Conflict                  409  name taken; invalid state change; object still in use
   x PayloadTooLarge           413  body over the route's limit
-  x UpstreamUnavailable       503  the DB, MLflow, S3 or Prefect did not answer; safe to retry
+  x UpstreamUnavailable       503  the DB (busy or down), MLflow, S3 or Prefect did not answer; safe to retry
   x InsufficientStorage       507  the disk the platform writes to is full
 
 The server maps a class to its status in one table (``api/errors.py``); the SDK maps a response

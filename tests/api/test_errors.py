@@ -16,6 +16,8 @@ from miniml.config import Settings
 from tests.conftest import assert_problem
 from tests.tcpproxy import TcpProxy
 
+IRIS = Path(__file__).resolve().parents[2] / "data" / "samples" / "iris.csv"
+
 
 def test_unknown_route_and_method_are_problems(client: TestClient) -> None:
     assert_problem(client.get("/api/v1/nothing-here"), 404, "no route")
@@ -160,6 +162,83 @@ def test_db_outage_is_503_with_retry_after_and_recovers(
     assert [p["name"] for p in response.json()] == ["before"]
     db_check = {c["name"]: c["ok"] for c in client.get("/readyz").json()["checks"]}
     assert db_check["database"] is True
+
+
+def test_a_locked_sqlite_db_is_503_within_the_timeout_and_recovers(tmp_path: Path) -> None:
+    """Another process holds the DB's write lock (a backup, a sqlite3 shell): writes answer 503 once
+    db.connect_timeout_s has passed, not after a hang; /readyz names the DB; reads go on; nothing
+    of the refused requests is kept, and all is well once the lock is let go."""
+    import sqlite3
+
+    import httpx
+
+    from tests.conftest import LiveApi, free_port
+
+    timeout_s = 1.0
+    settings = Settings(
+        data_dir=tmp_path / "d",
+        api={"port": free_port()},
+        mlflow={"port": free_port(), "auth": False},
+        prefect={"port": free_port()},
+        db={"connect_timeout_s": timeout_s},
+    )
+    with LiveApi(settings) as api:
+        projects = f"{api.url}/api/v1/projects"
+        assert httpx.post(projects, json={"name": "before"}, headers=api.headers).status_code == 201
+        holder = sqlite3.connect(settings.db_url.split("///", 1)[1], isolation_level=None)
+        holder.execute("BEGIN EXCLUSIVE")
+        try:
+            started = time.monotonic()
+            refused = httpx.post(projects, json={"name": "during"}, headers=api.headers, timeout=60)
+            took = time.monotonic() - started
+            assert_problem(refused, 503, "metadata database is busy", "retry")
+            assert refused.headers["retry-after"]
+            assert timeout_s * 0.9 < took < timeout_s + 1.5, took
+            upload = httpx.post(
+                f"{projects}/before/datasets",
+                files={"file": ("iris.csv", IRIS.read_bytes())},
+                headers=api.headers,
+                timeout=60,
+            )
+            assert_problem(upload, 503, "metadata database is busy")
+            ready = httpx.get(f"{api.url}/readyz", timeout=60)
+            assert ready.status_code == 503 and ready.headers["retry-after"]
+            database = {c["name"]: c for c in ready.json()["checks"]}["database"]
+            assert database["ok"] is False and "busy" in database["error"], database
+            listed = httpx.get(projects, headers=api.headers, timeout=60)  # readers pass a held write lock
+            assert [p["name"] for p in listed.json()] == ["before"]
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        assert api.app.state.store.list_keys("projects/") == []  # the upload's object went with it
+        assert httpx.get(f"{projects}/before/datasets", headers=api.headers).json() == []
+        assert httpx.post(projects, json={"name": "during"}, headers=api.headers).status_code == 201
+        ready = httpx.get(f"{api.url}/readyz", timeout=60)
+        assert {c["name"]: c["ok"] for c in ready.json()["checks"]}["database"] is True
+        assert [p["name"] for p in httpx.get(projects, headers=api.headers).json()] == ["before", "during"]
+
+
+@pytest.mark.postgres
+def test_a_locked_postgres_table_is_503_within_the_timeout_and_recovers(pg_url: str, tmp_path: Path) -> None:
+    """A lock another session holds past db.connect_timeout_s (PostgreSQL's lock_timeout) is a 503
+    that says the DB is busy; nothing is kept, and the same request succeeds once it is let go."""
+    import psycopg
+
+    timeout_s = 1.0
+    settings = Settings(data_dir=tmp_path / "d", db={"url": pg_url, "connect_timeout_s": timeout_s})
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        admin = {"X-API-Key": (settings.data_dir / "admin.key").read_text().strip()}
+        with psycopg.connect(pg_url.replace("postgresql+psycopg://", "postgresql://")) as holder:
+            holder.execute("LOCK TABLE project IN ACCESS EXCLUSIVE MODE")
+            started = time.monotonic()
+            refused = client.post("/api/v1/projects", json={"name": "during"}, headers=admin)
+            took = time.monotonic() - started
+            assert_problem(refused, 503, "metadata database is busy", "retry")
+            assert refused.headers["retry-after"]
+            assert timeout_s * 0.9 < took < timeout_s + 1.5, took
+            holder.rollback()
+        assert client.get("/api/v1/projects", headers=admin).json() == []
+        assert client.post("/api/v1/projects", json={"name": "during"}, headers=admin).status_code == 201
 
 
 HUGE = str(10**30)

@@ -86,26 +86,3 @@ def test_key_with_two_projects_sees_both(
         make_project(name)
     key = make_key("viewer", "alpha", "gamma")
     assert [p["name"] for p in client.get("/api/v1/projects", headers=key).json()] == ["alpha", "gamma"]
-
-
-def test_parallel_creates_of_one_name_make_one_and_answer_409(tmp_path: Path, db_url: str) -> None:
-    """Projects, deployments and keys race on unique names: one wins, the rest get a 409, never a 500."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    import httpx
-
-    from miniml.config import Settings
-    from tests.conftest import LiveApi, free_port
-
-    settings = Settings(data_dir=tmp_path / "data", api={"port": free_port()}, db={"url": db_url})
-    with LiveApi(settings) as api:
-
-        def create(_: int) -> int:
-            url = f"{api.url}/api/v1/projects"
-            return httpx.post(url, json={"name": "race"}, headers=api.headers, timeout=30).status_code
-
-        with ThreadPoolExecutor(12) as pool:
-            codes = sorted(pool.map(create, range(12)))
-        assert codes == [201] + [409] * 11, codes
-        listed = httpx.get(f"{api.url}/api/v1/projects", headers=api.headers).json()
-        assert [p["name"] for p in listed] == ["race"]

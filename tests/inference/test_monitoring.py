@@ -346,3 +346,60 @@ def test_the_api_loop_runs_drift_and_retraining_schedules(stack: Stack) -> None:
     assert any(
         "retraining of deployment sched (schedule)" in line.message for line in client.jobs.logs(project, job.id)
     )
+
+
+def test_the_schedules_ask_mlflow_while_no_db_lock_is_held(
+    tmp_path: Path, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On SQLite a write holds the whole DB: the schedules ask MLflow about each due deployment's
+    champion before the short transaction that records its check, never inside one."""
+    import sqlite3
+    import time
+
+    from sqlalchemy import select
+
+    from miniml.db import tables
+    from miniml.errors import UpstreamUnavailable
+
+    project = f"l{uuid.uuid4().hex[:8]}"
+    settings = Settings(
+        data_dir=tmp_path / "d",
+        api={"port": free_port()},
+        prefect={"port": free_port()},
+        mlflow={"tracking_uri": mlflow_uri},
+        jobs={"loop_interval_s": 3600},  # the api's own loop stays out of the way: this test runs the tick
+    )
+    with LiveApi(settings) as api:
+        client = Client(api.url, api_key=api.key)
+        client.projects.create(project)
+        client.datasets.upload(project, IRIS)
+        job = client.jobs.create(project, dataset="iris", target="target", max_trials=1)
+        register(Tracker(mlflow_uri), project, "iris", LogisticRegression(max_iter=500), job=job.id, settings=settings)
+        names = ["lock-a", "lock-b", "lock-c"]
+        for name in names:
+            client.deployments.create(project, name, "iris", target=1)
+            client.deployments.set_monitoring(project, name, drift_interval_s=1)
+        time.sleep(1.2)  # all three due
+
+        registry = api.app.state.registry
+        real_run = registry.run
+        lock_free: list[bool] = []
+
+        def run(run_id: str | None) -> Any:
+            probe = sqlite3.connect(settings.db_url.split("///", 1)[1], timeout=0)
+            try:
+                probe.execute("BEGIN IMMEDIATE")
+                lock_free.append(True)
+            except sqlite3.OperationalError:
+                lock_free.append(False)
+            finally:
+                probe.close()
+            return real_run(run_id)
+
+        monkeypatch.setattr(registry, "run", run)
+        with pytest.raises(UpstreamUnavailable, match="Prefect did not take"):  # none runs here: checks stay queued
+            api.app.state.orchestrator.supervise_monitoring(registry)
+        assert lock_free == [True] * len(names)
+        with api.app.state.db.begin() as session:
+            reports = list(session.scalars(select(tables.DriftReport)))
+        assert sorted((r.deployment, r.trigger, r.state) for r in reports) == [(n, "schedule", "queued") for n in names]

@@ -16,6 +16,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from miniml.db.engine import is_busy
 from miniml.errors import Conflict, InsufficientStorage, MiniMLError, Unauthorized, UpstreamUnavailable
 
 log = logging.getLogger("miniml.api")
@@ -107,7 +108,14 @@ def install(app: FastAPI) -> None:
 
     async def on_db_down(request: Request, exc: Exception) -> Response:
         log.warning("metadata DB unavailable: %s %s", type(exc).__name__, str(exc)[:300])
-        err = UpstreamUnavailable("The metadata database is not answering; retry in a few seconds.")
+        # Every wait on the DB ends within db.connect_timeout_s (db/engine.py): the client hears promptly.
+        if is_busy(exc):
+            err = UpstreamUnavailable(
+                "The metadata database is busy: other writes held it for longer than the api waits "
+                "(db.connect_timeout_s); retry in a few seconds."
+            )
+        else:
+            err = UpstreamUnavailable("The metadata database is not answering; retry in a few seconds.")
         return from_error(err, request_id_of(request))
 
     app.add_exception_handler(MiniMLError, on_miniml)

@@ -6,8 +6,9 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Engine, create_engine, event, text
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
 if TYPE_CHECKING:
@@ -19,26 +20,53 @@ _REVISION_RE = re.compile(r'^(down_revision|revision)\s*=\s*(?:"([^"]*)"|None)',
 
 
 def make_engine(url: str, *, connect_timeout_s: float = 3.0, pool_size: int = 5) -> Engine:
+    """An engine whose every wait for the DB ends within ``connect_timeout_s``: a connection, a free
+    slot in the pool, or a lock another writer holds (SQLite's busy timeout, PostgreSQL's
+    lock_timeout). Past that the caller gets an OperationalError or a pool TimeoutError, which the
+    api answers as a 503 (``api/errors.py``) instead of keeping the client waiting."""
     if url.startswith("sqlite"):
-        path = url.split("///", 1)[-1]
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
-        event.listen(engine, "connect", _sqlite_pragmas)
-        return engine
-    connect_args: dict[str, Any] = {"connect_timeout": max(1, int(connect_timeout_s))}
+        return _sqlite_engine(url, connect_timeout_s)
+    connect_args: dict[str, Any] = {
+        "connect_timeout": max(1, int(connect_timeout_s)),
+        "options": f"-c lock_timeout={max(1, int(connect_timeout_s * 1000))}",
+    }
     return create_engine(
         url, pool_size=pool_size, pool_pre_ping=True, connect_args=connect_args, pool_timeout=connect_timeout_s
     )
 
 
+def _sqlite_engine(url: str, busy_timeout_s: float) -> Engine:
+    path = url.split("///", 1)[1] if "///" in url else ""
+    on_disk = bool(path) and path != ":memory:"
+    if on_disk:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    # pysqlite opens a transaction only before the first INSERT, UPDATE or DELETE; IMMEDIATE makes
+    # that BEGIN take the write lock, so writers queue on the busy timeout (``timeout``) for it.
+    connect_args = {"timeout": busy_timeout_s, "check_same_thread": False, "isolation_level": "IMMEDIATE"}
+    # Connections to a file cost nothing to speak of, and writers queue on the lock: a pool limit
+    # would only add its own wait on top of the busy timeout.
+    pool_args: dict[str, Any] = {"max_overflow": -1} if on_disk else {}
+    engine = create_engine(url, connect_args=connect_args, **pool_args)
+    event.listen(engine, "connect", _sqlite_pragmas)
+    event.listen(engine, "savepoint", _sqlite_lock_before_savepoint)
+    return engine
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-    # WAL lets readers run beside the one writer; the busy timeout makes writers queue, not fail.
+    # WAL lets readers run beside the one writer.
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA busy_timeout=30000")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
+
+
+def _sqlite_lock_before_savepoint(conn: Connection, _name: str) -> None:
+    # A SAVEPOINT outside a transaction opens a deferred one: its reads take a snapshot, and its
+    # first write then fails at once ("database is locked", no busy wait) if another writer has
+    # committed since. Take the write lock first, so this writer queues like the others.
+    raw: Any = conn.connection.dbapi_connection
+    if raw is not None and not raw.in_transaction:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")  # through SQLAlchemy: a failure is its OperationalError
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
@@ -100,5 +128,31 @@ def downgrade(engine: Engine, revision: str) -> None:
 
 
 def ping(engine: Engine) -> None:
+    """Return when the DB could take a write now; raise as a request would (after the same waits).
+
+    On SQLite this takes and drops the write lock: under WAL a plain read passes even while another
+    connection holds the lock, and every write would wait for it and fail."""
     with engine.connect() as conn:
-        conn.execute(text("SELECT 1"))
+        if engine.dialect.name == "sqlite":
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            conn.exec_driver_sql("ROLLBACK")
+        else:
+            conn.execute(text("SELECT 1"))
+
+
+# SQLite's SQLITE_BUSY and SQLITE_LOCKED; PostgreSQL's lock_not_available and deadlock_detected.
+_SQLITE_BUSY_CODES = {5, 6}
+_PG_BUSY_STATES = {"55P03", "40P01"}
+
+
+def is_busy(exc: BaseException) -> bool:
+    """Whether a DB error means "held by other work, retry soon" rather than "not answering"."""
+    if isinstance(exc, PoolTimeout):  # every pooled connection is in use
+        return True
+    if not isinstance(exc, OperationalError):
+        return False
+    orig = exc.orig
+    code = getattr(orig, "sqlite_errorcode", None)
+    if isinstance(code, int) and code & 0xFF in _SQLITE_BUSY_CODES:
+        return True
+    return getattr(orig, "sqlstate", None) in _PG_BUSY_STATES

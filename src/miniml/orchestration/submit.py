@@ -99,18 +99,39 @@ class Orchestrator:
         return done
 
     def supervise_monitoring(self, registry: Registry) -> None:
-        """Start due drift checks and scheduled retrainings, move retrainings on, submit their flows."""
+        """Start due drift checks and scheduled retrainings, move retrainings on, submit their flows.
+
+        MLflow and Prefect are asked outside any transaction, and each check or retraining is
+        recorded in its own short one: on SQLite a write holds the whole DB, and every other
+        writer waits at most db.connect_timeout_s for it."""
         with self.db.begin() as session:
-            for dep in monitoring.due_drift_checks(session):
-                report = monitoring.create_drift_check(session, registry, dep, trigger="schedule")
-                log.info("drift check queued", extra={"deployment": dep.name, "report": report.id})
-            for dep in monitoring.due_retrainings(session):
-                try:
-                    with session.begin_nested():
-                        monitoring.create_retraining(session, registry, dep, trigger="schedule")
-                except MiniMLError as exc:
-                    log.warning("scheduled retraining not started", extra={"deployment": dep.name, "error": exc.detail})
+            due = [
+                (kind, d.id, d.name, d.project.name, d.model_name, dict(d.target))
+                for kind, deps in (
+                    ("drift", monitoring.due_drift_checks(session)),
+                    ("retrain", monitoring.due_retrainings(session)),
+                )
+                for d in deps
+            ]
+        for kind, dep_id, name, project, model_name, served in due:
+            asked = monitoring.ask_champion(registry, project, model_name, served)
+            try:
+                with self.db.begin() as session:
+                    dep = session.get(tables.Deployment, dep_id)
+                    if dep is None or dep.target != served:  # deleted or moved meanwhile: the next tick looks again
+                        continue
+                    if kind == "drift":
+                        report = monitoring.create_drift_check(session, registry, dep, trigger="schedule", asked=asked)
+                        log.info("drift check queued", extra={"deployment": name, "report": report.id})
+                    else:
+                        monitoring.create_retraining(session, registry, dep, trigger="schedule", asked=asked)
+            except MiniMLError as exc:
+                log.warning(
+                    "scheduled check not started", extra={"deployment": name, "kind": kind, "error": exc.detail}
+                )
+        with self.db.begin() as session:
             monitoring.advance_retrainings(session)
+        with self.db.begin() as session:
             # Each: its table, the Prefect deployment, the flow run's name prefix and id parameter.
             kinds: list[tuple[Table, str, str, str, list[Any]]] = [
                 (tables.DriftReport, DRIFT_DEPLOYMENT, "drift", "report_id", monitoring.unsubmitted_drift(session)),

@@ -7,6 +7,7 @@ from typing import Any
 
 import httpx
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from miniml.db import tables
@@ -129,8 +130,9 @@ def create_deployment(
 ) -> tables.Deployment:
     proj = read_project(session, caller, project)
     name = check_slug(body.name, what="Deployment")
+    taken = Conflict(f"A deployment named {name!r} already exists; endpoint names are unique, pick another.")
     if session.scalar(select(tables.Deployment.id).where(tables.Deployment.name == name)) is not None:
-        raise Conflict(f"A deployment named {name!r} already exists; endpoint names are unique, pick another.")
+        raise taken
     target = target_of(body)
     resolve(registry, project, body.model_name, target)
     resolve_shadow(registry, project, body.model_name, target)
@@ -138,7 +140,10 @@ def create_deployment(
         project_id=proj.id, name=name, model_name=body.model_name, target=target, created_by=caller.key_id
     )
     session.add(dep)
-    session.flush()
+    try:
+        session.flush()
+    except IntegrityError:  # created by another request since the check: the unique index decides
+        raise taken from None
     _event(session, dep, caller, "create")
     return dep
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from dataclasses import dataclass
 from datetime import UTC, timedelta
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from miniml.db import tables
@@ -85,28 +87,51 @@ def update_monitoring(
 # Lineage: which job (and dataset version) made what a deployment serves ---------------------
 
 
-def champion(session: Session, registry: Registry, dep: tables.Deployment) -> tuple[str, tables.Job]:
-    """The version the deployment serves (the heaviest variant) and the job that trained it."""
-    project = dep.project.name
-    variants = resolve(registry, project, dep.model_name, dep.target)
-    version = max(variants, key=lambda v: v.weight).version
-    mv = registry.version(project, dep.model_name, version)
-    run = registry.run(mv.run_id)
+@dataclass(frozen=True)
+class Champion:
+    """What MLflow said a deployment serves, or why it could not say. Asked before the transaction
+    that records a check or retraining, so that no DB lock waits on MLflow."""
+
+    version: str = ""
+    job_id: int | None = None  # the miniml job that trained it, from its run's tag
+    error: MiniMLError | None = None
+
+
+def ask_champion(registry: Registry, project: str, model_name: str, target: dict[str, Any]) -> Champion:
+    """The version a target serves (the heaviest variant) and its run's job id; MLflow only, no DB."""
+    try:
+        variants = resolve(registry, project, model_name, target)
+        version = max(variants, key=lambda v: v.weight).version
+        mv = registry.version(project, model_name, version)
+        run = registry.run(mv.run_id)
+    except MiniMLError as exc:
+        return Champion(error=exc)
     job_id = (dict(run.data.tags) if run is not None else {}).get("miniml.job_id", "")
-    job = session.get(tables.Job, int(job_id)) if job_id.isdigit() else None
+    return Champion(version=version, job_id=int(job_id) if job_id.isdigit() else None)
+
+
+def champion(
+    session: Session, registry: Registry, dep: tables.Deployment, asked: Champion | None = None
+) -> tuple[str, tables.Job]:
+    """The version the deployment serves (the heaviest variant) and the job that trained it."""
+    if asked is None:
+        asked = ask_champion(registry, dep.project.name, dep.model_name, dep.target)
+    if asked.error is not None:
+        raise asked.error
+    job = session.get(tables.Job, asked.job_id) if asked.job_id is not None else None
     if job is None or job.project_id != dep.project_id:
         raise InvalidInput(
-            f"Version {version} of {dep.model_name!r} was not trained by a miniml job, so its training data "
+            f"Version {asked.version} of {dep.model_name!r} was not trained by a miniml job, so its training data "
             "is unknown; drift and retraining need a version trained here."
         )
-    return version, job
+    return asked.version, job
 
 
 # Drift ----------------------------------------------------------------------------------------
 
 
 def create_drift_check(
-    session: Session, registry: Registry, dep: tables.Deployment, *, trigger: str
+    session: Session, registry: Registry, dep: tables.Deployment, *, trigger: str, asked: Champion | None = None
 ) -> tables.DriftReport:
     busy = session.scalar(
         select(tables.DriftReport).where(
@@ -121,7 +146,7 @@ def create_drift_check(
         project_id=dep.project_id, deployment=dep.name, trigger=trigger, window_s=dep.drift_window_s
     )
     try:
-        version, job = champion(session, registry, dep)
+        version, job = champion(session, registry, dep, asked)
         dv = job.dataset_version
         report.model_version = version
         report.reference = {"dataset": dv.dataset.name, "version": dv.version, "job_id": job.id}
@@ -173,22 +198,27 @@ def record_drift(
     report = _report(session, caller, project, name, report_id)
     if report.state not in ACTIVE_DRIFT:
         raise Conflict(f"Drift report {report_id} is already {report.state}.")
+    dep = read_deployment(session, caller, project, name)
+    policy = policy_of(dep)
+    over = (
+        body.state == "done"
+        and policy is not None
+        and policy.drift_threshold is not None
+        and (body.max_psi or 0.0) > policy.drift_threshold
+    )
+    # MLflow is asked before the first write: the write lock is not held while it answers.
+    asked = ask_champion(registry, project, dep.model_name, dep.target) if over else None
     report.state, report.rows, report.features = body.state, body.rows, body.features
     report.prediction_psi, report.max_psi, report.drifted = body.prediction_psi, body.max_psi, body.drifted
     report.model_version = body.model_version or report.model_version
     report.error, report.finished_at = body.error, utcnow()
     session.flush()
-    dep = read_deployment(session, caller, project, name)
-    policy = policy_of(dep)
     retraining = None
-    if (
-        body.state == "done"
-        and policy is not None
-        and policy.drift_threshold is not None
-        and (body.max_psi or 0.0) > policy.drift_threshold
-    ):
+    if over:
         try:
-            retraining = create_retraining(session, registry, dep, trigger="drift", drift_report_id=report.id)
+            retraining = create_retraining(
+                session, registry, dep, trigger="drift", drift_report_id=report.id, asked=asked
+            )
         except MiniMLError as exc:
             report.error = f"drift over the threshold, but no retraining started: {exc.detail}"
     return report, retraining
@@ -251,9 +281,24 @@ def latest_drift(session: Session) -> list[tables.DriftReport]:
 # Feedback and quality ---------------------------------------------------------------------------
 
 
+_FEEDBACK_ATTEMPTS = 3
+
+
 def record_feedback(session: Session, records: list[FeedbackRecord]) -> int:
     """Store labels; a second label for the same prediction replaces the first."""
     deps = {d.name: d for d in session.scalars(select(tables.Deployment))}
+    # A label for the same prediction may be stored by another request at the same moment (a
+    # client's retry): the loser's savepoint is undone and the batch runs again, then updating.
+    for _attempt in range(_FEEDBACK_ATTEMPTS - 1):
+        try:
+            with session.begin_nested():
+                return _store_feedback(session, deps, records)
+        except IntegrityError:
+            session.expire_all()
+    return _store_feedback(session, deps, records)
+
+
+def _store_feedback(session: Session, deps: dict[str, tables.Deployment], records: list[FeedbackRecord]) -> int:
     stored = 0
     for rec in records:
         dep = deps.get(rec.deployment)
@@ -348,6 +393,7 @@ def create_retraining(
     trigger: str,
     drift_report_id: int | None = None,
     caller: Caller | None = None,
+    asked: Champion | None = None,
 ) -> tables.Retraining:
     """Queue a training job like the one that made the champion, on the policy's dataset version."""
     busy = session.scalar(
@@ -360,7 +406,7 @@ def create_retraining(
     if dep.target.get("kind") == "split":
         raise InvalidInput(f"Deployment {dep.name!r} splits traffic; retraining needs one champion (alias or version).")
     policy = policy_of(dep) or RetrainPolicy()
-    version, old = champion(session, registry, dep)
+    version, old = champion(session, registry, dep, asked)
     dataset = old.dataset_version.dataset
     query = select(tables.DatasetVersion).where(tables.DatasetVersion.dataset_id == dataset.id)
     if policy.dataset == "latest":
@@ -484,13 +530,15 @@ def decide(
     if row.state != "evaluating":
         raise Conflict(f"Retraining {rid} is already {row.state}.")
     dep = read_deployment(session, caller, project, name)
+    # Read before the first change: that query's autoflush would start the write (and take SQLite's
+    # lock) before MLflow moves the alias below.
+    job = session.get(tables.Job, row.job_id) if row.job_id else None
     row.finished_at = utcnow()
     if body.error or body.champion_score is None or body.challenger_score is None:
         row.state, row.reason = "failed", f"evaluation failed: {body.error or 'no scores'}"
         _audit(session, None, dep, f"{row.id} failed: {row.reason}", 500)
         return row, False
     row.champion_score, row.challenger_score = body.champion_score, body.challenger_score
-    job = session.get(tables.Job, row.job_id) if row.job_id else None
     maximise = bool(job.spec.get("maximise", True)) if job is not None else True
     margin = float(row.policy.get("min_improvement", 0.0))
     gain = body.challenger_score - body.champion_score

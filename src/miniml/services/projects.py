@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from miniml.db import tables
@@ -12,11 +13,15 @@ from miniml.schemas.projects import ProjectCreate
 
 def create_project(session: Session, caller: Caller, body: ProjectCreate) -> tables.Project:
     name = check_slug(body.name, what="Project")
+    taken = Conflict(f"Project {name!r} already exists; pick another name.")
     if session.scalar(select(tables.Project.id).where(tables.Project.name == name)) is not None:
-        raise Conflict(f"Project {name!r} already exists; pick another name.")
+        raise taken
     project = tables.Project(name=name, description=body.description, created_by=caller.key_id)
     session.add(project)
-    session.flush()
+    try:
+        session.flush()
+    except IntegrityError:  # created by another request since the check: the unique index decides
+        raise taken from None
     return project
 
 

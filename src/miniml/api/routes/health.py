@@ -9,7 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import JSONResponse, Response
 
 from miniml.api.errors import check_metrics_token
-from miniml.db.engine import ping
+from miniml.db.engine import is_busy, ping
 
 router = APIRouter(tags=["health"])
 
@@ -24,6 +24,8 @@ def _check_db(request: Request) -> dict[str, Any]:
     try:
         ping(request.app.state.engine)
     except Exception as exc:
+        if is_busy(exc):
+            return {"name": "database", "ok": False, "error": "busy: another connection holds it; writes fail now"}
         return {"name": "database", "ok": False, "error": f"not reachable ({type(exc).__name__})"}
     return {"name": "database", "ok": True}
 
