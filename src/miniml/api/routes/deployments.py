@@ -4,7 +4,7 @@ import threading
 
 import anyio
 from fastapi import APIRouter, Request, Response
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from miniml.api.deps import AdminDep, DbDep, EngineerDep, InferenceDep, RegistryDep, StoreDep, ViewerDep
 from miniml.api.routes.jobs import submit_after_commit
@@ -51,16 +51,24 @@ def _read(request: Request, session: Session, registry: Registry, dep: tables.De
     return deployments.to_read(session, registry, dep, request.app.state.settings.inference_url)
 
 
+def _read_after_commit(
+    request: Request, db: sessionmaker[Session], registry: Registry, caller: Caller, project: str, name: str
+) -> DeploymentRead:
+    """The answer of a change, read once it is committed: resolving asks MLflow, which must not
+    happen while the change holds the DB's write lock."""
+    with db.begin() as session:
+        return _read(request, session, registry, deployments.read_deployment(session, caller, project, name))
+
+
 @router.post("", status_code=201)
 def create_deployment(
     project: str, body: DeploymentCreate, request: Request, db: DbDep, registry: RegistryDep, caller: AdminDep
 ) -> DeploymentRead:
     """Serve a model by alias, version, or a traffic split between versions."""
     with db.begin() as session:
-        dep = deployments.create_deployment(session, registry, caller, project, body)
-        read = _read(request, session, registry, dep)
+        deployments.create_deployment(session, registry, caller, project, body)
     push_after_commit(request)
-    return read
+    return _read_after_commit(request, db, registry, caller, project, body.name)
 
 
 @router.get("")
@@ -95,12 +103,11 @@ def update_deployment(
     then switch (no downtime). A version needing columns the live one does not take is refused (409)
     unless `allow_schema_change` is true; a refusal leaves the old version serving."""
     with db.begin() as session:
-        dep, refused = deployments.update_deployment(session, registry, caller, project, name, body)
-        read = _read(request, session, registry, dep)
+        _dep, refused = deployments.update_deployment(session, registry, caller, project, name, body)
     if refused is not None:
         raise refused  # recorded on the deployment and in its history; nothing switched
     push_after_commit(request)
-    return read
+    return _read_after_commit(request, db, registry, caller, project, name)
 
 
 @router.post("/{name}/rollback")
@@ -109,10 +116,9 @@ def rollback_deployment(
 ) -> DeploymentRead:
     """Go back to the previous target."""
     with db.begin() as session:
-        dep = deployments.rollback_deployment(session, caller, project, name)
-        read = _read(request, session, registry, dep)
+        deployments.rollback_deployment(session, caller, project, name)
     push_after_commit(request)
-    return read
+    return _read_after_commit(request, db, registry, caller, project, name)
 
 
 @router.delete("/{name}", status_code=204)
