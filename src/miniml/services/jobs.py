@@ -285,7 +285,7 @@ def cancel_job(session: Session, job: tables.Job) -> tables.Job:
     if state is JobState.queued:
         _move(session, job, JobState.cancelled, "cancelled before it started")
     else:
-        log(session, job.id, "cancel requested; stopping at the next trial boundary")
+        log(session, job.id, "cancel requested; the worker stops the job's trials at its next heartbeat")
     session.flush()
     return job
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from miniml.domain.limits import MAX_ID
 from miniml.errors import InvalidInput, NotFound, UpstreamUnavailable
+from miniml.tracking import open_trial_runs_filter
 
 if TYPE_CHECKING:
     from mlflow.exceptions import MlflowException
@@ -156,7 +157,7 @@ class Registry:
             "the job's trial runs",
             self.client.search_runs,
             [parent.info.experiment_id],
-            f"tags.mlflow.parentRunId = '{run_id}' and attributes.status = 'RUNNING'",
+            open_trial_runs_filter(run_id),
             max_results=10_000,
         )
         ended = 0

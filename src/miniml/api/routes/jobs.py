@@ -98,7 +98,7 @@ def read_job_logs(
 
 @router.post("/{job_id}/cancel")
 def cancel_job(project: str, job_id: IdPath, request: Request, db: DbDep, caller: EngineerDep) -> JobRead:
-    """Cancel: a queued job ends now, a running one at its next trial boundary."""
+    """Cancel: a queued job ends now, a running one's trials are stopped at its worker's next heartbeat."""
     with db.begin() as session:
         return _read(request, session, jobs.cancel_job(session, jobs.read_job(session, caller, project, job_id)))
 
