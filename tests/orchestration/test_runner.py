@@ -286,3 +286,73 @@ def test_a_job_ended_elsewhere_stops_its_trials(
     assert {(t.state.name, t.user_attrs.get("error")) for t in study.trials} == {
         ("FAIL", "stopped: the job ended elsewhere")
     }
+
+
+def _left_running(api: LiveApi, client: Client, mlflow_uri: str) -> tuple[int, str, str]:
+    """A job its worker started and opened a parent and a trial run for, then went silent."""
+    from miniml.tracking.runs import Tracker
+
+    job = client.jobs.create("demo", dataset="iris", target="target", max_trials=1)
+    worker = api.worker_client()
+    worker.job_reports.start("demo", job.id, "doomed")
+    parent = Tracker(mlflow_uri).start_job_run("demo", job.id, {})
+    worker.job_reports.set_run("demo", job.id, parent)
+    mc = MlflowClient(mlflow_uri)
+    child = mc.create_run(mc.get_run(parent).info.experiment_id, tags={"mlflow.parentRunId": parent}).info.run_id
+    return job.id, parent, child
+
+
+def _wait_for_statuses(mlflow_uri: str, expected: dict[str, str], timeout: float = 30) -> None:
+    mc = MlflowClient(mlflow_uri)
+    deadline = time.monotonic() + timeout
+    while (found := {r: mc.get_run(r).info.status for r in expected}) != expected:
+        assert time.monotonic() < deadline, found
+        time.sleep(0.2)
+
+
+def test_an_api_restart_ends_jobs_left_running_and_keeps_queued_ones(tmp_path: Path, mlflow_uri: str) -> None:
+    """After a crash that took the api and the worker: at startup, before the first request, the jobs
+    whose heartbeat is stale end (failed, or cancelled when a cancel was asked for) and their MLflow
+    runs end to match; a queued job stays queued, and runs."""
+    first = Settings(
+        data_dir=tmp_path / "d",
+        api={"port": free_port()},
+        prefect={"port": free_port()},
+        mlflow={"tracking_uri": mlflow_uri},
+        jobs={"heartbeat_timeout_s": 3600, "loop_interval_s": 0.2},
+        worker={"heartbeat_s": 0.2},
+    )
+    with LiveApi(first) as api:
+        client = Client(api.url, api_key=api.key)
+        client.projects.create("demo")
+        client.datasets.upload("demo", IRIS)
+        failed, failed_parent, failed_child = _left_running(api, client, mlflow_uri)
+        cancelled, cancelled_parent, cancelled_child = _left_running(api, client, mlflow_uri)
+        client.jobs.cancel("demo", cancelled)
+        queued = client.jobs.create("demo", dataset="iris", target="target", max_trials=1, families=["linear"])
+    time.sleep(3.5)  # the crash: no heartbeat comes while the api is down
+    second = first.model_copy(update={"jobs": first.jobs.model_copy(update={"heartbeat_timeout_s": 3})})
+    with LiveApi(second) as api:
+        client = Client(api.url, api_key=api.key)
+        assert client.jobs.get("demo", failed).state == "failed"
+        assert "no heartbeat" in str(client.jobs.get("demo", failed).reason)
+        assert client.jobs.get("demo", cancelled).state == "cancelled"
+        assert "cancelled by request" in str(client.jobs.get("demo", cancelled).reason)
+        _wait_for_statuses(
+            mlflow_uri,
+            {failed_parent: "FAILED", failed_child: "FAILED", cancelled_parent: "KILLED", cancelled_child: "KILLED"},
+        )
+        assert client.jobs.get("demo", queued.id).state == "queued"
+        done = run_job(api.worker_client(), api.settings, queued.id, "demo")
+        assert done is not None and done.state == "succeeded", client.jobs.logs("demo", queued.id)
+
+
+def test_the_api_ends_the_runs_a_worker_left_open(live: tuple[LiveApi, Client], mlflow_uri: str) -> None:
+    """A worker that could not end its MLflow runs (MLflow away at that moment) reports the job's end
+    all the same; the api ends the parent and trial runs to match."""
+    from miniml.schemas.jobs import JobFinish
+
+    api, client = live
+    job_id, parent, child = _left_running(api, client, mlflow_uri)
+    api.worker_client().job_reports.finish("demo", job_id, JobFinish(state="cancelled", reason="cancelled by request"))
+    _wait_for_statuses(mlflow_uri, {parent: "KILLED", child: "KILLED"})

@@ -301,7 +301,8 @@ def _end_own_trials(
 
 
 def _end_runs(tracker: Tracker, run_id: str, status: str, job_id: int) -> None:
-    """End the job's MLflow runs; MLflow being away does not change how the job ended."""
+    """End the job's MLflow runs; MLflow being away does not change how the job ended (the api
+    ends the runs once MLflow answers)."""
     try:
         tracker.finish(run_id, status)
     except Exception as exc:
