@@ -146,7 +146,10 @@ class WorkerSettings(BaseModel):
 
 class JobSettings(BaseModel):
     heartbeat_timeout_s: float = Field(
-        default=60.0, gt=0, description="A running job with no heartbeat for this long is marked failed."
+        default=60.0,
+        gt=0,
+        description="A running job with no heartbeat for this long is ended: failed, or cancelled when a cancel "
+        "was asked for. The api also does this when it starts, before it serves.",
     )
     loop_interval_s: float = Field(
         default=5.0, gt=0, description="How often the api retries submissions and checks heartbeats."

@@ -11,6 +11,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
+import pandas as pd
+import psutil
 import pytest
 
 from miniml.config import Settings
@@ -118,3 +121,35 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.5)
+
+
+def slow_dataset(path: Path) -> Path:
+    """Rows enough that a random-forest trial of seed 0 (200 trees, depth 15, every feature: the
+    sampler's first draw) fits for minutes: about 0.5 s a tree, 200 trees, 3 folds on two cores."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(50_000, 20)).astype("float32")
+    frame = pd.DataFrame(x, columns=[f"f{i}" for i in range(20)])
+    frame["label"] = np.where(x[:, 0] + rng.normal(size=len(x)) > 0, "yes", "no")
+    frame.to_parquet(path)
+    return path
+
+
+def trainers_of(job_id: int) -> list[psutil.Process]:
+    """The job's trainer processes, wherever they are."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if "miniml.orchestration.trainer" in cmdline and f"job-{job_id}" in cmdline:
+            found.append(proc)
+    return found
+
+
+def group_members(pgid: int) -> list[int]:
+    members = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                members.append(proc.pid)
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return members

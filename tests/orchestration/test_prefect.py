@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 
 from miniml.sdk.client import Client
 from tests.conftest import LiveApi
-from tests.orchestration.conftest import IRIS, Workers, wait_for
+from tests.orchestration.conftest import IRIS, Workers, slow_dataset, trainers_of, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -55,6 +56,45 @@ def test_killed_worker_fails_the_job_instead_of_leaving_it_running(platform: tup
     final = client.jobs.get("demo", job.id)
     assert final.state == "failed" and "no heartbeat" in (final.reason or "")
     assert time.monotonic() - killed < 60
+    # Its trainer was in a session of its own, out of reach of the kill: it ends itself with its runner.
+    assert trainers_of(job.id) == []
+
+
+def test_cancel_through_a_worker_stops_the_fit_and_frees_its_cores(
+    platform: tuple[LiveApi, Client, Workers], mlflow_uri: str, tmp_path: Path
+) -> None:
+    """A cancel reaches a trial mid-fit on a real worker: the job ends cancelled within 30 s and no
+    process of it is left under the worker; its MLflow runs end KILLED."""
+    from mlflow.tracking import MlflowClient
+
+    _api, client, start_workers = platform
+    [worker] = start_workers(1)
+    client.datasets.upload("demo", slow_dataset(tmp_path / "slow.parquet"))
+    job = client.jobs.create("demo", dataset="slow", target="label", max_trials=4, families=["random_forest"], seed=0)
+
+    def fitting() -> bool:
+        under_worker = {p.pid for p in psutil.Process(worker.pid).children(recursive=True)}
+        return client.jobs.get("demo", job.id).progress.trials_claimed >= 1 and any(
+            p.pid in under_worker for p in trainers_of(job.id)
+        )
+
+    wait_for(fitting, 240, "a trial fitting in the job's trainer under the worker")
+    time.sleep(2)
+    assert client.jobs.get("demo", job.id).progress.trials_done == 0
+    asked = time.monotonic()
+    client.jobs.cancel("demo", job.id)
+    wait_for(lambda: client.jobs.get("demo", job.id).state != "running", 30, "the job to end")
+    took = time.monotonic() - asked
+    final = client.jobs.get("demo", job.id)
+    assert final.state == "cancelled" and took < 30, (final.state, took)
+    assert trainers_of(job.id) == []
+    left = [" ".join(p.cmdline()) for p in psutil.Process(worker.pid).children(recursive=True)]
+    assert not any("miniml.orchestration.trainer" in c for c in left), left
+    mc = MlflowClient(mlflow_uri)
+    parent = mc.get_run(str(final.mlflow_run_id))
+    children = mc.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{final.mlflow_run_id}'")
+    assert parent.info.status == "KILLED" and {c.info.status for c in children} == {"KILLED"}
+    print(f"cancel through the worker took {took:.1f}s")
 
 
 @pytest.mark.postgres

@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
+import optuna
 import pandas as pd
+import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
 from miniml.config import Settings
 from miniml.orchestration.runner import run_job
 from miniml.sdk.client import Client
+from miniml.training.search import make_storage
 from tests.conftest import LiveApi, free_port
+from tests.orchestration.conftest import group_members, slow_dataset, trainers_of
 
 IRIS = Path(__file__).resolve().parents[2] / "data" / "samples" / "iris.csv"
 
@@ -174,3 +180,179 @@ def test_a_failed_job_tells_why_without_a_traceback(live: tuple[LiveApi, Client]
     assert any(line.startswith("failed: ") for line in lines), lines
     text = "\n".join([*lines, done.reason])
     assert "Traceback" not in text and 'File "' not in text and "[SQL:" not in text, text
+
+
+@pytest.fixture
+def slow_job(
+    live: tuple[LiveApi, Client], tmp_path: Path
+) -> Iterator[tuple[int, threading.Thread, list[object], psutil.Process]]:
+    """A job whose two trial threads are both deep in a minutes-long fit, run by ``run_job`` in a thread."""
+    api, client = live
+    client.datasets.upload("demo", slow_dataset(tmp_path / "slow.parquet"))
+    job = client.jobs.create("demo", dataset="slow", target="label", max_trials=4, families=["random_forest"], seed=0)
+    result: list[object] = []
+    thread = threading.Thread(
+        target=lambda: result.append(run_job(api.worker_client(), api.settings, job.id, "demo")), daemon=True
+    )
+    thread.start()
+    try:
+        deadline = time.monotonic() + 120
+        while client.jobs.get("demo", job.id).progress.trials_claimed < 2:
+            assert time.monotonic() < deadline and thread.is_alive(), client.jobs.logs("demo", job.id)
+            time.sleep(0.2)
+        [trainer] = trainers_of(job.id)
+        assert trainer.ppid() == os.getpid()  # the worker's (here: this process's) child
+        time.sleep(3)
+        assert trainer.is_running() and client.jobs.get("demo", job.id).progress.trials_done == 0  # both mid-fit
+        yield job.id, thread, result, trainer
+    finally:
+        for left in trainers_of(job.id):  # a failed test must not leave minutes of fitting behind
+            os.killpg(left.pid, signal.SIGKILL)
+
+
+def _runs(mlflow_uri: str, run_id: str | None) -> tuple[str, dict[str, str]]:
+    """The parent run's status and each trial run's status by name."""
+    assert run_id
+    mc = MlflowClient(mlflow_uri)
+    parent = mc.get_run(run_id)
+    children = mc.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
+    return parent.info.status, {c.info.run_name: c.info.status for c in children}
+
+
+def test_cancel_kills_trials_in_the_middle_of_their_fit(
+    live: tuple[LiveApi, Client],
+    slow_job: tuple[int, threading.Thread, list[object], psutil.Process],
+    mlflow_uri: str,
+) -> None:
+    """A cancel stops trials that would fit for minutes: the job ends cancelled within 30 s, its trainer
+    and all it started are gone, the cut trials end pruned in Optuna with the reason, its runs KILLED."""
+    api, client = live
+    job_id, thread, result, trainer = slow_job
+    asked = time.monotonic()
+    client.jobs.cancel("demo", job_id)
+    thread.join(60)
+    took = time.monotonic() - asked
+    final = client.jobs.get("demo", job_id)
+    assert final.state == "cancelled" and final.reason == "cancelled by request", final.reason
+    assert took < 30, f"the cancel took {took:.1f}s"
+    assert not thread.is_alive() and getattr(result[0], "state", None) == "cancelled"
+    assert not trainer.is_running() and trainers_of(job_id) == [] and group_members(trainer.pid) == []
+    study = optuna.load_study(study_name=f"miniml-job-{job_id}", storage=make_storage(api.settings.db_url))
+    assert [(t.state.name, t.user_attrs.get("error")) for t in study.trials] == [("PRUNED", "cancelled mid-trial")] * 2
+    assert {(t.state, t.error) for t in final.leaderboard} == {("pruned", "cancelled mid-trial")}
+    assert final.progress.trials_done == 2
+    parent, children = _runs(mlflow_uri, final.mlflow_run_id)
+    assert parent == "KILLED" and set(children.values()) == {"KILLED"} and len(children) == 2, children
+    print(f"cancel of job {job_id} took {took:.1f}s")
+
+
+def test_a_trainer_that_dies_fails_the_job_with_its_exit(
+    live: tuple[LiveApi, Client],
+    slow_job: tuple[int, threading.Thread, list[object], psutil.Process],
+    mlflow_uri: str,
+) -> None:
+    """A trainer killed from outside (as the out-of-memory killer does) fails the job at once, saying so;
+    its running trials end failed in Optuna and its MLflow runs FAILED."""
+    api, client = live
+    job_id, thread, _result, trainer = slow_job
+    os.kill(trainer.pid, signal.SIGKILL)
+    thread.join(60)
+    final = client.jobs.get("demo", job_id)
+    assert final.state == "failed" and "exit code -9" in (final.reason or ""), final.reason
+    assert trainers_of(job_id) == [] and group_members(trainer.pid) == []
+    study = optuna.load_study(study_name=f"miniml-job-{job_id}", storage=make_storage(api.settings.db_url))
+    assert {t.state.name for t in study.trials} == {"FAIL"}
+    assert all(str(t.user_attrs.get("error")).startswith("stopped: ") for t in study.trials)
+    parent, children = _runs(mlflow_uri, final.mlflow_run_id)
+    assert parent == "FAILED" and children == {}
+
+
+def test_a_job_ended_elsewhere_stops_its_trials(
+    live: tuple[LiveApi, Client],
+    slow_job: tuple[int, threading.Thread, list[object], psutil.Process],
+) -> None:
+    """The api ended the job while its worker lived on (say it could not reach the api for longer than
+    the heartbeat timeout): the worker's next heartbeat hears it and stops the trials."""
+    from miniml.services import jobs
+
+    api, _client = live
+    job_id, thread, result, trainer = slow_job
+    with api.app.state.db.begin() as session:
+        assert [j for j, *_ in jobs.reap_stale_jobs(session, timeout_s=0)] == [job_id]
+    thread.join(30)
+    assert not thread.is_alive() and getattr(result[0], "state", None) == "failed"
+    assert trainers_of(job_id) == [] and group_members(trainer.pid) == []
+    study = optuna.load_study(study_name=f"miniml-job-{job_id}", storage=make_storage(api.settings.db_url))
+    assert {(t.state.name, t.user_attrs.get("error")) for t in study.trials} == {
+        ("FAIL", "stopped: the job ended elsewhere")
+    }
+
+
+def _left_running(api: LiveApi, client: Client, mlflow_uri: str) -> tuple[int, str, str]:
+    """A job its worker started and opened a parent and a trial run for, then went silent."""
+    from miniml.tracking.runs import Tracker
+
+    job = client.jobs.create("demo", dataset="iris", target="target", max_trials=1)
+    worker = api.worker_client()
+    worker.job_reports.start("demo", job.id, "doomed")
+    parent = Tracker(mlflow_uri).start_job_run("demo", job.id, {})
+    worker.job_reports.set_run("demo", job.id, parent)
+    mc = MlflowClient(mlflow_uri)
+    child = mc.create_run(mc.get_run(parent).info.experiment_id, tags={"mlflow.parentRunId": parent}).info.run_id
+    return job.id, parent, child
+
+
+def _wait_for_statuses(mlflow_uri: str, expected: dict[str, str], timeout: float = 30) -> None:
+    mc = MlflowClient(mlflow_uri)
+    deadline = time.monotonic() + timeout
+    while (found := {r: mc.get_run(r).info.status for r in expected}) != expected:
+        assert time.monotonic() < deadline, found
+        time.sleep(0.2)
+
+
+def test_an_api_restart_ends_jobs_left_running_and_keeps_queued_ones(tmp_path: Path, mlflow_uri: str) -> None:
+    """After a crash that took the api and the worker: at startup, before the first request, the jobs
+    whose heartbeat is stale end (failed, or cancelled when a cancel was asked for) and their MLflow
+    runs end to match; a queued job stays queued, and runs."""
+    first = Settings(
+        data_dir=tmp_path / "d",
+        api={"port": free_port()},
+        prefect={"port": free_port()},
+        mlflow={"tracking_uri": mlflow_uri},
+        jobs={"heartbeat_timeout_s": 3600, "loop_interval_s": 0.2},
+        worker={"heartbeat_s": 0.2},
+    )
+    with LiveApi(first) as api:
+        client = Client(api.url, api_key=api.key)
+        client.projects.create("demo")
+        client.datasets.upload("demo", IRIS)
+        failed, failed_parent, failed_child = _left_running(api, client, mlflow_uri)
+        cancelled, cancelled_parent, cancelled_child = _left_running(api, client, mlflow_uri)
+        client.jobs.cancel("demo", cancelled)
+        queued = client.jobs.create("demo", dataset="iris", target="target", max_trials=1, families=["linear"])
+    time.sleep(3.5)  # the crash: no heartbeat comes while the api is down
+    second = first.model_copy(update={"jobs": first.jobs.model_copy(update={"heartbeat_timeout_s": 3})})
+    with LiveApi(second) as api:
+        client = Client(api.url, api_key=api.key)
+        assert client.jobs.get("demo", failed).state == "failed"
+        assert "no heartbeat" in str(client.jobs.get("demo", failed).reason)
+        assert client.jobs.get("demo", cancelled).state == "cancelled"
+        assert "cancelled by request" in str(client.jobs.get("demo", cancelled).reason)
+        _wait_for_statuses(
+            mlflow_uri,
+            {failed_parent: "FAILED", failed_child: "FAILED", cancelled_parent: "KILLED", cancelled_child: "KILLED"},
+        )
+        assert client.jobs.get("demo", queued.id).state == "queued"
+        done = run_job(api.worker_client(), api.settings, queued.id, "demo")
+        assert done is not None and done.state == "succeeded", client.jobs.logs("demo", queued.id)
+
+
+def test_the_api_ends_the_runs_a_worker_left_open(live: tuple[LiveApi, Client], mlflow_uri: str) -> None:
+    """A worker that could not end its MLflow runs (MLflow away at that moment) reports the job's end
+    all the same; the api ends the parent and trial runs to match."""
+    from miniml.schemas.jobs import JobFinish
+
+    api, client = live
+    job_id, parent, child = _left_running(api, client, mlflow_uri)
+    api.worker_client().job_reports.finish("demo", job_id, JobFinish(state="cancelled", reason="cancelled by request"))
+    _wait_for_statuses(mlflow_uri, {parent: "KILLED", child: "KILLED"})

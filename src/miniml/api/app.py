@@ -31,6 +31,7 @@ from miniml.services import jobs as job_service
 from miniml.services import keys as key_service
 from miniml.services import secrets
 from miniml.storage import make_store
+from miniml.tracking import RUN_STATUS
 from miniml.tracking.access import MlflowAccess, use_admin_credentials
 from miniml.tracking.registry import Registry
 
@@ -55,6 +56,17 @@ def bootstrap_keys(settings: Settings, session: Session) -> str | None:
     return raw
 
 
+def settle_silent_jobs(settings: Settings, db: sessionmaker[Session], registry: Registry) -> int:
+    """End the running jobs whose worker went silent; queue their MLflow runs to end to match."""
+    with db.begin() as session:
+        reaped = job_service.reap_stale_jobs(session, timeout_s=settings.jobs.heartbeat_timeout_s)
+    for job_id, run_id, state in reaped:
+        log.warning("job ended: no heartbeat", extra={"job_id": job_id, "state": state.value})
+        if run_id:  # its worker is gone: end its MLflow runs as the worker would have
+            registry.end_runs_soon(run_id, RUN_STATUS[state.value])
+    return len(reaped)
+
+
 async def supervise_jobs(
     settings: Settings,
     db: sessionmaker[Session],
@@ -62,7 +74,8 @@ async def supervise_jobs(
     registry: Registry,
     access: MlflowAccess | None = None,
 ) -> None:
-    """Retry submissions Prefect could not take, fail jobs whose worker went silent, run monitoring schedules."""
+    """Retry submissions Prefect could not take, end jobs whose worker went silent (and their MLflow
+    runs, retried while MLflow is away), run monitoring schedules."""
 
     synced = {"at": 0.0}
 
@@ -70,17 +83,10 @@ async def supervise_jobs(
         if time.monotonic() - synced["at"] >= settings.jobs.mlflow_sync_s:
             synced["at"] = time.monotonic()
             mlflow_users.sync(access, db)
-        with db.begin() as session:
-            reaped = job_service.reap_stale_jobs(session, timeout_s=settings.jobs.heartbeat_timeout_s)
-        for job_id, run_id in reaped:
-            log.warning("job failed: no heartbeat", extra={"job_id": job_id})
-            if run_id:  # its worker is gone: end its MLflow runs as FAILED, as the worker would have
-                try:
-                    registry.end_runs(run_id, "FAILED")
-                except MiniMLError as exc:
-                    log.warning(
-                        "MLflow runs of a reaped job left open", extra={"job_id": job_id, "error": exc.detail[:200]}
-                    )
+        settle_silent_jobs(settings, db, registry)
+        errors = registry.end_pending_runs()
+        if errors:
+            log.warning("MLflow runs of ended jobs left open for now", extra={"error": errors[0][:200]})
         for step in (orchestrator.submit_pending, lambda: orchestrator.supervise_monitoring(registry)):
             try:  # each step on its own: Prefect refusing a job must not stop the drift schedule
                 step()
@@ -119,6 +125,11 @@ def create_app(settings: Settings) -> FastAPI:
             # hold it. `miniml up` reads the file and prints the key to its own terminal.
             shown = f":\n  {raw}" if sys.stdout.isatty() else "; read it there"
             print(f"miniml: created the first admin key (saved to {path}){shown}", flush=True)
+        # Jobs a crash left running with no live worker end before the first request is served;
+        # queued jobs stay queued (submitted or not, the supervisor and Prefect still run them).
+        settled = await anyio.to_thread.run_sync(settle_silent_jobs, settings, db, app.state.registry)
+        if settled:
+            log.warning("jobs left running by a gone worker ended at startup", extra={"jobs": settled})
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(
                 supervise_jobs, settings, db, app.state.orchestrator, app.state.registry, app.state.mlflow_access

@@ -2,7 +2,7 @@
 
     queued ──► running ──► succeeded
       │           ├──────► failed      (an error, a bad dataset, or no heartbeat for too long)
-      │           └──────► cancelled   (cancel requested; stops at the next trial boundary)
+      │           └──────► cancelled   (cancel requested; its trials are killed within a heartbeat)
       ├──► cancelled                   (cancelled before any worker took it)
       └──► failed                      (could never be run)
 

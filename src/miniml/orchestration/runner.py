@@ -7,8 +7,10 @@ and the registry. It holds no state of its own: a restarted worker starts from t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import socket
 import tempfile
 import threading
@@ -25,6 +27,7 @@ from miniml.config import Settings
 from miniml.data.formats import FileFormat, TableFile
 from miniml.domain.tasks import Task
 from miniml.errors import Conflict, MiniMLError, NotFound, public_reason
+from miniml.orchestration.trainer import GO, Trainer, TrainRequest
 from miniml.schemas.jobs import JobFinish, JobRead, TrialReport
 from miniml.sdk.client import Client
 from miniml.tracking.registry import registered_name
@@ -33,10 +36,12 @@ from miniml.tracking.signing import load_verified, signing_key
 from miniml.training import plots
 from miniml.training.data import features_from_profile, load_frame, split
 from miniml.training.search import (
+    Cancelled,
     SearchControl,
     SearchSpec,
     TrialResult,
     best_trial,
+    end_running_trials,
     holdout_metrics,
     make_storage,
     refit,
@@ -52,21 +57,27 @@ def worker_name() -> str:
 
 
 class Heartbeat:
-    """Tells the api the job is alive every few seconds, and learns about cancel requests."""
+    """Tells the api the job is alive every few seconds, and learns about cancel requests and about
+    the job ending elsewhere (the api ended it while this worker could not reach it)."""
 
     def __init__(self, client: Client, project: str, job_id: int, every_s: float) -> None:
         self.client, self.project, self.job_id, self.every_s = client, project, job_id, every_s
         self.cancelled = threading.Event()
+        self.ended = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id}", daemon=True)
 
     def _run(self) -> None:
         while not self._stop.wait(self.every_s):
             try:
-                if self.client.job_reports.heartbeat(self.project, self.job_id).cancel_requested:
-                    self.cancelled.set()
+                status = self.client.job_reports.heartbeat(self.project, self.job_id)
             except MiniMLError as exc:
                 log.warning("heartbeat failed", extra={"job_id": self.job_id, "error": exc.detail})
+                continue
+            if status.cancel_requested:
+                self.cancelled.set()
+            if status.state.terminal:
+                self.ended.set()
 
     def __enter__(self) -> Heartbeat:
         self._thread.start()
@@ -107,7 +118,8 @@ def run_job(
         return None
     tracker = Tracker(settings.mlflow_uri)
     run_id: str | None = None
-    with Heartbeat(client, project, job_id, settings.worker.heartbeat_s) as beat:
+    trainer: Trainer | None = None
+    with Heartbeat(client, project, job_id, settings.worker.heartbeat_s) as beat, contextlib.ExitStack() as stack:
         try:
             job = client.jobs.get(project, job_id)
             if job.kind == "batch":
@@ -115,16 +127,21 @@ def run_job(
             if job.kind == "import":
                 run_id = _ensure_run(client, tracker, job, shard)
                 return _import(client, settings, tracker, job, run_id)
+            # Started first: the child's imports overlap the parent run's creation.
+            trainer = stack.enter_context(Trainer(job_id))
             run_id = _ensure_run(client, tracker, job, shard)
-            return _train(client, settings, tracker, job, run_id, worker, beat, shard)
+            return _supervise(client, settings, tracker, job, run_id, worker, beat, shard, trainer)
         except Exception as exc:
             # The user sees the reason; the traceback stays in the worker's own log.
             reason = public_reason(exc)
             log.error("job failed", extra={"job_id": job_id, "trace": traceback.format_exc()[-4000:]})
+            if trainer is not None:  # nothing of the job may run on once it is reported failed
+                trainer.stop()
+                _end_own_trials(settings, job_id, worker, optuna.trial.TrialState.FAIL, f"stopped: {reason}"[:400])
             try:
                 reports.log(project, job_id, f"failed: {reason} (the worker's log has the details)", level="error")
                 if run_id:
-                    tracker.finish(run_id, "FAILED")
+                    _end_runs(tracker, run_id, "FAILED", job_id)
                 return reports.finish(project, job_id, JobFinish(state="failed", reason=reason[:3900]))
             except (MiniMLError, Conflict):
                 return None
@@ -169,7 +186,7 @@ def _ensure_run(client: Client, tracker: Tracker, job: JobRead, shard: int) -> s
     return winner
 
 
-def _train(
+def _supervise(
     client: Client,
     settings: Settings,
     tracker: Tracker,
@@ -178,9 +195,140 @@ def _train(
     worker: str,
     beat: Heartbeat,
     shard: int,
+    trainer: Trainer,
 ) -> JobRead | None:
+    """Run the job in its trainer process; kill it the moment the heartbeat hears of a cancel."""
+    trainer.send(
+        TrainRequest(
+            api_url=str(client.http.base_url),
+            api_key=client.headers.get("X-API-Key"),
+            settings=settings,
+            job=job,
+            run_id=run_id,
+            worker=worker,
+            shard=shard,
+        )
+    )
+    committed = False
+    while True:
+        if not committed and (beat.cancelled.is_set() or beat.ended.is_set()):
+            return _stop(client, settings, tracker, job, run_id, worker, beat, shard, trainer)
+        message = trainer.receive(timeout=0.25)
+        if message is None:
+            continue
+        match message[0]:
+            case "commit":
+                if beat.cancelled.is_set() or beat.ended.is_set():
+                    return _stop(client, settings, tracker, job, run_id, worker, beat, shard, trainer)
+                committed = True  # from here the model is being written: a cancel comes too late
+                trainer.send(GO)
+            case "done":
+                done: JobRead | None = message[1]
+                return done
+            case "cancelled":
+                beat.cancelled.set()
+                return _stop(client, settings, tracker, job, run_id, worker, beat, shard, trainer)
+            case "failed":
+                raise MiniMLError(str(message[1]))
+            case _:  # its pipe closed with no result: killed (often for memory) or crashed
+                code = trainer.stop()
+                why = " (killed; the out-of-memory killer does that)" if code == -signal.SIGKILL else ""
+                raise MiniMLError(
+                    f"The training process of job {job.id} ended with exit code {code}{why} before it reported "
+                    "a result. Try fewer trial threads (worker.trial_threads) or a smaller dataset."
+                )
+
+
+def _stop(
+    client: Client,
+    settings: Settings,
+    tracker: Tracker,
+    job: JobRead,
+    run_id: str,
+    worker: str,
+    beat: Heartbeat,
+    shard: int,
+    trainer: Trainer,
+) -> JobRead:
+    """Kill the job's trainer; settle what it left: its running trials, the MLflow runs, the job."""
+    trainer.stop()
+    project, reports = job.project, client.job_reports
+    if not beat.cancelled.is_set():  # the api ended the job (no heartbeat for too long) and its runs
+        _end_own_trials(settings, job.id, worker, optuna.trial.TrialState.FAIL, "stopped: the job ended elsewhere")
+        log.warning("job ended elsewhere; its trials were stopped", extra={"job_id": job.id})
+        return client.jobs.get(project, job.id)
+    stopped = _end_own_trials(settings, job.id, worker, optuna.trial.TrialState.PRUNED, "cancelled mid-trial")
+    experiment = tracker.experiment_id(project)
+    for result in stopped:
+        reports.trial(project, job.id, TrialReport(**result.__dict__))
+        try:
+            tracker.log_trial(run_id, experiment, result, job.spec["metric"])
+        except Exception as exc:  # the job's end matters more than one trial's record
+            log.warning("trial not logged to MLflow", extra={"job_id": job.id, "error": str(exc)[:200]})
+    where = f"shard {shard} on {worker}" if int(job.spec.get("parallelism", 1)) > 1 else worker
+    reports.log(project, job.id, f"cancel: {where} stopped {len(stopped)} running trial(s)")
+    _end_runs(tracker, run_id, "KILLED", job.id)
+    return reports.finish(project, job.id, JobFinish(state="cancelled", reason="cancelled by request"))
+
+
+def _end_own_trials(
+    settings: Settings, job_id: int, worker: str, state: optuna.trial.TrialState, reason: str
+) -> list[TrialResult]:
+    """The trials this worker's killed trainer left RUNNING in Optuna, ended with the reason.
+
+    Optuna would fail them itself, but only once its heartbeat grace ran out, and with no reason.
+    """
+    try:
+        storage = make_storage(settings.db_url)
+    except Exception as exc:  # the job's end is reported all the same
+        log.warning("trials left running in Optuna", extra={"job_id": job_id, "error": public_reason(exc)})
+        return []
+    try:
+        return end_running_trials(
+            storage,
+            f"miniml-job-{job_id}",
+            worker=worker,
+            state=state,
+            reason=reason,
+            unclaimed=state == optuna.trial.TrialState.PRUNED,  # a cancel stops every shard
+        )
+    except Exception as exc:
+        log.warning("trials left running in Optuna", extra={"job_id": job_id, "error": public_reason(exc)})
+        return []
+    finally:
+        storage.remove_session()
+        storage.engine.dispose()
+
+
+def _end_runs(tracker: Tracker, run_id: str, status: str, job_id: int) -> None:
+    """End the job's MLflow runs; MLflow being away does not change how the job ended (the api
+    ends the runs once MLflow answers)."""
+    try:
+        tracker.finish(run_id, status)
+    except Exception as exc:
+        log.warning("MLflow runs left open for the api to end", extra={"job_id": job_id, "error": public_reason(exc)})
+
+
+def train(
+    client: Client,
+    settings: Settings,
+    tracker: Tracker,
+    job: JobRead,
+    run_id: str,
+    worker: str,
+    shard: int,
+    *,
+    commit: Callable[[], None],
+) -> JobRead | None:
+    """Search, refit and register: the job's work, run in its trainer process (``trainer.py``).
+
+    ``commit`` is called once the refit model is ready and before anything of it is written: it
+    returns when the runner allows the registration (it kills the process instead on a cancel).
+    Raises ``Cancelled`` when the search ended for a cancel this process saw itself.
+    """
     project, job_id, spec = job.project, job.id, job.spec
     reports = client.job_reports
+    stop = threading.Event()
     version = client.datasets.version(project, job.dataset, job.dataset_version)
     with tempfile.TemporaryDirectory(prefix=f"miniml-job-{job_id}-") as tmp:
         path = client.datasets.download(project, job.dataset, job.dataset_version, Path(tmp) / f"data.{version.format}")
@@ -211,36 +359,37 @@ def _train(
 
     def on_trial(result: TrialResult) -> None:
         status = reports.trial(project, job_id, TrialReport(**result.__dict__))
-        if status.cancel_requested:
-            beat.cancelled.set()
+        if status.cancel_requested or status.state.terminal:
+            stop.set()
         try:
             tracker.log_trial(run_id, experiment, result, spec["metric"])
         except Exception as exc:  # a trial's MLflow record must not end the search
             log.warning("trial not logged to MLflow", extra={"job_id": job_id, "error": str(exc)[:200]})
 
     fair = FairShare(
-        lambda: not beat.cancelled.is_set() and reports.claim_trial(project, job_id),
+        lambda: not stop.is_set() and reports.claim_trial(project, job_id),
         left=lambda: _trials_left(client, project, job_id, spec.get("max_trials")),
         budget=spec.get("max_trials"),
         shards=int(spec.get("parallelism", 1)),
         grace_s=settings.worker.shard_grace_s,
-        stop=beat.cancelled.is_set,
+        stop=stop.is_set,
     )
     control = SearchControl(
         claim=fair,
         on_trial=on_trial,
-        should_stop=beat.cancelled.is_set,
+        should_stop=stop.is_set,
         worker=worker,
     )
     storage = make_storage(settings.db_url)
     study_name = f"miniml-job-{job_id}"
     run_search(storage, study_name, data, features, search, control)
+    if stop.is_set():
+        raise Cancelled
     _wait_for_other_shards(client, project, job_id, spec)
     if not reports.finalize(project, job_id, worker):
         return None  # another shard refits and registers
-    if beat.cancelled.is_set() or client.job_reports.heartbeat(project, job_id).cancel_requested:
-        tracker.finish(run_id, "KILLED")
-        return reports.finish(project, job_id, JobFinish(state="cancelled", reason="cancelled by request"))
+    if client.job_reports.heartbeat(project, job_id).cancel_requested:
+        raise Cancelled
     study = optuna.load_study(study_name=study_name, storage=storage)
     best = best_trial(study)
     if best is None:
@@ -264,6 +413,7 @@ def _train(
             else plots.residuals(data.y_test, predictions)
         ),
     }
+    commit()
     tracker.log_figures(run_id, figures)
     registered = registered_name(project, spec["model_name"])
     model_version = tracker.log_model(
@@ -278,7 +428,7 @@ def _train(
     )
     if spec["promote_to"] != "none":
         tracker.set_alias(registered, spec["promote_to"], model_version)
-    tracker.finish(run_id, "FINISHED")
+    _end_runs(tracker, run_id, "FINISHED", job_id)
     reports.log(project, job_id, f"registered {registered} version {model_version}; test {metrics}")
     return reports.finish(
         project,

@@ -52,7 +52,7 @@ class Jobs:
         return [JobLogRead.model_validate(r) for r in rows]
 
     def cancel(self, project: str, job_id: int) -> JobRead:
-        """Cancel a job (a running one stops at its next trial boundary).
+        """Cancel a job (a running one's trials are stopped within its worker's heartbeat, mid-fit if need be).
 
         Raises:
             Conflict: the job already ended.

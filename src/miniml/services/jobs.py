@@ -285,7 +285,7 @@ def cancel_job(session: Session, job: tables.Job) -> tables.Job:
     if state is JobState.queued:
         _move(session, job, JobState.cancelled, "cancelled before it started")
     else:
-        log(session, job.id, "cancel requested; stopping at the next trial boundary")
+        log(session, job.id, "cancel requested; the worker stops the job's trials at its next heartbeat")
     session.flush()
     return job
 
@@ -404,23 +404,23 @@ def finish_job(session: Session, job: tables.Job, body: JobFinish) -> tables.Job
     return job
 
 
-def reap_stale_jobs(session: Session, *, timeout_s: float) -> list[tuple[int, str | None]]:
-    """Fail running jobs whose worker stopped sending heartbeats (killed, lost, out of memory);
-    return each with its MLflow parent run, which the caller ends too."""
+def reap_stale_jobs(session: Session, *, timeout_s: float) -> list[tuple[int, str | None, JobState]]:
+    """End running jobs whose worker stopped sending heartbeats (killed, lost, out of memory): failed,
+    or cancelled when a cancel was asked for. Return each with its MLflow parent run and the state it
+    ended in; the caller ends the runs to match."""
     cutoff = utcnow() - timedelta(seconds=timeout_s)
     stale = list(
         session.scalars(
             select(tables.Job).where(tables.Job.state == JobState.running.value, tables.Job.heartbeat_at < cutoff)
         )
     )
+    silent = f"sent no heartbeat for {timeout_s:.0f}s (it died or was killed)"
     for job in stale:
-        _move(
-            session,
-            job,
-            JobState.failed,
-            f"worker {job.worker} sent no heartbeat for {timeout_s:.0f}s (it died or was killed)",
-        )
-    return [(j.id, j.mlflow_run_id) for j in stale]
+        if job.cancel_requested:  # what was asked for happened: nothing runs the job any more
+            _move(session, job, JobState.cancelled, f"cancelled by request; worker {job.worker} {silent}")
+        else:
+            _move(session, job, JobState.failed, f"worker {job.worker} {silent}")
+    return [(j.id, j.mlflow_run_id, JobState(j.state)) for j in stale]
 
 
 def unsubmitted_jobs(session: Session) -> list[tables.Job]:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from miniml.domain.limits import MAX_ID
 from miniml.errors import InvalidInput, NotFound, UpstreamUnavailable
+from miniml.tracking import open_trial_runs_filter
 
 if TYPE_CHECKING:
     from mlflow.exceptions import MlflowException
@@ -42,6 +44,9 @@ class Registry:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
         self.uri = tracking_uri
+        # Job runs to end, run id -> status: retried by the api's supervisor until MLflow answers.
+        self._endings: dict[str, str] = {}
+        self._endings_lock = threading.Lock()
 
     @cached_property
     def client(self) -> MlflowClient:
@@ -100,6 +105,8 @@ class Registry:
             raise UpstreamUnavailable(
                 f"MLflow at {self.uri} failed to read run {run_id[:64]}: {exc.message[:200]}"
             ) from exc
+        except OSError as exc:
+            raise UpstreamUnavailable(f"MLflow at {self.uri} did not answer ({type(exc).__name__}).") from exc
 
     def resolve(self, project: str, model: str, alias_or_version: str) -> str:
         """The version number a target names: an alias (or stage word) or a number."""
@@ -156,7 +163,7 @@ class Registry:
             "the job's trial runs",
             self.client.search_runs,
             [parent.info.experiment_id],
-            f"tags.mlflow.parentRunId = '{run_id}' and attributes.status = 'RUNNING'",
+            open_trial_runs_filter(run_id),
             max_results=10_000,
         )
         ended = 0
@@ -165,3 +172,26 @@ class Registry:
                 self._call("end a run", self.client.set_terminated, run.info.run_id, status=status)
                 ended += 1
         return ended
+
+    def end_runs_soon(self, run_id: str, status: str) -> None:
+        """Have ``end_pending_runs`` end a job's runs: a job's end is recorded even while MLflow is away."""
+        with self._endings_lock:
+            self._endings[run_id] = status
+
+    def end_pending_runs(self) -> list[str]:
+        """End the queued jobs' runs still open; return the errors of those left queued for the next round."""
+        with self._endings_lock:
+            work = dict(self._endings)
+        errors = []
+        for run_id, status in work.items():
+            try:
+                self.end_runs(run_id, status)
+            except UpstreamUnavailable as exc:
+                errors.append(exc.detail)
+                continue  # MLflow is away: the next round tries again
+            except (NotFound, InvalidInput):
+                pass  # no such run (deleted, or MLflow reset): nothing to end
+            with self._endings_lock:
+                if self._endings.get(run_id) == status:
+                    del self._endings[run_id]
+        return errors

@@ -15,7 +15,7 @@ from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
 from miniml.errors import UpstreamUnavailable
-from miniml.tracking import experiment_name
+from miniml.tracking import experiment_name, open_trial_runs_filter
 from miniml.tracking.signing import sign_version
 from miniml.training.families import Family
 from miniml.training.search import TrialResult
@@ -143,6 +143,17 @@ class Tracker:
         self._call("set the alias", self.client.set_registered_model_alias, registered, alias, version)
 
     def finish(self, run_id: str, status: str) -> None:
+        """End the job's run, and with it any trial run still open (one whose logging was cut short)."""
+        parent = self._call("read the job run", self.client.get_run, run_id)
+        children = self._call(
+            "find the open trial runs",
+            self.client.search_runs,
+            [parent.info.experiment_id],
+            open_trial_runs_filter(run_id),
+            max_results=10_000,
+        )
+        for run in children:
+            self._call("close a trial run", self.client.set_terminated, run.info.run_id, status=status)
         self._call("close the run", self.client.set_terminated, run_id, status=status)
 
     def run_url(self, public_url: str, project: str, run_id: str) -> str:

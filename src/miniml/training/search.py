@@ -245,6 +245,40 @@ def run_search(
         raise failures[0]
 
 
+def end_running_trials(
+    storage: optuna.storages.BaseStorage,
+    study_name: str,
+    *,
+    worker: str,
+    state: optuna.trial.TrialState,
+    reason: str,
+    unclaimed: bool = False,
+) -> list[TrialResult]:
+    """End the trials of ``worker`` that a killed search process left RUNNING, saying why on each.
+
+    ``unclaimed`` also ends running trials no worker has put its name on yet (a trial is created
+    an instant before its objective names it): right when the whole job stops, wrong while
+    another shard may still be starting one.
+    """
+    try:
+        study_id = storage.get_study_id_from_name(study_name)
+    except KeyError:
+        return []  # stopped before the search made its study
+    ended = []
+    for trial in storage.get_all_trials(study_id, deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        owner = trial.user_attrs.get("worker")
+        if owner != worker and not (unclaimed and owner is None):
+            continue
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+        try:
+            storage.set_trial_user_attr(trial_id, "error", reason)
+            storage.set_trial_state_values(trial_id, state)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # it ended meanwhile, on its own or by another shard's hand
+        ended.append(_result(storage.get_trial(trial_id)))
+    return ended
+
+
 def _guard(objective: Callable[[optuna.Trial], float]) -> Callable[[optuna.Trial], float]:
     """Keep a failed trial's reason on the trial, and turn a cancel into a pruned trial."""
 

@@ -23,6 +23,7 @@ from miniml.schemas.jobs import (
     WorkerStatus,
 )
 from miniml.services import jobs
+from miniml.tracking import RUN_STATUS
 
 log = logging.getLogger("miniml.api")
 router = APIRouter(prefix="/api/v1/projects/{project}/jobs", tags=["jobs"])
@@ -98,7 +99,7 @@ def read_job_logs(
 
 @router.post("/{job_id}/cancel")
 def cancel_job(project: str, job_id: IdPath, request: Request, db: DbDep, caller: EngineerDep) -> JobRead:
-    """Cancel: a queued job ends now, a running one at its next trial boundary."""
+    """Cancel: a queued job ends now, a running one's trials are stopped at its worker's next heartbeat."""
     with db.begin() as session:
         return _read(request, session, jobs.cancel_job(session, jobs.read_job(session, caller, project, job_id)))
 
@@ -179,8 +180,11 @@ def claim_finalize(project: str, job_id: IdPath, body: WorkerHello, db: DbDep, c
 
 @router.post("/{job_id}/finish")
 def finish_job(
-    project: str, job_id: IdPath, body: JobFinish, request: Request, db: DbDep, caller: WorkerDep
+    project: str, job_id: IdPath, body: JobFinish, request: Request, db: DbDep, registry: RegistryDep, caller: WorkerDep
 ) -> JobRead:
     """(worker) The job ended: succeeded, failed or cancelled."""
     with db.begin() as session:
-        return _read(request, session, jobs.finish_job(session, jobs.read_job(session, caller, project, job_id), body))
+        job = _read(request, session, jobs.finish_job(session, jobs.read_job(session, caller, project, job_id), body))
+    if job.mlflow_run_id:  # the worker ends them first; this catches those it could not (MLflow away)
+        registry.end_runs_soon(job.mlflow_run_id, RUN_STATUS[job.state.value])
+    return job
