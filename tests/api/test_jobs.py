@@ -34,6 +34,8 @@ def jc(tmp_path: Path) -> Iterator[tuple[TestClient, dict[str, str]]]:
             ("tiny.csv", b"x,y\n1,a\n2,b\n3,a\n"),
             ("skew.csv", b"x,y\n" + b"".join(f"{i},a\n".encode() for i in range(30)) + b"31,b\n"),
             ("texty.csv", b"x,t\n" + b"".join(f"{i},word{i}\n".encode() for i in range(100))),
+            ("flat.csv", b"x,y\n" + b"".join(f"{i},7\n".encode() for i in range(40))),
+            ("ids.csv", b"x,y\n" + b"".join(f"{i % 3},{i}\n".encode() for i in range(40))),
         ):
             assert (
                 client.post(
@@ -106,6 +108,9 @@ def test_seed_train_route(jc: tuple[TestClient, dict[str, str]]) -> None:
         ({"target": "target"}, ["name the training data"]),
         ({"dataset": "iris", "target": "species"}, ["species", "sepal_length"]),
         ({"dataset": "one", "target": "y"}, ["only one class"]),
+        ({"dataset": "flat", "target": "y", "task": "regression"}, ["same value in every row"]),
+        ({"dataset": "flat", "target": "y"}, ["only one class"]),
+        ({"dataset": "ids", "target": "y", "task": "classification"}, ["40 classes in 40 rows", "regression"]),
         ({"dataset": "tiny", "target": "y"}, ["too few rows"]),
         ({"dataset": "skew", "target": "y"}, ["class 'b'", "only 1 rows"]),
         ({"dataset": "texty", "target": "t"}, ["text column"]),

@@ -82,9 +82,21 @@ def resolve_spec(version: tables.DatasetVersion, body: JobCreate) -> dict[str, A
             f"Too few rows: {rows} rows with a target leave {train_rows} for training, fewer than "
             f"{body.cv_folds * 2} needed for {body.cv_folds}-fold cross-validation. Add rows or lower cv_folds."
         )
+    distinct = int(target["distinct_count"])
+    if task is Task.regression and distinct < 2:
+        raise InvalidInput(
+            f"Target {body.target!r} has the same value in every row: there is nothing to learn "
+            "(any model scores perfectly). Pick a target that varies."
+        )
     if task is Task.classification:
-        if int(target["distinct_count"]) < 2:
+        if distinct < 2:
             raise InvalidInput(f"Target {body.target!r} has only one class; classification needs at least two.")
+        if distinct * 2 > rows:
+            raise InvalidInput(
+                f"Target {body.target!r} has {distinct} classes in {rows} rows: most rows are a class of their "
+                "own, so nothing can be learnt about them. Pick task 'regression' for a numeric target, or a "
+                "target with fewer classes."
+            )
         counts = {str(t["value"]): int(t["count"]) for t in target.get("top", [])}
         if counts and len(counts) == int(target["distinct_count"]):
             label, smallest = min(counts.items(), key=lambda kv: kv[1])
