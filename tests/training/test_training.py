@@ -181,3 +181,23 @@ def test_text_columns_are_left_out_and_booleans_used() -> None:
 )
 def test_task_detection(profile: dict[str, object], expected: Task) -> None:
     assert detect_task(profile, 1000) is expected
+
+
+def test_parallel_trials_draw_distinct_configurations(tmp_path: Path, diabetes_csv: Path) -> None:
+    """Four trial threads sharing one study: no two trials try the same configuration."""
+    data, features, task = prepare(diabetes_csv, "progression")
+    lock = threading.Lock()
+    claimed = [0]
+    results: list[TrialResult] = []
+
+    def claim() -> bool:
+        with lock:
+            claimed[0] += 1
+            return claimed[0] <= 12
+
+    spec = SearchSpec(task=task, metric="rmse", families=["linear", "random_forest"], n_jobs=4, cv_folds=2)
+    storage = make_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    run_search(storage, "distinct", data, features, spec, SearchControl(claim=claim, on_trial=results.append))
+    configurations = [(r.family, tuple(sorted(r.params.items()))) for r in results]
+    assert len(configurations) == 12
+    assert len(set(configurations)) == 12, configurations

@@ -354,6 +354,7 @@ def train(
         max_trials=spec.get("max_trials"),
         timeout_s=spec.get("timeout_s"),
         n_jobs=threads,
+        shard=shard,
     )
     experiment = tracker.experiment_id(project)
 

@@ -53,6 +53,8 @@ class SearchSpec:
     max_trials: int | None = None
     timeout_s: float | None = None
     n_jobs: int = 1
+    # Which of a parallel job's worker processes this is: each samples from its own seed.
+    shard: int = 0
 
 
 @dataclass
@@ -181,7 +183,13 @@ def new_study(storage: optuna.storages.BaseStorage, name: str, spec: SearchSpec)
         study_name=name,
         storage=storage,
         direction="maximize" if maximise(spec.metric) else "minimize",
-        sampler=optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=max(5, len(spec.families))),
+        # One sampler for all of this process's trial threads (see run_search); constant_liar makes
+        # TPE count running trials as bad, so trials running side by side do not pick the same point.
+        sampler=optuna.samplers.TPESampler(
+            seed=(spec.seed + 1_000_003 * spec.shard) % 2**32,
+            n_startup_trials=max(5, len(spec.families)),
+            constant_liar=True,
+        ),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=0),
         load_if_exists=True,
     )
@@ -215,11 +223,11 @@ def run_search(
     deadline = time.monotonic() + spec.timeout_s if spec.timeout_s else None
     objective = make_objective(data, features, spec, control)
     failures: list[BaseException] = []
-    new_study(storage, study_name, spec)  # create once, before the threads race to
+    # One study, so one sampler and one random stream, shared by every trial thread: each trial
+    # draws the next configuration. (A study per thread, seeded alike, drew the same ones.)
+    study = new_study(storage, study_name, spec)
 
     def loop() -> None:
-        study = new_study(storage, study_name, spec)
-
         def record(_study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
             control.on_trial(_result(trial))
 
