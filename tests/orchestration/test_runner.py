@@ -74,6 +74,23 @@ def test_iris_job_runs_to_a_registered_staging_model(live: tuple[LiveApi, Client
     assert run_job(api.worker_client(), api.settings, job.id, "demo") is None
 
 
+def test_the_served_model_learnt_from_every_row(live: tuple[LiveApi, Client], mlflow_uri: str) -> None:
+    """The test split scores the configuration; the registered model is then fitted on all rows."""
+    api, client = live
+    job = client.jobs.create(
+        "demo", dataset="iris", target="target", max_trials=1, model_name="iris-all", families=["linear"]
+    )
+    done = run_job(api.worker_client(), api.settings, job.id, "demo")
+    assert done is not None and done.state == "succeeded", (done, client.jobs.logs("demo", job.id))
+    rows = len(pd.read_csv(IRIS))
+    mlflow.set_tracking_uri(mlflow_uri)
+    pipe = mlflow.sklearn.load_model("models:/demo.iris-all@staging")
+    scaler = pipe.named_steps["preprocess"].named_transformers_["numeric"].named_steps["scale"]
+    assert scaler.n_samples_seen_ == rows  # the split's model saw only the training rows
+    assert MlflowClient(mlflow_uri).get_run(done.mlflow_run_id).data.params["best.training_rows"] == str(rows)  # type: ignore[arg-type]
+    assert any(f"final fit on all {rows} rows" in line.message for line in client.jobs.logs("demo", job.id))
+
+
 def test_cancel_stops_a_running_job_within_seconds(live: tuple[LiveApi, Client]) -> None:
     api, client = live
     job = client.jobs.create("demo", dataset="iris", target="target", timeout_s=300, families=["random_forest"])

@@ -414,6 +414,14 @@ def train(
             else plots.residuals(data.y_test, predictions)
         ),
     }
+    # The served model learns from every row: the test rows only measured the configuration.
+    rows = len(data.x_train) + len(data.x_test)
+    reports.log(
+        project,
+        job_id,
+        f"test {spec['metric']} {metrics.get(spec['metric'], float('nan')):.4f}; final fit on all {rows} rows",
+    )
+    pipe, family = refit(best, data, features, search, every_row=True)
     commit()
     tracker.log_figures(run_id, figures)
     registered = registered_name(project, spec["model_name"])
@@ -423,7 +431,7 @@ def train(
         family,
         data.x_test.head(5),
         registered=registered,
-        params={"family": family.name, **best.params},
+        params={"family": family.name, "training_rows": rows, **best.params},
         metrics=metrics,
         signing_key=signing_key(settings.auth.model_signing_key, settings.data_dir),
     )

@@ -313,13 +313,20 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
 
 
 def refit(
-    trial: optuna.trial.FrozenTrial, data: Split, features: Features, spec: SearchSpec
+    trial: optuna.trial.FrozenTrial, data: Split, features: Features, spec: SearchSpec, *, every_row: bool = False
 ) -> tuple[Pipeline, Family]:
-    """Rebuild the best configuration and fit it on the whole training split."""
+    """Rebuild the best configuration and fit it on the whole training split, or with ``every_row``
+    on the training and test rows together (the model that is served: the test score is measured
+    before, on the split's model)."""
+    import pandas as pd
+
     family = FAMILIES[str(trial.params["family"])]
     fixed = optuna.trial.FixedTrial(trial.params)
     pipe = build_pipeline(features, family, family.build(fixed, spec.task, spec.seed))
-    pipe.fit(data.x_train, data.y_train)
+    if every_row:
+        pipe.fit(pd.concat([data.x_train, data.x_test]), np.concatenate([data.y_train, data.y_test]))
+    else:
+        pipe.fit(data.x_train, data.y_train)
     return pipe, family
 
 
