@@ -134,12 +134,16 @@ def slow_dataset(path: Path) -> Path:
     return path
 
 
-def trainers_of(job_id: int) -> list[psutil.Process]:
-    """The job's trainer processes, wherever they are."""
+def trainers_of(job_id: int, data_dir: Path) -> list[psutil.Process]:
+    """The job's trainer processes, wherever they are (on this platform: other tests' jobs share ids)."""
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         cmdline = proc.info["cmdline"] or []
-        if "miniml.orchestration.trainer" in cmdline and f"job-{job_id}" in cmdline:
+        if (
+            "miniml.orchestration.trainer" in cmdline
+            and f"job-{job_id}" in cmdline
+            and str(data_dir.resolve()) in cmdline
+        ):
             found.append(proc)
     return found
 

@@ -46,7 +46,7 @@ def test_job_waits_for_a_worker_then_runs_through_prefect(
 
 
 def test_killed_worker_fails_the_job_instead_of_leaving_it_running(platform: tuple[LiveApi, Client, Workers]) -> None:
-    _api, client, start_workers = platform
+    api, client, start_workers = platform
     [worker] = start_workers(1)
     job = client.jobs.create("demo", dataset="iris", target="target", timeout_s=600, families=["random_forest"])
     wait_for(lambda: client.jobs.get("demo", job.id).progress.trials_done >= 1, 180, "the first trial")
@@ -57,7 +57,7 @@ def test_killed_worker_fails_the_job_instead_of_leaving_it_running(platform: tup
     assert final.state == "failed" and "no heartbeat" in (final.reason or "")
     assert time.monotonic() - killed < 60
     # Its trainer was in a session of its own, out of reach of the kill: it ends itself with its runner.
-    assert trainers_of(job.id) == []
+    assert trainers_of(job.id, api.settings.data_dir) == []
 
 
 def test_cancel_through_a_worker_stops_the_fit_and_frees_its_cores(
@@ -67,7 +67,7 @@ def test_cancel_through_a_worker_stops_the_fit_and_frees_its_cores(
     process of it is left under the worker; its MLflow runs end KILLED."""
     from mlflow.tracking import MlflowClient
 
-    _api, client, start_workers = platform
+    api, client, start_workers = platform
     [worker] = start_workers(1)
     client.datasets.upload("demo", slow_dataset(tmp_path / "slow.parquet"))
     job = client.jobs.create("demo", dataset="slow", target="label", max_trials=4, families=["random_forest"], seed=0)
@@ -75,7 +75,7 @@ def test_cancel_through_a_worker_stops_the_fit_and_frees_its_cores(
     def fitting() -> bool:
         under_worker = {p.pid for p in psutil.Process(worker.pid).children(recursive=True)}
         return client.jobs.get("demo", job.id).progress.trials_claimed >= 1 and any(
-            p.pid in under_worker for p in trainers_of(job.id)
+            p.pid in under_worker for p in trainers_of(job.id, api.settings.data_dir)
         )
 
     wait_for(fitting, 240, "a trial fitting in the job's trainer under the worker")
@@ -87,7 +87,7 @@ def test_cancel_through_a_worker_stops_the_fit_and_frees_its_cores(
     took = time.monotonic() - asked
     final = client.jobs.get("demo", job.id)
     assert final.state == "cancelled" and took < 30, (final.state, took)
-    assert trainers_of(job.id) == []
+    assert trainers_of(job.id, api.settings.data_dir) == []
     left = [" ".join(p.cmdline()) for p in psutil.Process(worker.pid).children(recursive=True)]
     assert not any("miniml.orchestration.trainer" in c for c in left), left
     mc = MlflowClient(mlflow_uri)

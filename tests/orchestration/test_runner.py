@@ -217,13 +217,15 @@ def slow_job(
         while client.jobs.get("demo", job.id).progress.trials_claimed < 2:
             assert time.monotonic() < deadline and thread.is_alive(), client.jobs.logs("demo", job.id)
             time.sleep(0.2)
-        [trainer] = trainers_of(job.id)
+        [trainer] = trainers_of(job.id, api.settings.data_dir)
         assert trainer.ppid() == os.getpid()  # the worker's (here: this process's) child
         time.sleep(3)
         assert trainer.is_running() and client.jobs.get("demo", job.id).progress.trials_done == 0  # both mid-fit
         yield job.id, thread, result, trainer
     finally:
-        for left in trainers_of(job.id):  # a failed test must not leave minutes of fitting behind
+        for left in trainers_of(
+            job.id, api.settings.data_dir
+        ):  # a failed test must not leave minutes of fitting behind
             os.killpg(left.pid, signal.SIGKILL)
 
 
@@ -253,7 +255,11 @@ def test_cancel_kills_trials_in_the_middle_of_their_fit(
     assert final.state == "cancelled" and final.reason == "cancelled by request", final.reason
     assert took < 30, f"the cancel took {took:.1f}s"
     assert not thread.is_alive() and getattr(result[0], "state", None) == "cancelled"
-    assert not trainer.is_running() and trainers_of(job_id) == [] and group_members(trainer.pid) == []
+    assert (
+        not trainer.is_running()
+        and trainers_of(job_id, api.settings.data_dir) == []
+        and group_members(trainer.pid) == []
+    )
     study = optuna.load_study(study_name=f"miniml-job-{job_id}", storage=make_storage(api.settings.db_url))
     assert [(t.state.name, t.user_attrs.get("error")) for t in study.trials] == [("PRUNED", "cancelled mid-trial")] * 2
     assert {(t.state, t.error) for t in final.leaderboard} == {("pruned", "cancelled mid-trial")}
@@ -276,7 +282,7 @@ def test_a_trainer_that_dies_fails_the_job_with_its_exit(
     thread.join(60)
     final = client.jobs.get("demo", job_id)
     assert final.state == "failed" and "exit code -9" in (final.reason or ""), final.reason
-    assert trainers_of(job_id) == [] and group_members(trainer.pid) == []
+    assert trainers_of(job_id, api.settings.data_dir) == [] and group_members(trainer.pid) == []
     study = optuna.load_study(study_name=f"miniml-job-{job_id}", storage=make_storage(api.settings.db_url))
     assert {t.state.name for t in study.trials} == {"FAIL"}
     assert all(str(t.user_attrs.get("error")).startswith("stopped: ") for t in study.trials)
@@ -298,7 +304,7 @@ def test_a_job_ended_elsewhere_stops_its_trials(
         assert [j for j, *_ in jobs.reap_stale_jobs(session, timeout_s=0)] == [job_id]
     thread.join(30)
     assert not thread.is_alive() and getattr(result[0], "state", None) == "failed"
-    assert trainers_of(job_id) == [] and group_members(trainer.pid) == []
+    assert trainers_of(job_id, api.settings.data_dir) == [] and group_members(trainer.pid) == []
     study = optuna.load_study(study_name=f"miniml-job-{job_id}", storage=make_storage(api.settings.db_url))
     assert {(t.state.name, t.user_attrs.get("error")) for t in study.trials} == {
         ("FAIL", "stopped: the job ended elsewhere")

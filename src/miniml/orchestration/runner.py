@@ -128,7 +128,9 @@ def run_job(
                 run_id = _ensure_run(client, tracker, job, shard)
                 return _import(client, settings, tracker, job, run_id)
             # Started first: the child's imports overlap the parent run's creation.
-            trainer = stack.enter_context(Trainer(job_id))
+            trainer = stack.enter_context(
+                Trainer(job_id, trial_threads=settings.worker.trial_threads, platform=str(settings.data_dir.resolve()))
+            )
             run_id = _ensure_run(client, tracker, job, shard)
             return _supervise(client, settings, tracker, job, run_id, worker, beat, shard, trainer)
         except Exception as exc:

@@ -55,15 +55,17 @@ class TrainRequest:
 class Trainer:
     """The runner's side of one job's child process."""
 
-    def __init__(self, job_id: int) -> None:
+    def __init__(self, job_id: int, *, trial_threads: int = 0, platform: str = "") -> None:
         read_fd, write_fd = os.pipe()
         try:
             self.process = subprocess.Popen(
-                # The job id in argv names the process in ps and in the tests' process checks.
-                [sys.executable, "-m", "miniml.orchestration.trainer", str(write_fd), f"job-{job_id}"],
+                # The job id and the platform's data folder in argv name the process in ps and in
+                # the tests' process checks (job ids repeat across platforms on one machine).
+                [sys.executable, "-m", "miniml.orchestration.trainer", str(write_fd), f"job-{job_id}", platform],
                 stdin=subprocess.PIPE,
                 pass_fds=(write_fd,),
                 start_new_session=True,
+                env=os.environ | thread_budget(trial_threads),
             )
         except BaseException:
             os.close(read_fd)
@@ -116,6 +118,18 @@ class Trainer:
             self.process.stdin.close()
         if self.process.returncode is None:
             self.stop()
+
+
+def thread_budget(trial_threads: int, cores: int | None = None) -> dict[str, str]:
+    """The environment that gives each of ``trial_threads`` parallel trials ``cores / trial_threads``
+    threads in every library (OpenMP: HistGradientBoosting, torch; BLAS), read when each loads: the
+    machine runs as many threads as it has cores, not trials times cores. (LightGBM and XGBoost take
+    ``n_jobs=1`` from their families.) The refit, alone, raises the limit again (``search.refit``)."""
+    cores = cores or os.cpu_count() or 1
+    trials = trial_threads or cores
+    per_trial = str(max(1, cores // trials))
+    names = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
+    return dict.fromkeys(names, per_trial) | {"MINIML_REFIT_THREADS": str(cores)}
 
 
 def _watch_runner(go: threading.Event) -> None:

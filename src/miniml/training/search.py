@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -318,16 +320,44 @@ def refit(
     """Rebuild the best configuration and fit it on the whole training split, or with ``every_row``
     on the training and test rows together (the model that is served: the test score is measured
     before, on the split's model)."""
-    import pandas as pd
-
     family = FAMILIES[str(trial.params["family"])]
     fixed = optuna.trial.FixedTrial(trial.params)
     pipe = build_pipeline(features, family, family.build(fixed, spec.task, spec.seed))
+    with _all_cores():
+        _fit_all(pipe, data, every_row=every_row)
+    return pipe, family
+
+
+@contextmanager
+def _all_cores() -> Iterator[None]:
+    """The refit runs alone: lift the per-trial thread limit (``trainer.thread_budget``) for it."""
+    import os
+
+    from threadpoolctl import threadpool_limits
+
+    cores = int(os.environ.get("MINIML_REFIT_THREADS", "0"))
+    if not cores:
+        yield
+        return
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch is not None else None
+    with threadpool_limits(limits=cores):
+        if torch is not None:
+            torch.set_num_threads(cores)
+        try:
+            yield
+        finally:
+            if torch is not None and before is not None:
+                torch.set_num_threads(before)
+
+
+def _fit_all(pipe: Pipeline, data: Split, *, every_row: bool) -> None:
+    import pandas as pd
+
     if every_row:
         pipe.fit(pd.concat([data.x_train, data.x_test]), np.concatenate([data.y_train, data.y_test]))
     else:
         pipe.fit(data.x_train, data.y_train)
-    return pipe, family
 
 
 def holdout_metrics(pipe: Pipeline, data: Split, task: Task) -> dict[str, float]:

@@ -1,0 +1,61 @@
+"""A job's libraries run no more threads than cores: each parallel trial gets its share."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from miniml.orchestration.trainer import thread_budget
+
+# Two trial threads, each fitting HistGradientBoosting (OpenMP) and reading what its libraries
+# would use; then the refit's view, alone, through search._all_cores.
+PROBE = """
+import json, threading
+import numpy as np
+from sklearn.ensemble import HistGradientBoostingRegressor
+from threadpoolctl import threadpool_info
+import torch
+from miniml.training.search import _all_cores
+
+seen = []
+def trial():
+    x = np.random.default_rng(0).normal(size=(2000, 8))
+    HistGradientBoostingRegressor(max_iter=5).fit(x, x[:, 0])
+    pools = {p["user_api"]: p["num_threads"] for p in threadpool_info()}
+    seen.append({"openmp": pools.get("openmp", 1), "blas": pools.get("blas", 1), "torch": torch.get_num_threads()})
+threads = [threading.Thread(target=trial) for _ in range(2)]
+[t.start() for t in threads]; [t.join() for t in threads]
+with _all_cores():
+    pools = {p["user_api"]: p["num_threads"] for p in threadpool_info()}
+    refit = {"openmp": pools.get("openmp", 1), "torch": torch.get_num_threads()}
+print(json.dumps({"trials": seen, "refit": refit}))
+"""
+
+LIMITS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
+
+
+def _probe(env: dict[str, str]) -> dict[str, object]:
+    base = {k: v for k, v in os.environ.items() if k not in (*LIMITS, "MINIML_REFIT_THREADS")}
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE], env=base | env, capture_output=True, text=True, check=False, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def test_two_trials_share_the_cores_and_the_refit_takes_them_all() -> None:
+    cores = 4  # as if on four cores, whatever this machine has: the budget is what is checked
+    seen = _probe(thread_budget(2, cores=cores))
+    for trial in seen["trials"]:  # type: ignore[union-attr]
+        assert max(trial.values()) == 2, seen  # type: ignore[union-attr]
+    assert sum(t["openmp"] for t in seen["trials"]) <= cores  # type: ignore[index,union-attr]
+    assert seen["refit"] == {"openmp": cores, "torch": cores}
+
+
+def test_without_the_budget_the_trials_would_oversubscribe() -> None:
+    """The failing case the budget prevents: every trial's libraries take every core."""
+    cores = os.cpu_count() or 1
+    seen = _probe({})
+    assert sum(t["openmp"] for t in seen["trials"]) == 2 * cores  # type: ignore[index,union-attr]
