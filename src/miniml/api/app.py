@@ -23,7 +23,7 @@ from miniml.config import Settings
 from miniml.db.engine import make_engine, make_sessionmaker, upgrade
 from miniml.domain.roles import Role
 from miniml.drain import Drain
-from miniml.errors import MiniMLError
+from miniml.errors import InvalidInput, MiniMLError, NotFound, UpstreamUnavailable
 from miniml.files import secure_data_dir, write_secret_file
 from miniml.monitoring.collector import PlatformCollector
 from miniml.orchestration.submit import Orchestrator
@@ -67,6 +67,25 @@ def settle_silent_jobs(settings: Settings, db: sessionmaker[Session], registry: 
     return len(reaped)
 
 
+def end_open_runs(db: sessionmaker[Session], registry: Registry) -> list[str]:
+    """End the MLflow runs of ended jobs to match their state (kept in the DB, so an api restart or an
+    MLflow outage only delays it); return the errors of those left for the next round."""
+    with db.begin() as session:
+        pending = job_service.jobs_with_open_runs(session)
+    errors = []
+    for job_id, run_id, state in pending:
+        try:
+            registry.end_runs(run_id, RUN_STATUS[state])
+        except UpstreamUnavailable as exc:
+            errors.append(exc.detail)
+            break  # MLflow is away: the next round tries again
+        except (NotFound, InvalidInput):
+            pass  # no such run (deleted, or MLflow reset): nothing to end
+        with db.begin() as session:
+            job_service.runs_closed(session, job_id)
+    return errors
+
+
 async def supervise_jobs(
     settings: Settings,
     db: sessionmaker[Session],
@@ -85,6 +104,7 @@ async def supervise_jobs(
             mlflow_users.sync(access, db)
         settle_silent_jobs(settings, db, registry)
         errors = registry.end_pending_runs()
+        errors += end_open_runs(db, registry)
         if errors:
             log.warning("MLflow runs of ended jobs left open for now", extra={"error": errors[0][:200]})
         for step in (orchestrator.submit_pending, lambda: orchestrator.supervise_monitoring(registry)):

@@ -164,6 +164,8 @@ class Job(Base):
     best_family: Mapped[str | None] = mapped_column(String(64))
     test_metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
     mlflow_run_id: Mapped[str | None] = mapped_column(String(64))
+    # Ended, with MLflow runs not yet known to be ended to match (the api's supervisor does it).
+    runs_open: Mapped[bool] = mapped_column(default=False, server_default=false())
     model_name: Mapped[str | None] = mapped_column(String(200))
     model_version: Mapped[str | None] = mapped_column(String(32))
     # "train", or "batch" (predictions for a dataset version, written as a new dataset version).

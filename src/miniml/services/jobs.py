@@ -280,6 +280,8 @@ def _move(session: Session, job: tables.Job, new: JobState, reason: str | None =
         job.heartbeat_at = job.started_at
     if new.terminal:
         job.finished_at = utcnow()
+        # Its MLflow runs are ended to match by the api's supervisor (durably: a restart keeps it).
+        job.runs_open = job.mlflow_run_id is not None
     log(
         session,
         job.id,
@@ -537,3 +539,21 @@ def create_import_job(
     job = _queue_one_step_job(session, caller, proj, data, "import", spec)
     log(session, job.id, f"queued: import of {model} with the columns of {data.dataset.name} v{data.version}")
     return job
+
+
+def jobs_with_open_runs(session: Session, *, limit: int = 50) -> list[tuple[int, str, str]]:
+    """Ended jobs whose MLflow runs may still be open: (id, run id, state), oldest first."""
+    rows = session.execute(
+        select(tables.Job.id, tables.Job.mlflow_run_id, tables.Job.state)
+        .where(tables.Job.runs_open.is_(True), tables.Job.mlflow_run_id.is_not(None))
+        .order_by(tables.Job.id)
+        .limit(limit)
+    ).all()
+    return [(int(i), str(r), str(st)) for i, r, st in rows]
+
+
+def runs_closed(session: Session, job_id: int) -> None:
+    job = session.get(tables.Job, job_id)
+    if job is not None:
+        job.runs_open = False
+        session.flush()

@@ -1,4 +1,5 @@
-"""why a deployment's last rollout failed, and the reason on history events
+"""why a deployment's last rollout failed, the reason on history events, and ended jobs whose
+MLflow runs are still to be ended
 
 Revision ID: 0008
 Revises: 0007
@@ -20,9 +21,13 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("allow_schema_change", sa.Boolean(), server_default=sa.false(), nullable=False))
     with op.batch_alter_table("deployment_event", schema=None) as batch_op:
         batch_op.add_column(sa.Column("detail", sa.Text(), nullable=True))
+    with op.batch_alter_table("job", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("runs_open", sa.Boolean(), server_default=sa.false(), nullable=False))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("job", schema=None) as batch_op:
+        batch_op.drop_column("runs_open")
     with op.batch_alter_table("deployment_event", schema=None) as batch_op:
         batch_op.drop_column("detail")
     with op.batch_alter_table("deployment", schema=None) as batch_op:
