@@ -303,3 +303,26 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     # Child loggers reach the parent's handlers even when the parent is disabled: swap them out.
     root.handlers[:] = [logging.NullHandler()]
     root.propagate = False
+
+
+# The files that take minutes (real platforms, restarts) start first: with tests spread by file
+# over a few processes, a long file that starts last leaves the others idle while it runs.
+SLOW_FILES = (
+    "tests/test_resilience.py",
+    "tests/orchestration/test_prefect.py",
+    "tests/test_readme.py",
+    "tests/test_up.py",
+    "tests/deploy/test_production.py",
+    "tests/api/test_openapi.py",
+    "tests/orchestration/test_dashboards.py",
+    "tests/orchestration/test_runner.py",
+    "tests/inference/test_rollouts.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        path = item.nodeid.split("::", 1)[0]
+        return SLOW_FILES.index(path) if path in SLOW_FILES else len(SLOW_FILES)
+
+    items.sort(key=rank)  # stable: the order inside a file, and of the other files, is kept
