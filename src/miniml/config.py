@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -67,6 +68,17 @@ class AuthSettings(BaseModel):
     )
 
 
+def _drain_field() -> Any:
+    """The api's and inference's graceful drain (``miniml/drain.py``)."""
+    return Field(
+        default=2.0,
+        ge=0,
+        le=120,
+        description="On SIGTERM: seconds of answering /readyz 503 while still serving, before it stops listening "
+        "and finishes the requests in flight.",
+    )
+
+
 class ApiSettings(BaseModel):
     host: str = Field(default="127.0.0.1", description="Interface the api binds.")
     port: int = Field(default=8000, ge=1, le=65535, description="Port of the api.")
@@ -77,13 +89,7 @@ class ApiSettings(BaseModel):
         default=1 << 20, ge=1024, description="Largest JSON body accepted by any route (413 above)."
     )
     max_upload_bytes: int = Field(default=1 << 30, ge=1024, description="Largest dataset upload accepted (413 above).")
-    drain_s: float = Field(
-        default=2.0,
-        ge=0,
-        le=120,
-        description="On SIGTERM: seconds of answering /readyz 503 while still serving, before it stops listening "
-        "and finishes the requests in flight.",
-    )
+    drain_s: float = _drain_field()
 
 
 class StorageSettings(BaseModel):
@@ -232,13 +238,7 @@ class InferenceSettings(BaseModel):
         description="While the api cannot be reached (restarting), a key it accepted within this many seconds keeps "
         "predicting; keys never seen, or refused, are not served. 0: every check needs the api.",
     )
-    drain_s: float = Field(
-        default=2.0,
-        ge=0,
-        le=120,
-        description="On SIGTERM: seconds of answering /readyz 503 while still serving, before it stops listening "
-        "and finishes the requests in flight.",
-    )
+    drain_s: float = _drain_field()
 
 
 class Settings(BaseSettings):
