@@ -71,7 +71,7 @@ class Load(threading.Thread):
                 time.sleep(0.05)
 
 
-def test_every_child_comes_back_and_predictions_keep_flowing(tmp_path: Path) -> None:
+def test_every_child_comes_back_and_predictions_keep_flowing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ports = {name: free_port() for name in SERVICES}
     data = tmp_path / "data"
     proc = _start(tmp_path, ports)
@@ -130,16 +130,15 @@ def test_every_child_comes_back_and_predictions_keep_flowing(tmp_path: Path) -> 
         assert ended.state in ("succeeded", "failed", "cancelled"), ended
         # Its MLflow run ends in the matching status (the api's supervisor settles what a killed
         # worker left open, within a few of its rounds).
-        mlflow.set_tracking_uri(f"http://127.0.0.1:{ports['mlflow']}")
+        tracking = mlflow.MlflowClient(tracking_uri=f"http://127.0.0.1:{ports['mlflow']}")
         expected = {"succeeded": "FINISHED", "failed": "FAILED", "cancelled": "KILLED"}[ended.state]
-        os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = key.split("_")[1], key
-        try:
-            deadline = time.monotonic() + 60
-            while ended.mlflow_run_id and mlflow.get_run(ended.mlflow_run_id).info.status != expected:
-                assert time.monotonic() < deadline, mlflow.get_run(ended.mlflow_run_id).info.status
-                time.sleep(1)
-        finally:
-            del os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]
+        # This platform's MLflow login is the key's; the session's own servers keep theirs after the test.
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", key.split("_")[1])
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", key)
+        deadline = time.monotonic() + 60
+        while ended.mlflow_run_id and tracking.get_run(ended.mlflow_run_id).info.status != expected:
+            assert time.monotonic() < deadline, tracking.get_run(ended.mlflow_run_id).info.status
+            time.sleep(1)
 
         status = _status(data)
         assert all(c["state"] == "running" for c in status.values()), status

@@ -193,7 +193,9 @@ def test_a_locked_sqlite_db_is_503_within_the_timeout_and_recovers(tmp_path: Pat
             took = time.monotonic() - started
             assert_problem(refused, 503, "metadata database is busy", "retry")
             assert refused.headers["retry-after"]
-            assert timeout_s * 0.9 < took < timeout_s + 1.5, took
+            # It waited for the lock and gave up after the busy timeout, not after a hang
+            # (loose upper bound: the CI machine is shared).
+            assert timeout_s * 0.9 < took < timeout_s + 10, took
             upload = httpx.post(
                 f"{projects}/before/datasets",
                 files={"file": ("iris.csv", IRIS.read_bytes())},
@@ -235,7 +237,10 @@ def test_a_locked_postgres_table_is_503_within_the_timeout_and_recovers(pg_url: 
             took = time.monotonic() - started
             assert_problem(refused, 503, "metadata database is busy", "retry")
             assert refused.headers["retry-after"]
-            assert timeout_s * 0.9 < took < timeout_s + 1.5, took
+            # It waited for the lock, and gave up on its own: without lock_timeout the request
+            # would wait for this holder, which lets go only after it returns. The upper bound is
+            # loose because the CI machine is shared (2.5 s was seen there under load).
+            assert timeout_s * 0.9 < took < timeout_s + 10, took
             holder.rollback()
         assert client.get("/api/v1/projects", headers=admin).json() == []
         assert client.post("/api/v1/projects", json={"name": "during"}, headers=admin).status_code == 201
