@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -326,3 +327,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         return SLOW_FILES.index(path) if path in SLOW_FILES else len(SLOW_FILES)
 
     items.sort(key=rank)  # stable: the order inside a file, and of the other files, is kept
+
+
+@pytest.fixture(scope="session", autouse=True)
+def trainer_server() -> Iterator[subprocess.Popen[bytes]]:
+    """Jobs the tests run in-process fork their trainers from a server, as a worker's jobs do
+    (a job whose thread budget differs from the server's spawns its trainer instead)."""
+    from miniml.orchestration.trainer import SERVER_ENV, start_server
+
+    server = start_server(0)
+    yield server
+    os.environ.pop(SERVER_ENV, None)
+    assert server.stdin is not None
+    server.stdin.close()  # it ends once the trainers it forked have
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.kill()  # a test left a trainer running; that test says so itself
+        server.wait()

@@ -135,15 +135,14 @@ def slow_dataset(path: Path) -> Path:
 
 
 def trainers_of(job_id: int, data_dir: Path) -> list[psutil.Process]:
-    """The job's trainer processes, wherever they are (on this platform: other tests' jobs share ids)."""
+    """The job's trainer processes, wherever they are (on this platform: other tests' jobs share ids).
+
+    A spawned trainer's command line has these words as arguments; a forked one (from the
+    worker's trainer server) has them in its process title, one string."""
     found = []
     for proc in psutil.process_iter(["cmdline"]):
-        cmdline = proc.info["cmdline"] or []
-        if (
-            "miniml.orchestration.trainer" in cmdline
-            and f"job-{job_id}" in cmdline
-            and str(data_dir.resolve()) in cmdline
-        ):
+        words = " ".join(proc.info["cmdline"] or []).split()
+        if "miniml.orchestration.trainer" in words and f"job-{job_id}" in words and str(data_dir.resolve()) in words:
             found.append(proc)
     return found
 

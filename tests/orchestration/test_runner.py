@@ -218,7 +218,9 @@ def slow_job(
             assert time.monotonic() < deadline and thread.is_alive(), client.jobs.logs("demo", job.id)
             time.sleep(0.2)
         [trainer] = trainers_of(job.id, api.settings.data_dir)
-        assert trainer.ppid() == os.getpid()  # the worker's (here: this process's) child
+        # Forked by the trainer server the worker (here: this process) started, in a session of its own.
+        assert trainer.parent().ppid() == os.getpid() and "--serve" in trainer.parent().cmdline()
+        assert os.getpgid(trainer.pid) == trainer.pid
         time.sleep(3)
         assert trainer.is_running() and client.jobs.get("demo", job.id).progress.trials_done == 0  # both mid-fit
         yield job.id, thread, result, trainer

@@ -92,7 +92,11 @@ def serve(settings: Settings) -> None:
     from prefect import serve as serve_all
     from prefect.deployments.runner import RunnerDeployment
 
+    from miniml.orchestration.trainer import start_server
+
     wait_for_prefect(settings)
+    # Jobs' trainers fork from it: their imports are done once, not per job (the flow runs inherit its name).
+    start_server(settings.worker.trial_threads)
     deployments = [f.to_deployment(name=DEPLOYMENT_NAME) for f in (train_job_flow, drift_check_flow, evaluate_flow)]
     assert all(isinstance(d, RunnerDeployment) for d in deployments)  # sync call: not a coroutine
     serve_all(*deployments, limit=settings.worker.concurrency, print_starting_message=True)  # type: ignore[arg-type]
