@@ -11,17 +11,25 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import psycopg
-import pytest
-from fastapi.testclient import TestClient
+from miniml.orchestration.trainer import thread_budget
 
-from miniml.api.app import create_app
-from miniml.config import Settings
-from miniml.domain.roles import Role
-from miniml.domain.tenancy import Caller
-from miniml.schemas.keys import KeyCreate
-from miniml.schemas.projects import ProjectCreate
-from miniml.services import keys, projects
+# The tests train in this process as a worker's trainer does: under the thread budget, set before
+# numpy, scikit-learn or torch load (the refit lifts it, as in production). Without it two trial
+# threads each start a thread per core, and a 0.5 s fit takes 20 s on a busy machine.
+for _name, _value in thread_budget(0).items():
+    os.environ.setdefault(_name, _value)
+
+import psycopg  # noqa: E402
+import pytest  # noqa: E402
+from fastapi.testclient import TestClient  # noqa: E402
+
+from miniml.api.app import create_app  # noqa: E402
+from miniml.config import Settings  # noqa: E402
+from miniml.domain.roles import Role  # noqa: E402
+from miniml.domain.tenancy import Caller  # noqa: E402
+from miniml.schemas.keys import KeyCreate  # noqa: E402
+from miniml.schemas.projects import ProjectCreate  # noqa: E402
+from miniml.services import keys, projects  # noqa: E402
 
 # The session's MLflow runs behind its basic-auth app, as under miniml up: this process (and the
 # workers it starts) talk to it as its admin.
