@@ -89,7 +89,9 @@ def test_cancel_through_a_worker_stops_the_fit_and_frees_its_cores(
     assert final.state == "cancelled" and took < 30, (final.state, took)
     assert trainers_of(job.id, api.settings.data_dir) == []
     left = [" ".join(p.cmdline()) for p in psutil.Process(worker.pid).children(recursive=True)]
-    assert not any("miniml.orchestration.trainer" in c for c in left), left
+    # Only the worker's trainer server (it forks trainers) is left of the training processes.
+    assert not any("miniml.orchestration.trainer" in c and "--serve" not in c for c in left), left
+    assert sum("miniml.orchestration.trainer --serve" in c for c in left) == 1, left
     mc = MlflowClient(mlflow_uri)
     parent = mc.get_run(str(final.mlflow_run_id))
     children = mc.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{final.mlflow_run_id}'")
