@@ -350,6 +350,7 @@ def test_bad_deployments_are_refused_and_create_nothing(
     import httpx
 
     api, _client, _inf, project = shared_stack
+
     def deployments() -> list[tuple[str, object]]:  # the replicas' report times change; what is deployed must not
         return [(d["name"], d["desired"]) for d in api_get(api, f"/api/v1/projects/{project}/deployments")]  # type: ignore[attr-defined,index]
 

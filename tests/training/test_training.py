@@ -201,3 +201,18 @@ def test_parallel_trials_draw_distinct_configurations(tmp_path: Path, diabetes_c
     configurations = [(r.family, tuple(sorted(r.params.items()))) for r in results]
     assert len(configurations) == 12
     assert len(set(configurations)) == 12, configurations
+
+
+def test_a_search_starts_from_each_familys_defaults_cheapest_first(tmp_path: Path, diabetes_csv: Path) -> None:
+    """The first trials are the learners' own defaults, one per family, in order of cost; then the
+    sampler explores (the trial after them is none of the defaults)."""
+    data, features, task = prepare(diabetes_csv, "progression")
+    families = ["random_forest", "linear", "lightgbm"]
+    _study, _spec, results = search(tmp_path, data, features, task, families, trials=4)
+    ordered = sorted(results, key=lambda r: r.number)
+    assert [r.family for r in ordered[:3]] == ["linear", "lightgbm", "random_forest"]
+    for r in ordered[:3]:
+        defaults = {k.split(".", 1)[1]: v for k, v in FAMILIES[r.family].defaults}
+        assert {k.split(".", 1)[1]: v for k, v in r.params.items()}.items() <= defaults.items(), r
+    explored = ordered[3]
+    assert {k: v for k, v in explored.params.items()} != dict(FAMILIES[explored.family].defaults)

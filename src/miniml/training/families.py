@@ -28,6 +28,9 @@ class Family:
     serialization: str
     trusted_types: tuple[str, ...] = ()
     pip: tuple[str, ...] = ()
+    # The learner's own defaults in this family's search space: a job tries them first, the
+    # cheapest family first (``by_cost``), before the sampler explores.
+    defaults: tuple[tuple[str, Any], ...] = ()
 
 
 def _linear(trial: optuna.Trial | optuna.trial.FixedTrial, task: Task, seed: int) -> Any:
@@ -123,24 +126,17 @@ def _torch_mlp(trial: optuna.Trial | optuna.trial.FixedTrial, task: Task, seed: 
 
 _SKLEARN_TRUSTED = ("numpy.dtype",)
 
-# Add new model families here.
+# Add new model families here, in the order of their cost on the same data (cheapest first).
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
-        Family("linear", _linear, scale_numeric=True, serialization="skops", trusted_types=_SKLEARN_TRUSTED),
         Family(
-            "random_forest",
-            _random_forest,
-            scale_numeric=False,
+            "linear",
+            _linear,
+            scale_numeric=True,
             serialization="skops",
-            trusted_types=(*_SKLEARN_TRUSTED, "sklearn.tree._tree.Tree"),
-        ),
-        Family(
-            "hist_gradient_boosting",
-            _hist_gradient_boosting,
-            scale_numeric=False,
-            serialization="skops",
-            trusted_types=(*_SKLEARN_TRUSTED, "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor"),
+            trusted_types=_SKLEARN_TRUSTED,
+            defaults=(("linear.C", 1.0), ("linear.alpha", 1.0)),
         ),
         Family(
             "lightgbm",
@@ -156,6 +152,27 @@ FAMILIES: dict[str, Family] = {
                 "lightgbm.sklearn.LGBMRegressor",
             ),
             pip=("lightgbm",),
+            defaults=(
+                ("lightgbm.n_estimators", 100),
+                ("lightgbm.learning_rate", 0.1),
+                ("lightgbm.num_leaves", 31),
+                ("lightgbm.min_child_samples", 20),
+                ("lightgbm.subsample", 1.0),
+                ("lightgbm.colsample_bytree", 1.0),
+            ),
+        ),
+        Family(
+            "hist_gradient_boosting",
+            _hist_gradient_boosting,
+            scale_numeric=False,
+            serialization="skops",
+            trusted_types=(*_SKLEARN_TRUSTED, "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor"),
+            defaults=(
+                ("hist_gradient_boosting.learning_rate", 0.1),
+                ("hist_gradient_boosting.max_iter", 100),
+                ("hist_gradient_boosting.max_leaf_nodes", 31),
+                ("hist_gradient_boosting.l2_regularization", 1e-6),
+            ),
         ),
         Family(
             "xgboost",
@@ -170,6 +187,26 @@ FAMILIES: dict[str, Family] = {
                 "xgboost.sklearn.XGBRegressor",
             ),
             pip=("xgboost-cpu",),
+            defaults=(
+                ("xgboost.n_estimators", 100),
+                ("xgboost.max_depth", 6),
+                ("xgboost.learning_rate", 0.3),
+                ("xgboost.subsample", 1.0),
+                ("xgboost.colsample_bytree", 1.0),
+            ),
+        ),
+        Family(
+            "random_forest",
+            _random_forest,
+            scale_numeric=False,
+            serialization="skops",
+            trusted_types=(*_SKLEARN_TRUSTED, "sklearn.tree._tree.Tree"),
+            defaults=(
+                ("random_forest.n_estimators", 100),
+                ("random_forest.max_depth", 20),
+                ("random_forest.min_samples_leaf", 1),
+                ("random_forest.max_features", "sqrt"),
+            ),
         ),
         Family(
             "torch_mlp",
@@ -184,6 +221,21 @@ FAMILIES: dict[str, Family] = {
                 "miniml.training.estimators.TorchMLPRegressor",
             ),
             pip=("torch",),
+            defaults=(
+                ("torch_mlp.hidden", 64),
+                ("torch_mlp.layers", 2),
+                ("torch_mlp.dropout", 0.1),
+                ("torch_mlp.lr", 1e-3),
+                ("torch_mlp.weight_decay", 1e-4),
+                ("torch_mlp.epochs", 40),
+                ("torch_mlp.batch_size", 64),
+            ),
         ),
     )
 }
+
+
+def by_cost(names: list[str]) -> list[str]:
+    """``names`` cheapest first (the order of FAMILIES)."""
+    order = list(FAMILIES)
+    return sorted(names, key=order.index)

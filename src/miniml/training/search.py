@@ -38,7 +38,7 @@ from sklearn.preprocessing import OneHotEncoder, StandardScaler
 from miniml.domain.tasks import Task, maximise
 from miniml.errors import public_reason
 from miniml.training.data import Features, Split
-from miniml.training.families import FAMILIES, Family
+from miniml.training.families import FAMILIES, Family, by_cost
 
 # Categories seen in under 1% of rows (and beyond the 50 most frequent) share one "infrequent" column.
 RARE_CATEGORY_FRACTION = 0.01
@@ -187,14 +187,80 @@ def new_study(storage: optuna.storages.BaseStorage, name: str, spec: SearchSpec)
         direction="maximize" if maximise(spec.metric) else "minimize",
         # One sampler for all of this process's trial threads (see run_search); constant_liar makes
         # TPE count running trials as bad, so trials running side by side do not pick the same point.
-        sampler=optuna.samplers.TPESampler(
-            seed=(spec.seed + 1_000_003 * spec.shard) % 2**32,
-            n_startup_trials=max(5, len(spec.families)),
-            constant_liar=True,
+        sampler=DefaultsFirst(
+            optuna.samplers.TPESampler(
+                seed=(spec.seed + 1_000_003 * spec.shard) % 2**32,
+                n_startup_trials=max(5, len(spec.families)),
+                constant_liar=True,
+            ),
+            spec.families,
         ),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=0),
         load_if_exists=True,
     )
+
+
+class DefaultsFirst(optuna.samplers.BaseSampler):
+    """Trials 0..k-1 of a study are each family's learner defaults, cheapest family first (FLAML's
+    cost-frugal start: a good model early, and what the sampler then improves on); later trials
+    are ``base``'s. Keyed on the trial number the storage hands out, so the threads and shards of
+    one job share the list and none runs a default twice (Optuna's queue of enqueued trials can
+    hand one to two threads at once)."""
+
+    def __init__(self, base: optuna.samplers.BaseSampler, families: list[str]) -> None:
+        self.base = base
+        self.defaults = [{"family": name, **dict(FAMILIES[name].defaults)} for name in by_cost(families)]
+
+    def _default(self, trial: optuna.trial.FrozenTrial) -> dict[str, Any] | None:
+        return self.defaults[trial.number] if trial.number < len(self.defaults) else None
+
+    def infer_relative_search_space(
+        self, study: optuna.Study, trial: optuna.trial.FrozenTrial
+    ) -> dict[str, optuna.distributions.BaseDistribution]:
+        if self._default(trial) is not None:
+            return {}
+        return self.base.infer_relative_search_space(study, trial)
+
+    def sample_relative(
+        self,
+        study: optuna.Study,
+        trial: optuna.trial.FrozenTrial,
+        search_space: dict[str, optuna.distributions.BaseDistribution],
+    ) -> dict[str, Any]:
+        if self._default(trial) is not None:
+            return {}
+        return self.base.sample_relative(study, trial, search_space)
+
+    def sample_independent(
+        self,
+        study: optuna.Study,
+        trial: optuna.trial.FrozenTrial,
+        param_name: str,
+        param_distribution: optuna.distributions.BaseDistribution,
+    ) -> Any:
+        default = self._default(trial)
+        if (
+            default is not None
+            and param_name in default
+            and param_distribution._contains(param_distribution.to_internal_repr(default[param_name]))
+        ):
+            return default[param_name]
+        return self.base.sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        self.base.before_trial(study, trial)
+
+    def after_trial(
+        self,
+        study: optuna.Study,
+        trial: optuna.trial.FrozenTrial,
+        state: optuna.trial.TrialState,
+        values: Any,
+    ) -> None:
+        self.base.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.base.reseed_rng()
 
 
 def _result(trial: optuna.trial.FrozenTrial) -> TrialResult:
