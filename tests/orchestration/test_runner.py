@@ -381,3 +381,30 @@ def test_the_api_ends_the_runs_a_worker_left_open(live: tuple[LiveApi, Client], 
     job_id, parent, child = _left_running(api, client, mlflow_uri)
     api.worker_client().job_reports.finish("demo", job_id, JobFinish(state="cancelled", reason="cancelled by request"))
     _wait_for_statuses(mlflow_uri, {parent: "KILLED", child: "KILLED"})
+
+
+def test_the_time_budget_holds_when_a_family_is_slow(live: tuple[LiveApi, Client], tmp_path: Path) -> None:
+    """timeout_s is a hard limit: the random forests still fitting at the deadline are stopped
+    (failed, over the budget) and the job registers the best model it has, within its budget;
+    without the limit they would fit for minutes."""
+    api, client = live
+    client.datasets.upload("demo", slow_dataset(tmp_path / "slow.parquet"))
+    budget = 25
+    job = client.jobs.create(
+        "demo", dataset="slow", target="label", timeout_s=budget, families=["linear", "random_forest"], seed=0
+    )
+    began = time.monotonic()
+    done = run_job(api.worker_client(), api.settings, job.id, "demo")
+    took = time.monotonic() - began
+    assert done is not None and done.state == "succeeded", done
+    assert took < budget + 30, took  # the forests alone take minutes (slow_dataset)
+    stopped = [t for t in done.leaderboard if t.error == "stopped: over the time budget"]
+    assert stopped and {t.family for t in stopped} == {"random_forest"} and {t.state for t in stopped} == {"fail"}
+    logs = " ".join(line.message for line in client.jobs.logs("demo", job.id))
+    assert "trials fit on a sample of 25000 of the 40000 training rows" in logs, logs
+    # The final fit saw every row, not the trials' sample.
+    assert (
+        MlflowClient(api.settings.mlflow_uri).get_run(str(done.mlflow_run_id)).data.params["best.training_rows"]
+        == "50000"
+    )
+    assert any("final fit on all 50000 rows" in line.message for line in client.jobs.logs("demo", job.id))

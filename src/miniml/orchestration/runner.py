@@ -40,12 +40,15 @@ from miniml.training.search import (
     SearchControl,
     SearchSpec,
     TrialResult,
+    affordable_best,
     best_trial,
     end_running_trials,
+    fit_cost,
     holdout_metrics,
     make_storage,
     refit,
     run_search,
+    trial_rows_for,
 )
 
 log = logging.getLogger("miniml.worker")
@@ -331,6 +334,7 @@ def train(
     project, job_id, spec = job.project, job.id, job.spec
     reports = client.job_reports
     stop = threading.Event()
+    began = time.monotonic()  # the time budget (timeout_s) counts from here, final fits included
     version = client.datasets.version(project, job.dataset, job.dataset_version)
     with tempfile.TemporaryDirectory(prefix=f"miniml-job-{job_id}-") as tmp:
         path = client.datasets.download(project, job.dataset, job.dataset_version, Path(tmp) / f"data.{version.format}")
@@ -347,6 +351,8 @@ def train(
         f"{len(features.columns)} features, families {', '.join(spec['families'])}",
     )
     threads = settings.worker.trial_threads or os.cpu_count() or 1
+    budget: float | None = spec.get("timeout_s")
+    rows = len(data.x_train) + len(data.x_test)
     search = SearchSpec(
         task=task,
         metric=spec["metric"],
@@ -354,10 +360,19 @@ def train(
         cv_folds=spec["cv_folds"],
         seed=spec["seed"],
         max_trials=spec.get("max_trials"),
-        timeout_s=spec.get("timeout_s"),
+        timeout_s=max(0.0, budget - (time.monotonic() - began)) if budget else None,
         n_jobs=threads,
         shard=shard,
+        final_fit_rows=len(data.x_train) + rows,  # the held-out model, then the one on every row
+        trial_rows=trial_rows_for(budget),
     )
+    if search.trial_rows and len(data.x_train) > search.trial_rows:
+        reports.log(
+            project,
+            job_id,
+            f"trials fit on a sample of {search.trial_rows} of the {len(data.x_train)} training rows "
+            f"(a {budget:.0f}s budget); the final fit sees every row",
+        )
     experiment = tracker.experiment_id(project)
 
     def on_trial(result: TrialResult) -> None:
@@ -395,9 +410,22 @@ def train(
         raise Cancelled
     study = optuna.load_study(study_name=study_name, storage=storage)
     best = best_trial(study)
+    if best is not None and budget:
+        left = budget - (time.monotonic() - began)
+        best, is_best = affordable_best(study, search.final_fit_rows, left)
+        if best is not None and not is_best:
+            top = study.best_trial
+            reports.log(
+                project,
+                job_id,
+                f"the best trial, {top.number} ({top.params['family']}), would need about "
+                f"{fit_cost(top, search.final_fit_rows):.0f}s for its final fits and {max(0.0, left):.0f}s of the "
+                f"budget are left: trial {best.number} ({best.params['family']}) is refit instead",
+            )
     if best is None:
         errors = sorted({str(t.user_attrs.get("error")) for t in study.trials if t.user_attrs.get("error")})
-        raise RuntimeError("no trial completed" + (f"; errors: {'; '.join(errors)[:1500]}" if errors else ""))
+        hint = f" within the time budget of {budget:.0f}s (raise timeout_s)" if budget else ""
+        raise RuntimeError(f"no trial completed{hint}" + (f"; errors: {'; '.join(errors)[:1500]}" if errors else ""))
     reports.log(
         project,
         job_id,
@@ -417,7 +445,6 @@ def train(
         ),
     }
     # The served model learns from every row: the test rows only measured the configuration.
-    rows = len(data.x_train) + len(data.x_test)
     reports.log(
         project,
         job_id,

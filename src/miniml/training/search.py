@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +57,24 @@ class SearchSpec:
     n_jobs: int = 1
     # Which of a parallel job's worker processes this is: each samples from its own seed.
     shard: int = 0
+    # Rows the final fits will see: the time they take is kept back from ``timeout_s``.
+    final_fit_rows: int = 0
+    # Trials fit on at most this many training rows (a stratified sample): data-size fidelity.
+    trial_rows: int | None = None
+
+
+# A final fit is planned at this multiple of its per-row cost in the trials (plus a second).
+FINAL_FIT_MARGIN = 1.5
+
+
+def trial_rows_for(timeout_s: float | None) -> int | None:
+    """Rows a trial fits on under a time budget: more with more time; every row without a budget."""
+    return max(20_000, int(timeout_s * 1_000)) if timeout_s else None
+
+
+def fit_cost(trial: optuna.trial.FrozenTrial, rows: int) -> float:
+    """Seconds a fit of ``trial``'s configuration on ``rows`` rows should take, from its trial's fits."""
+    return float(trial.user_attrs.get("fit_s_per_row", 0.0)) * rows * FINAL_FIT_MARGIN + 1.0
 
 
 @dataclass
@@ -137,24 +155,49 @@ class Cancelled(Exception):
     pass
 
 
-def make_objective(data: Split, features: Features, spec: SearchSpec, control: SearchControl) -> Callable[..., float]:
+OVER_BUDGET = "stopped: over the time budget"
+
+
+class OverBudget(Exception):
+    pass
+
+
+def make_objective(
+    data: Split, features: Features, spec: SearchSpec, control: SearchControl, over: threading.Event | None = None
+) -> Callable[..., float]:
     if spec.task is Task.classification:
         folds: Any = StratifiedKFold(n_splits=spec.cv_folds, shuffle=True, random_state=spec.seed)
     else:
         folds = KFold(n_splits=spec.cv_folds, shuffle=True, random_state=spec.seed)
-    splits = list(folds.split(data.x_train, data.y_train))
+    x, y = data.x_train, data.y_train
+    if spec.trial_rows and len(x) > spec.trial_rows:
+        from sklearn.model_selection import train_test_split
+
+        stratify = y if spec.task is Task.classification else None
+        keep, _ = train_test_split(
+            np.arange(len(x)), train_size=spec.trial_rows, random_state=spec.seed, stratify=stratify
+        )
+        x, y = x.iloc[np.sort(keep)], y[np.sort(keep)]
+    splits = list(folds.split(x, y))
 
     def objective(trial: optuna.Trial) -> float:
         trial.set_user_attr("worker", control.worker)
         name = trial.suggest_categorical("family", spec.families)
         family = FAMILIES[str(name)]
         scores: list[float] = []
+        fit_s = 0.0
         for step, (train_idx, valid_idx) in enumerate(splits):
             if control.should_stop():
                 raise Cancelled
+            if over is not None and over.is_set():
+                raise OverBudget
             pipe = build_pipeline(features, family, family.build(trial, spec.task, spec.seed))
-            pipe.fit(data.x_train.iloc[train_idx], data.y_train[train_idx])
-            scores.append(score(spec.metric, pipe, data.x_train.iloc[valid_idx], data.y_train[valid_idx]))
+            started = time.monotonic()
+            pipe.fit(x.iloc[train_idx], y[train_idx])
+            fit_s += time.monotonic() - started
+            # What a fit of this configuration costs a row: the final fits' time is planned on it.
+            trial.set_user_attr("fit_s_per_row", fit_s / ((step + 1) * max(1, len(train_idx))))
+            scores.append(score(spec.metric, pipe, x.iloc[valid_idx], y[valid_idx]))
             trial.report(float(np.mean(scores)), step)
             if trial.should_prune():
                 raise optuna.TrialPruned
@@ -287,38 +330,90 @@ def run_search(
     spec: SearchSpec,
     control: SearchControl,
 ) -> None:
-    """Run trials on ``spec.n_jobs`` threads until the budget, the time limit or a stop request ends it."""
-    deadline = time.monotonic() + spec.timeout_s if spec.timeout_s else None
-    objective = make_objective(data, features, spec, control)
+    """Run trials on ``spec.n_jobs`` threads until the budget, the time limit or a stop request ends it.
+
+    ``spec.timeout_s`` is a hard limit, less what ``control.reserve()`` keeps for the final fits: no
+    trial starts after it, and trials still fitting then are stopped (reported failed, "over the
+    time budget"). A fit cannot be interrupted, so its thread is left to run at the lowest CPU
+    priority until the process ends, while the final fits take the cores.
+    """
+    started = time.monotonic()
+    reserve = [0.0]  # the final fits of the best trial so far
+
+    def deadline() -> float:
+        return started + spec.timeout_s - reserve[0] if spec.timeout_s else math.inf
+
+    over = threading.Event()
+    objective = make_objective(data, features, spec, control, over)
     failures: list[BaseException] = []
+    running: dict[int, int] = {}  # thread's native id -> number of the trial it runs
     # One study, so one sampler and one random stream, shared by every trial thread: each trial
     # draws the next configuration. (A study per thread, seeded alike, drew the same ones.)
     study = new_study(storage, study_name, spec)
 
+    def tracked(trial: optuna.Trial) -> float:
+        running[threading.get_native_id()] = trial.number
+        try:
+            return objective(trial)
+        finally:
+            running.pop(threading.get_native_id(), None)
+
     def loop() -> None:
         def record(_study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+            if over.is_set():
+                return
             control.on_trial(_result(trial))
+            if spec.final_fit_rows and trial.state == optuna.trial.TrialState.COMPLETE:
+                with suppress(ValueError):
+                    reserve[0] = fit_cost(study.best_trial, spec.final_fit_rows)
 
-        while not control.should_stop() and (deadline is None or time.monotonic() < deadline):
+        while not control.should_stop() and time.monotonic() < deadline() and not over.is_set():
             if not control.claim():
                 return
             try:
                 study.optimize(
-                    _guard(objective), n_trials=1, callbacks=[record], catch=(Exception,), gc_after_trial=False
+                    _guard(tracked), n_trials=1, callbacks=[record], catch=(Exception,), gc_after_trial=False
                 )
-            except Cancelled:
+            except (Cancelled, OverBudget):
                 return
             except BaseException as exc:
-                failures.append(exc)
+                if not over.is_set():
+                    failures.append(exc)
                 return
 
     threads = [threading.Thread(target=loop, name=f"trials-{i}", daemon=True) for i in range(max(1, spec.n_jobs))]
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        while t.is_alive() and time.monotonic() < deadline():
+            t.join(timeout=min(1.0, max(0.01, deadline() - time.monotonic())))
+    if any(t.is_alive() for t in threads):
+        over.set()
+        _stop_overrunning(storage, study_name, study, running, control)
     if failures:
         raise failures[0]
+
+
+def _stop_overrunning(
+    storage: optuna.storages.BaseStorage,
+    study_name: str,
+    study: optuna.Study,
+    running: dict[int, int],
+    control: SearchControl,
+) -> None:
+    """End the trials still fitting at the deadline: failed, over the budget; their threads yield the CPU."""
+    import os
+
+    for native_id, number in list(running.items()):
+        with suppress(OSError):  # the thread ended meanwhile
+            os.setpriority(os.PRIO_PROCESS, native_id, 19)
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
+        try:
+            storage.set_trial_user_attr(trial_id, "error", OVER_BUDGET)
+            storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # it finished right at the deadline
+        control.on_trial(_result(storage.get_trial(trial_id)))
 
 
 def end_running_trials(
@@ -364,13 +459,28 @@ def _guard(objective: Callable[[optuna.Trial], float]) -> Callable[[optuna.Trial
         except Cancelled:
             trial.set_user_attr("error", "cancelled")
             raise optuna.TrialPruned from None
-        except optuna.TrialPruned:
+        except (optuna.TrialPruned, OverBudget):
             raise
         except Exception as exc:
             trial.set_user_attr("error", public_reason(exc, limit=400))
             raise
 
     return run
+
+
+def affordable_best(study: optuna.Study, rows: int, seconds: float) -> tuple[optuna.trial.FrozenTrial | None, bool]:
+    """The best completed trial whose fits on ``rows`` rows fit in ``seconds``; else the cheapest
+    one. The flag says whether it is the study's best."""
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not complete:
+        return None, False
+    best = study.best_trial
+    affordable = [t for t in complete if fit_cost(t, rows) <= seconds]
+    if not affordable:
+        return min(complete, key=lambda t: fit_cost(t, rows)), False
+    sign = -1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1
+    chosen = min(affordable, key=lambda t: (sign * float(t.value or 0.0), t.number))
+    return chosen, chosen.number == best.number
 
 
 def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
