@@ -316,16 +316,22 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 # The files that take minutes (real platforms, restarts) start first: with tests spread by file
 # over a few processes, a long file that starts last leaves the others idle while it runs.
-SLOW_FILES = (
-    "tests/test_resilience.py",
+SLOW_FILES = (  # longest first, as measured (--durations=0, summed per file): scripts/test keeps this order
     "tests/orchestration/test_prefect.py",
     "tests/test_readme.py",
+    "tests/orchestration/test_runner.py",
+    "tests/training/test_training.py",
+    "tests/test_resilience.py",
+    "tests/inference/test_serving.py",
+    "tests/orchestration/test_dashboards.py",
     "tests/test_up.py",
+    "tests/api/test_datasets.py",
+    "tests/inference/test_rollouts.py",
+    "tests/api/test_concurrency.py",
+    "tests/api/test_jobs.py",
+    "tests/api/test_auth.py",
     "tests/deploy/test_production.py",
     "tests/api/test_openapi.py",
-    "tests/orchestration/test_dashboards.py",
-    "tests/orchestration/test_runner.py",
-    "tests/inference/test_rollouts.py",
 )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,6 +20,19 @@ JOBS = "/api/v1/projects/demo/jobs"
 
 @pytest.fixture
 def jc(tmp_path: Path) -> Iterator[tuple[TestClient, dict[str, str]]]:
+    with _jc(tmp_path) as made:
+        yield made
+
+
+@pytest.fixture(scope="module")
+def shared_jc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TestClient, dict[str, str]]]:
+    """One app for the table of bad requests (each case checks it created nothing)."""
+    with _jc(tmp_path_factory.mktemp("jobs")) as made:
+        yield made
+
+
+@contextlib.contextmanager
+def _jc(tmp_path: Path) -> Iterator[tuple[TestClient, dict[str, str]]]:
     settings = Settings(
         data_dir=tmp_path / "d",
         prefect={"port": free_port()},
@@ -138,9 +152,9 @@ def test_seed_train_route(jc: tuple[TestClient, dict[str, str]]) -> None:
     ],
 )
 def test_bad_job_requests_are_422_and_create_nothing(
-    jc: tuple[TestClient, dict[str, str]], body: dict[str, object], needles: list[str]
+    shared_jc: tuple[TestClient, dict[str, str]], body: dict[str, object], needles: list[str]
 ) -> None:
-    client, admin = jc
+    client, admin = shared_jc
     assert_problem(client.post(JOBS, json=body, headers=admin), 422, *needles)
     assert job_count(client, admin) == 0
 
