@@ -329,3 +329,18 @@ def test_jobs_of_another_project_are_invisible(
     viewer = make_key_for(client, "viewer", "demo")
     assert client.get(f"{JOBS}/{job['id']}", headers=viewer).status_code == 200
     assert_problem(client.post(f"{JOBS}/{job['id']}/cancel", headers=viewer), 403, "engineer")
+
+
+def test_a_job_submitted_twice_keeps_its_first_flow_run(jc: tuple[TestClient, dict[str, str]]) -> None:
+    """The request that queued a job and the api's loop (or a second api) may both submit it:
+    the first flow run stays the job's, and its log says "submitted" once."""
+    from miniml.services import jobs
+
+    client, admin = jc
+    job = client.post(JOBS, json={"dataset": "iris", "target": "target", "max_trials": 1}, headers=admin).json()
+    for run in ("first-run", "second-run"):
+        with client.app.state.db.begin() as session:  # type: ignore[attr-defined]
+            jobs.mark_submitted(session, job["id"], run)
+    assert client.get(f"{JOBS}/{job['id']}", headers=admin).json()["flow_run_id"] == "first-run"
+    logs = [line["message"] for line in client.get(f"{JOBS}/{job['id']}/logs", headers=admin).json()]
+    assert sum("submitted to Prefect" in m for m in logs) == 1, logs

@@ -36,6 +36,8 @@ class Orchestrator:
         self.db = db
         self._client: httpx.Client | None = None
         self._lock = threading.Lock()
+        # The request that queued a job and the api's loop both submit: one at a time in this process.
+        self._submitting = threading.Lock()
 
     def _prefect(self) -> httpx.Client:
         with self._lock:
@@ -82,6 +84,10 @@ class Orchestrator:
 
     def submit_pending(self) -> list[int]:
         """Submit every queued job that has no flow run yet; return the ids submitted."""
+        with self._submitting:
+            return self._submit_pending()
+
+    def _submit_pending(self) -> list[int]:
         with self.db.begin() as session:
             pending = [
                 (j.id, j.project.name, int(j.spec.get("parallelism", 1)), j.created_at.timestamp())

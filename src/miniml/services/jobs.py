@@ -447,7 +447,7 @@ def unsubmitted_jobs(session: Session) -> list[tables.Job]:
 
 def mark_submitted(session: Session, job_id: int, flow_run_id: str) -> None:
     job = session.get(tables.Job, job_id)
-    if job is not None:
+    if job is not None and job.flow_run_id is None:  # another api process may have submitted it first
         job.flow_run_id = flow_run_id
         job.submitted_at = utcnow()
         log(session, job_id, f"submitted to Prefect as flow run {flow_run_id}")
