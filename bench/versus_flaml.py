@@ -159,6 +159,9 @@ def main() -> None:
                     done.reason,
                     [line.message for line in client.jobs.logs("bench", job.id)],
                 )
+                for line in client.jobs.logs("bench", job.id):  # how the budget was spent
+                    if any(k in line.message for k in ("sample of", "best:", "would need", "final fit", "registered")):
+                        print(f"    {name}: {line.message[:200]}", flush=True)
                 model, _signature = load_verified(
                     settings.mlflow_uri,
                     str(done.model_name),
