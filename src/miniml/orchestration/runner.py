@@ -414,14 +414,16 @@ def train(
     best = best_trial(study)
     if best is not None and budget:
         left = budget - (time.monotonic() - began)
-        best, is_best = affordable_best(study, search.final_fit_rows, left)
+        # A trial that became the best late may overrun the budget a little (a fifth of it, at most
+        # 30 s) rather than give way to a much weaker model.
+        best, is_best = affordable_best(study, search.final_fit_rows, left + min(30.0, budget / 5))
         if best is not None and not is_best:
             top = study.best_trial
             reports.log(
                 project,
                 job_id,
                 f"the best trial, {top.number} ({top.params['family']}), would need about "
-                f"{fit_cost(top, search.final_fit_rows):.0f}s for its final fits and {max(0.0, left):.0f}s of the "
+                f"{fit_cost(top, search.final_fit_rows):.0f}s for its final fit and {max(0.0, left):.0f}s of the "
                 f"budget are left: trial {best.number} ({best.params['family']}) is refit instead",
             )
     if best is None:
