@@ -353,6 +353,10 @@ def train(
     )
     threads = settings.worker.trial_threads or os.cpu_count() or 1
     budget: float | None = spec.get("timeout_s")
+    # The search keeps the final fits' time back from the budget; a trial that became the best
+    # late may still have its fits overrun it a little (a tenth, 30 s at most) rather than give way
+    # to a much weaker model.
+    overrun_end = began + budget + min(30.0, budget / 10) if budget else math.inf
     rows = len(data.x_train) + len(data.x_test)
     search = SearchSpec(
         task=task,
@@ -364,8 +368,7 @@ def train(
         timeout_s=max(0.0, budget - (time.monotonic() - began)) if budget else None,
         n_jobs=threads,
         shard=shard,
-        # The budget keeps back the held-out model's fit; the fit on every row follows if time is left.
-        final_fit_rows=len(data.x_train),
+        final_fit_rows=len(data.x_train) + rows,  # the held-out model, then the one on every row
         trial_rows=trial_rows_for(budget),
     )
     if search.trial_rows and len(data.x_train) > search.trial_rows:
@@ -414,16 +417,14 @@ def train(
     best = best_trial(study)
     if best is not None and budget:
         left = budget - (time.monotonic() - began)
-        # A trial that became the best late may overrun the budget a little (a fifth of it, at most
-        # 30 s) rather than give way to a much weaker model.
-        best, is_best = affordable_best(study, search.final_fit_rows, left + min(30.0, budget / 5))
+        best, is_best = affordable_best(study, len(data.x_train), overrun_end - time.monotonic())
         if best is not None and not is_best:
             top = study.best_trial
             reports.log(
                 project,
                 job_id,
                 f"the best trial, {top.number} ({top.params['family']}), would need about "
-                f"{fit_cost(top, search.final_fit_rows):.0f}s for its final fit and {max(0.0, left):.0f}s of the "
+                f"{fit_cost(top, len(data.x_train)):.0f}s for its final fit and {max(0.0, left):.0f}s of the "
                 f"budget are left: trial {best.number} ({best.params['family']}) is refit instead",
             )
     if best is None:
@@ -451,7 +452,7 @@ def train(
     # The served model learns from every row: the test rows only measured the configuration. Under
     # a time budget with no time left for that fit, the held-out model is the one registered.
     left = budget - (time.monotonic() - began) if budget else math.inf
-    if fit_cost(best, rows) <= left:
+    if fit_cost(best, rows) <= overrun_end - time.monotonic():
         reports.log(
             project,
             job_id,
