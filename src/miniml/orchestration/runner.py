@@ -376,7 +376,7 @@ def train(
             project,
             job_id,
             f"trials fit on a sample of {search.trial_rows} of the {len(data.x_train)} training rows "
-            f"(a {budget:.0f}s budget); the final fit sees every row",
+            f"(a {budget:.0f}s budget); the final fit sees every row if the budget allows",
         )
     experiment = tracker.experiment_id(project)
 
