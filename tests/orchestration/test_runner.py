@@ -402,9 +402,8 @@ def test_the_time_budget_holds_when_a_family_is_slow(live: tuple[LiveApi, Client
     assert stopped and {t.family for t in stopped} == {"random_forest"} and {t.state for t in stopped} == {"fail"}
     logs = " ".join(line.message for line in client.jobs.logs("demo", job.id))
     assert "trials fit on a sample of 25000 of the 40000 training rows" in logs, logs
-    # The final fit saw every row, not the trials' sample.
-    assert (
-        MlflowClient(api.settings.mlflow_uri).get_run(str(done.mlflow_run_id)).data.params["best.training_rows"]
-        == "50000"
-    )
-    assert any("final fit on all 50000 rows" in line.message for line in client.jobs.logs("demo", job.id))
+    # The model learnt from more rows than the trials' sample: every row when the budget left time
+    # for that fit (on a busy machine it may not), else the training rows; the log says which.
+    trained = MlflowClient(api.settings.mlflow_uri).get_run(str(done.mlflow_run_id)).data.params["best.training_rows"]
+    said = {"50000": "final fit on all 50000 rows", "40000": "learnt from the 40000 training rows is registered"}
+    assert trained in said and said[trained] in logs, (trained, logs)
