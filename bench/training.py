@@ -40,6 +40,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def platform_settings(folder: Path) -> Settings:
+    """A whole platform (``miniml up``'s processes) in ``folder``, on free ports."""
+    return Settings(
+        data_dir=folder,
+        api={"port": free_port()},
+        mlflow={"port": free_port()},
+        prefect={"port": free_port()},
+        inference={"port": free_port()},
+    )
+
+
 def make_data(path: Path, rows: int) -> None:
     x, y = make_classification(n_samples=rows, n_features=16, n_informative=8, n_classes=3, random_state=0)
     frame = pd.DataFrame(x, columns=[f"f{i}" for i in range(x.shape[1])])
@@ -87,13 +98,7 @@ def main() -> None:
         import os
 
         os.environ["MINIML_WORKER__TRIAL_THREADS"] = str(args.threads)
-        settings = Settings(
-            data_dir=Path(tmp) / "platform",
-            api={"port": free_port()},
-            mlflow={"port": free_port()},
-            prefect={"port": free_port()},
-            inference={"port": free_port()},
-        )
+        settings = platform_settings(Path(tmp) / "platform")
         sup = Supervisor(settings, embedded_services(settings))
         try:
             sup.start_all()

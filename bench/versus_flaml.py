@@ -28,8 +28,7 @@ from sklearn.datasets import load_breast_cancer, load_diabetes, load_digits, loa
 from sklearn.metrics import f1_score, mean_squared_error
 from sklearn.model_selection import train_test_split
 
-from bench.training import free_port
-from miniml.config import Settings
+from bench.training import platform_settings
 from miniml.processes import Supervisor, embedded_services
 from miniml.sdk.client import Client
 from miniml.tracking.access import use_admin_credentials
@@ -121,13 +120,7 @@ def main() -> None:
     cores = os.cpu_count() or 1
     rows = []
     with tempfile.TemporaryDirectory(prefix="miniml-vs-flaml-") as tmp:
-        settings = Settings(
-            data_dir=Path(tmp) / "platform",
-            api={"port": free_port()},
-            mlflow={"port": free_port()},
-            prefect={"port": free_port()},
-            inference={"port": free_port()},
-        )
+        settings = platform_settings(Path(tmp) / "platform")
         sup = Supervisor(settings, embedded_services(settings))
         sup.start_all()
         try:
