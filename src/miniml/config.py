@@ -134,6 +134,13 @@ class WorkerSettings(BaseModel):
         "with. Unset: <data_dir>/worker.key, written by the api (miniml up and compose share that folder).",
     )
     concurrency: int = Field(default=2, ge=1, description="Jobs one worker process runs at once.")
+    poll_s: float = Field(
+        default=0.5,
+        gt=0,
+        le=60,
+        description="Seconds between the worker's asks to Prefect for submitted flow runs: a job waits at most "
+        "this long before its flow run starts.",
+    )
     trial_threads: int = Field(
         default=0, ge=0, description="Parallel trials inside one job; 0 = the number of CPU cores."
     )

@@ -125,7 +125,7 @@ def production(tmp_path: Path, pg_url: str, s3_endpoint: str) -> Iterator[tuple[
         if svc.name.startswith("worker"):
             # A shard keeps the other's share for up to 4 minutes: its process may start slowly
             # on a loaded machine, and this test is about both workers taking part.
-            svc.env = svc.env | {"PREFECT_RUNNER_POLL_FREQUENCY": "1", "MINIML_WORKER__SHARD_GRACE_S": "240"}
+            svc.env = svc.env | {"MINIML_WORKER__SHARD_GRACE_S": "240"}
     sup = Supervisor(settings, services)
     try:
         sup.start_all()

@@ -60,7 +60,6 @@ def platform(
                 "MINIML_WORKER__TRIAL_THREADS": "1",
                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                 "MINIML_WORKER__METRICS_PORT": "0",
-                "PREFECT_RUNNER_POLL_FREQUENCY": "1",
             }
             | (extra or {})
         )

@@ -239,8 +239,6 @@ def worker() -> None:
         use_admin_credentials(settings.mlflow.admin_password, settings.data_dir)
     os.environ.setdefault("PREFECT_API_URL", settings.prefect_api_url)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    # Poll often: a submitted job starts within a few seconds instead of ~10.
-    os.environ.setdefault("PREFECT_RUNNER_POLL_FREQUENCY", "2")
     from miniml.monitoring.metrics import start_worker_metrics
 
     start_worker_metrics(settings)
