@@ -92,6 +92,29 @@ def test_submit_answers_202_at_once_with_a_queued_job(jc: tuple[TestClient, dict
     assert logs and "queued" in logs[0]["message"]
 
 
+def test_a_job_gets_a_time_budget_unless_it_names_one(jc: tuple[TestClient, dict[str, str]]) -> None:
+    client, admin = jc
+    for budget, expected in (
+        ({}, (20, 60.0)),  # neither: 20 trials or a time that fits iris (the 60 s floor), whichever first
+        ({"max_trials": 7}, (7, None)),  # a trial budget alone is kept as asked
+        ({"timeout_s": 30}, (None, 30.0)),  # a time budget alone runs trials until it is spent
+        ({"max_trials": 7, "timeout_s": 30}, (7, 30.0)),
+    ):
+        response = client.post(JOBS, json={"dataset": "iris", "target": "target"} | budget, headers=admin)
+        assert response.status_code == 202, response.text
+        spec = response.json()["spec"]
+        assert (spec["max_trials"], spec["timeout_s"]) == expected, budget
+
+
+def test_the_default_time_budget_grows_with_the_data() -> None:
+    from miniml.services.jobs import default_timeout_s
+
+    sizes = [(150, 5), (20_000, 50), (100_000, 50), (2_000_000, 7), (100_000_000, 100)]
+    budgets = [default_timeout_s(rows, cols) for rows, cols in sizes]
+    assert budgets == sorted(budgets) and budgets[0] == budgets[1] == 60  # a million cells or fewer: 60 s
+    assert 60 < budgets[2] < budgets[3] < budgets[4] == 3600  # then more, up to an hour
+
+
 def test_seed_train_route(jc: tuple[TestClient, dict[str, str]]) -> None:
     client, admin = jc
     uri = client.get("/api/v1/projects/demo/datasets/iris/versions/1", headers=admin).json()["s3_uri"]

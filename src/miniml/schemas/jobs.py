@@ -20,9 +20,19 @@ class JobCreate(StrictModel):
     metric: str | None = Field(default=None, description="Default f1_macro (classification) or rmse (regression).")
     families: list[str] | None = Field(default=None, description="Model families to search; default all.")
     max_trials: int | None = Field(
-        default=None, ge=1, le=MAX_TRIALS, description="Trial budget; default 20 when no timeout is set."
+        default=None,
+        ge=1,
+        le=MAX_TRIALS,
+        description="Trial budget; default 20 when timeout_s is not set (then the job also gets a default time).",
     )
-    timeout_s: float | None = Field(default=None, gt=0, le=7 * 86400, description="Time budget in seconds.")
+    timeout_s: float | None = Field(
+        default=None,
+        gt=0,
+        le=7 * 86400,
+        description="Time budget in seconds, the final fit included. Default when neither budget is set: 60 s "
+        "up to a million cells (rows x columns), growing with the square root of the size, an hour at most; "
+        "the job ends at 20 trials or that time, whichever comes first.",
+    )
     test_size: float = Field(default=0.2, gt=0.0, lt=0.9)
     cv_folds: int = Field(default=3, ge=2, le=20)
     seed: int = Field(default=0, ge=0, le=MAX_SEED, description="Seeds the split, the search and the models.")

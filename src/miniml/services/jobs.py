@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from datetime import timedelta
 from typing import Any
 
@@ -36,6 +37,12 @@ from miniml.tracking.registry import Registry, registered_name
 
 ALL_FAMILIES = ["linear", "random_forest", "hist_gradient_boosting", "lightgbm", "xgboost", "torch_mlp"]
 DEFAULT_MAX_TRIALS = 20
+
+
+def default_timeout_s(rows: int, columns: int) -> float:
+    """A job's time budget when it names neither budget: 60 s up to a million cells, growing with the
+    square root of the size beyond (2,000,000 x 7 gets 224 s), an hour at most."""
+    return float(min(3600, max(60, round(60 * math.sqrt(rows * columns / 1e6)))))
 
 
 def _resolve_dataset(
@@ -125,6 +132,10 @@ def resolve_spec(version: tables.DatasetVersion, body: JobCreate) -> dict[str, A
         max_trials = (
             body.max_trials if body.max_trials is not None else (None if body.timeout_s else DEFAULT_MAX_TRIALS)
         )
+    timeout_s = body.timeout_s
+    if timeout_s is None and body.max_trials is None:
+        # Neither budget named: 20 trials or a time that fits the data, whichever ends first.
+        timeout_s = default_timeout_s(int(profile["rows"]), len(columns))
     model_name = check_name(body.model_name or version.dataset.name, what="Model")
     return {
         "target": body.target,
@@ -133,7 +144,7 @@ def resolve_spec(version: tables.DatasetVersion, body: JobCreate) -> dict[str, A
         "maximise": maximise(metric),
         "families": list(dict.fromkeys(families)),
         "max_trials": max_trials,
-        "timeout_s": body.timeout_s,
+        "timeout_s": timeout_s,
         "test_size": body.test_size,
         "cv_folds": body.cv_folds,
         "seed": body.seed,
