@@ -216,3 +216,76 @@ def test_a_search_starts_from_each_familys_defaults_cheapest_first(tmp_path: Pat
         assert {k.split(".", 1)[1]: v for k, v in r.params.items()}.items() <= defaults.items(), r
     explored = ordered[3]
     assert {k: v for k, v in explored.params.items()} != dict(FAMILIES[explored.family].defaults)
+
+
+def test_the_rungs_grow_within_fold_zero_and_keep_every_class_in_proportion() -> None:
+    from miniml.training.search import MIN_RUNG_ROWS, RUNG_FRACTIONS, fidelity_rungs
+
+    spec = SearchSpec(task=Task.classification, metric="f1_macro", families=["linear"])
+    y = np.array(["rare"] * 300 + ["common"] * 29_700)
+    train_idx = np.arange(0, 30_000, 2)  # a fold's training rows: every other row
+    rungs = fidelity_rungs(train_idx, y, spec)
+    assert [len(r) for r in rungs] == [int(len(train_idx) * f) for f in RUNG_FRACTIONS]
+    assert set(rungs[0]) <= set(rungs[1]) <= set(train_idx)
+    for rows in rungs:  # 1 % rare in the fold, 1 % rare in each rung (within a row)
+        assert abs((y[rows] == "rare").sum() - 0.01 * len(rows)) <= 1
+    small = np.arange(int(MIN_RUNG_ROWS / RUNG_FRACTIONS[0]) - 1)
+    assert fidelity_rungs(small, y, spec) == []  # small data fits whole
+
+
+def test_successive_halving_cuts_a_trial_behind_the_best_third_of_its_rung() -> None:
+    import optuna
+
+    from miniml.training.search import MIN_COMPETITORS, FidelityPruner
+
+    study = optuna.create_study(direction="maximize", pruner=FidelityPruner(protected=2))
+
+    def at_rung(value: float) -> tuple[optuna.Trial, bool]:
+        trial = study.ask()
+        trial.report(value, 0)
+        return trial, trial.should_prune()
+
+    # The protected defaults and the first trials are never cut: too few to rank against.
+    for value in [0.1, 0.2] + [0.5] * (MIN_COMPETITORS - 2):
+        trial, cut = at_rung(value)
+        assert not cut, value
+        study.tell(trial, value)
+    # Ranked against the others at the rung: the best third goes on, the rest stop.
+    assert at_rung(0.9)[1] is False
+    assert at_rung(0.3)[1] is True
+    assert at_rung(float("nan"))[1] is True
+    minimise = optuna.create_study(direction="minimize", pruner=FidelityPruner(protected=0))
+    for value, cut in ((10.0, False), (20.0, False), (30.0, False), (40.0, True), (5.0, False), (12.0, True)):
+        trial = minimise.ask()  # lower is better (rmse); the first three have too few to rank against
+        trial.report(value, 0)
+        assert trial.should_prune() is cut, value
+
+
+def test_large_data_is_searched_by_data_size_and_small_data_fits_whole(tmp_path: Path) -> None:
+    """Each trial on 30,000 rows reports its rungs (a ninth, a third of fold 0) before the folds; on
+    iris it only reports folds. Trials cut at a rung say how many rows they got."""
+    from sklearn.datasets import make_classification
+
+    from miniml.training.search import FULL_STEP
+
+    x, y = make_classification(n_samples=40_000, n_features=8, n_informative=3, flip_y=0.2, random_state=0)
+    frame = pd.DataFrame(x, columns=[f"f{i}" for i in range(8)]).assign(label=np.array(["a", "b"])[y])
+    data, features, task = prepare(write_csv(tmp_path, frame, "big.csv"), "label")
+    study, _spec, results = search(tmp_path, data, features, task, ["linear", "hist_gradient_boosting"], trials=10)
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == optuna_complete()]
+    assert complete and all(min(t.intermediate_values) == 0 for t in complete)
+    assert all(set(t.intermediate_values) == {*range(FULL_STEP), *range(FULL_STEP, FULL_STEP + 3)} for t in complete)
+    for r in results:
+        if r.state == "pruned" and r.error and "rows" in r.error:
+            assert "pruned on" in r.error
+    iris_data, iris_features, iris_task = prepare(IRIS, "target")
+    (tmp_path / "iris").mkdir()
+    small, _spec, _results = search(tmp_path / "iris", iris_data, iris_features, iris_task, ["linear"], trials=2)
+    assert all(set(t.intermediate_values) <= set(range(FULL_STEP, FULL_STEP + 3)) for t in small.get_trials())
+
+
+def optuna_complete():  # type: ignore[no-untyped-def]
+    import optuna
+
+    return optuna.trial.TrialState.COMPLETE

@@ -1,4 +1,4 @@
-"""The Optuna search: family first, its parameters next, cross-validated, pruned per fold.
+"""The Optuna search: family first, its parameters next, cross-validated, pruned by data size and per fold.
 
 Trials are claimed one at a time from a budget the caller owns (the api, through the job), so
 several threads and several worker processes can share one study and the total number of
@@ -65,6 +65,18 @@ class SearchSpec:
 
 # A final fit is planned at this multiple of its per-row cost in the trials (plus a second).
 FINAL_FIT_MARGIN = 1.5
+
+# Data-size fidelity, successive halving as in ASHA: when a fold trains on at least
+# MIN_RUNG_ROWS / RUNG_FRACTIONS[0] rows, a trial first fits on these fractions of fold 0's training
+# rows (its rungs, steps 0, 1, ...) and goes on only while it is in the top 1/REDUCTION of the trials
+# that reached the same rung; then it fits every fold on all the rows (steps FULL_STEP + fold), where
+# the median rule prunes it.
+RUNG_FRACTIONS = (1 / 9, 1 / 3)
+MIN_RUNG_ROWS = 1_000
+FULL_STEP = len(RUNG_FRACTIONS)
+REDUCTION = 3
+# A rung prunes only once this many other trials have reached it.
+MIN_COMPETITORS = 3
 
 
 def trial_rows_for(timeout_s: float | None) -> int | None:
@@ -179,14 +191,16 @@ def make_objective(
         )
         x, y = x.iloc[np.sort(keep)], y[np.sort(keep)]
     splits = list(folds.split(x, y))
+    rungs = fidelity_rungs(splits[0][0], y, spec)
 
     def objective(trial: optuna.Trial) -> float:
         trial.set_user_attr("worker", control.worker)
         name = trial.suggest_categorical("family", spec.families)
         family = FAMILIES[str(name)]
-        scores: list[float] = []
-        fit_s = 0.0
-        for step, (train_idx, valid_idx) in enumerate(splits):
+        fit_s, fit_rows = 0.0, 0
+
+        def fit_and_score(train_idx: np.ndarray, valid_idx: np.ndarray) -> float:
+            nonlocal fit_s, fit_rows
             if control.should_stop():
                 raise Cancelled
             if over is not None and over.is_set():
@@ -194,16 +208,77 @@ def make_objective(
             pipe = build_pipeline(features, family, family.build(trial, spec.task, spec.seed))
             started = time.monotonic()
             pipe.fit(x.iloc[train_idx], y[train_idx])
-            fit_s += time.monotonic() - started
+            fit_s, fit_rows = fit_s + time.monotonic() - started, fit_rows + len(train_idx)
             # What a fit of this configuration costs a row: the final fits' time is planned on it.
-            trial.set_user_attr("fit_s_per_row", fit_s / ((step + 1) * max(1, len(train_idx))))
-            scores.append(score(spec.metric, pipe, x.iloc[valid_idx], y[valid_idx]))
-            trial.report(float(np.mean(scores)), step)
+            trial.set_user_attr("fit_s_per_row", fit_s / max(1, fit_rows))
+            return score(spec.metric, pipe, x.iloc[valid_idx], y[valid_idx])
+
+        for step, rows in enumerate(rungs):
+            trial.report(fit_and_score(rows, splits[0][1]), step)
+            if trial.should_prune():
+                trial.set_user_attr("error", f"pruned on {len(rows):,} rows: behind the best third of the trials there")
+                raise optuna.TrialPruned
+        scores: list[float] = []
+        for fold, (train_idx, valid_idx) in enumerate(splits):
+            scores.append(fit_and_score(train_idx, valid_idx))
+            trial.report(float(np.mean(scores)), FULL_STEP + fold)
             if trial.should_prune():
                 raise optuna.TrialPruned
         return float(np.mean(scores))
 
     return objective
+
+
+def fidelity_rungs(train_idx: np.ndarray, y: np.ndarray, spec: SearchSpec) -> list[np.ndarray]:
+    """The rows of fold 0's training set each rung fits on (growing, each within the next), or none when
+    the smallest rung would be under MIN_RUNG_ROWS: small data is cheap to fit whole."""
+    if len(train_idx) * RUNG_FRACTIONS[0] < MIN_RUNG_ROWS:
+        return []
+    order = np.random.default_rng(spec.seed).permutation(train_idx)
+    if spec.task is Task.classification:
+        # Every class in every rung, in proportion: sort the shuffled rows by class rank within class.
+        labels = y[order]
+        rank = np.empty(len(order))
+        for label in np.unique(labels):
+            where = np.flatnonzero(labels == label)
+            rank[where] = np.arange(len(where)) / len(where)
+        order = order[np.argsort(rank, kind="stable")]
+    return [np.sort(order[: int(len(order) * fraction)]) for fraction in RUNG_FRACTIONS]
+
+
+class FidelityPruner(optuna.pruners.BasePruner):
+    """Successive halving on the data-size rungs (ASHA's rule: continue while in the top 1/REDUCTION
+    of the trials that reached the rung), the median rule over the folds after.
+
+    The first ``protected`` trials (each family's defaults) are never cut at a rung: a family is not
+    ruled out on a ninth of the data before anything else has been seen."""
+
+    def __init__(self, protected: int) -> None:
+        self.protected = protected
+        self.median = optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=FULL_STEP)
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        step = trial.last_step
+        if step is None:
+            return False
+        if step >= FULL_STEP:
+            return bool(self.median.prune(study, trial))
+        if trial.number < self.protected:
+            return False
+        value = trial.intermediate_values[step]
+        others = [
+            t.intermediate_values[step]
+            for t in study.get_trials(deepcopy=False)
+            if t.number != trial.number
+            and step in t.intermediate_values
+            and not math.isnan(t.intermediate_values[step])
+        ]
+        if len(others) < MIN_COMPETITORS or math.isnan(value):
+            return len(others) >= MIN_COMPETITORS  # a rung that scored nothing is cut
+        maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+        ranked = sorted([*others, value], reverse=maximize)
+        cutoff = ranked[max(1, len(ranked) // REDUCTION) - 1]
+        return value < cutoff if maximize else value > cutoff
 
 
 def make_storage(url: str) -> optuna.storages.RDBStorage:
@@ -238,7 +313,7 @@ def new_study(storage: optuna.storages.BaseStorage, name: str, spec: SearchSpec)
             ),
             spec.families,
         ),
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=0),
+        pruner=FidelityPruner(protected=len(spec.families)),
         load_if_exists=True,
     )
 
