@@ -289,3 +289,31 @@ def optuna_complete():  # type: ignore[no-untyped-def]
     import optuna
 
     return optuna.trial.TrialState.COMPLETE
+
+
+def test_a_configuration_is_never_tried_twice_even_when_the_space_runs_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A family with three configurations and a budget of ten trials on two threads: TPE proposes
+    points again; each repeat is skipped unfitted and off the leaderboard, and once only repeats
+    come, the search ends with the three."""
+    from dataclasses import replace
+
+    import optuna
+    from sklearn.linear_model import LogisticRegression
+
+    from miniml.training import families
+    from miniml.training import search as search_module
+
+    def tiny(trial, task, seed):  # type: ignore[no-untyped-def]
+        return LogisticRegression(C=trial.suggest_categorical("tiny.C", [0.1, 1.0, 10.0]), max_iter=500)
+
+    tiny_family = replace(families.FAMILIES["linear"], name="tiny", build=tiny, defaults=())
+    monkeypatch.setitem(families.FAMILIES, "tiny", tiny_family)
+    monkeypatch.setattr(search_module, "MAX_REPEATS", 15)
+    data, features, task = prepare(IRIS, "target")
+    study, _spec, results = search(tmp_path, data, features, task, ["tiny"], trials=10)
+    configurations = [(r.family, tuple(sorted(r.params.items()))) for r in results]
+    assert sorted(configurations) == sorted({("tiny", (("tiny.C", c),)) for c in (0.1, 1.0, 10.0)})
+    repeats = [t for t in study.trials if "duplicate_of" in t.user_attrs]
+    assert repeats and all(t.state == optuna.trial.TrialState.PRUNED for t in repeats)

@@ -77,6 +77,8 @@ FULL_STEP = len(RUNG_FRACTIONS)
 REDUCTION = 3
 # A rung prunes only once this many other trials have reached it.
 MIN_COMPETITORS = 3
+# A trial thread stops once the sampler proposed configurations already tried this many times in a row.
+MAX_REPEATS = 50
 
 
 def trial_rows_for(timeout_s: float | None) -> int | None:
@@ -197,6 +199,13 @@ def make_objective(
         trial.set_user_attr("worker", control.worker)
         name = trial.suggest_categorical("family", spec.families)
         family = FAMILIES[str(name)]
+        family.build(trial, spec.task, spec.seed)  # draws every parameter now: is this configuration new?
+        seen = _same_configuration(trial)
+        if seen is not None:
+            # Ended pruned, unfitted and off the leaderboard; the thread draws again on the same claim.
+            # (To TPE a pruned point counts among the poor ones: it is less likely to propose it again.)
+            trial.set_user_attr("duplicate_of", seen.number)
+            raise optuna.TrialPruned
         fit_s, fit_rows = 0.0, 0
 
         def fit_and_score(train_idx: np.ndarray, valid_idx: np.ndarray) -> float:
@@ -227,6 +236,17 @@ def make_objective(
         return float(np.mean(scores))
 
     return objective
+
+
+def _same_configuration(trial: optuna.Trial) -> optuna.trial.FrozenTrial | None:
+    """An earlier trial of the study (finished, or running on another thread) with these very
+    parameters: small discrete spaces (a random forest's) and ties at the best score make TPE
+    propose a point again."""
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.PRUNED)
+    for other in trial.study.get_trials(deepcopy=False, states=states):
+        if other.number != trial.number and "duplicate_of" not in other.user_attrs and other.params == trial.params:
+            return other
+    return None
 
 
 def fidelity_rungs(train_idx: np.ndarray, y: np.ndarray, spec: SearchSpec) -> list[np.ndarray]:
@@ -434,16 +454,24 @@ def run_search(
             running.pop(threading.get_native_id(), None)
 
     def loop() -> None:
+        repeats = [0]  # trials in a row that drew a configuration tried before
+
         def record(_study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
             if over.is_set():
                 return
+            if "duplicate_of" in trial.user_attrs:  # not a trial of the job: drawn again, on the same claim
+                repeats[0] += 1
+                return
+            repeats[0] = 0
             control.on_trial(_result(trial))
             if spec.final_fit_rows and trial.state == optuna.trial.TrialState.COMPLETE:
                 with suppress(ValueError):
                     reserve[0] = fit_cost(study.best_trial, spec.final_fit_rows)
 
         while not control.should_stop() and time.monotonic() < deadline() and not over.is_set():
-            if not control.claim():
+            if repeats[0] > MAX_REPEATS:
+                return  # the sampler keeps proposing what was tried: the space is spent
+            if repeats[0] == 0 and not control.claim():
                 return
             try:
                 study.optimize(
