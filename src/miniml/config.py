@@ -195,6 +195,11 @@ class MonitoringSettings(BaseModel):
     prometheus_port: int = Field(
         default=9090, ge=1, le=65535, description="Port of Prometheus, which miniml up starts when it is installed."
     )
+    prometheus_url: str | None = Field(
+        default=None,
+        description="Prometheus the api asks for a deployment's live traffic (the console's charts); default "
+        "http://127.0.0.1:<prometheus_port>.",
+    )
 
 
 class InferenceSettings(BaseModel):

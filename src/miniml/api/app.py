@@ -14,7 +14,7 @@ import anyio
 from fastapi import FastAPI
 from sqlalchemy.orm import Session, sessionmaker
 
-from miniml import logs
+from miniml import console, logs
 from miniml.api import errors, mlflow_users
 from miniml.api.middleware import ApiMetrics, RequestMiddleware
 from miniml.api.openapi import documented_openapi
@@ -182,6 +182,7 @@ def create_app(settings: Settings) -> FastAPI:
     for module in (health, auth, keys, projects, datasets, jobs, models, deployments, monitoring, audit, seed):
         app.include_router(module.router)
     app.include_router(deployments.inference_router)
+    console.mount(app)  # /ui: pages that call the routes above, as the SDK does
     app.openapi = lambda: documented_openapi(app)  # type: ignore[method-assign]
     app.add_middleware(
         RequestMiddleware,  # type: ignore[arg-type]

@@ -20,7 +20,7 @@ _WHY = {
     "409": "A name is taken, or the object's state does not allow this.",
     "413": "The body is larger than this route accepts.",
     "422": "Well-formed but unusable input; the detail names the field and what to send.",
-    "503": "The metadata DB, MLflow, S3 or Prefect did not answer; retry (see Retry-After).",
+    "503": "The metadata DB, MLflow, S3, Prefect or Prometheus did not answer; retry (see Retry-After).",
     "507": "The disk the platform writes to is full; nothing of the request was kept.",
 }
 _MUTATING = {"post", "put", "patch", "delete"}

@@ -46,6 +46,7 @@ def up() -> None:
         console.print(f"miniml: starting in {settings.data_dir.resolve()} ({settings.mode.value} mode)")
         timings = sup.start_all()
         console.print("[green]miniml is up[/green] " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
+        console.print(f"  console    {settings.api_url}/ui  (sign in with an API key)")
         console.print(f"  api        {settings.api_url}  (OpenAPI: {settings.api_url}/docs)")
         console.print(
             f"  MLflow UI  {settings.mlflow_uri}"

@@ -197,3 +197,13 @@ class EvaluationResult(StrictModel):
     challenger_score: float | None = None
     rows: int = 0
     error: str | None = None
+
+
+class TrafficRead(ReadModel):
+    deployment: str
+    minutes: int
+    step_s: int
+    series: dict[str, list[list[float]]] = Field(
+        description="requests_per_s, errors_per_s and p95_latency_ms: [unix time, value] points."
+    )
+    totals: dict[str, float] = Field(description="requests and errors since the replicas started.")

@@ -8,9 +8,20 @@ from typing import Annotated
 import anyio
 from fastapi import APIRouter, Query, Request
 
-from miniml.api.deps import AdminDep, DbDep, EngineerDep, IdPath, InferenceDep, RegistryDep, ViewerDep, WorkerDep
+from miniml.api.deps import (
+    AdminDep,
+    DbDep,
+    EngineerDep,
+    IdPath,
+    InferenceDep,
+    RegistryDep,
+    SettingsDep,
+    ViewerDep,
+    WorkerDep,
+)
 from miniml.api.routes.deployments import inference_router, push_after_commit
 from miniml.api.routes.jobs import submit_after_commit
+from miniml.monitoring import traffic
 from miniml.schemas.monitoring import (
     DriftContext,
     DriftReportRead,
@@ -23,6 +34,7 @@ from miniml.schemas.monitoring import (
     MonitoringUpdate,
     QualityRead,
     RetrainingRead,
+    TrafficRead,
 )
 from miniml.services import monitoring
 from miniml.services.deployments import read_deployment
@@ -41,6 +53,26 @@ async def submit_monitoring(request: Request) -> None:
         await anyio.to_thread.run_sync(app.state.orchestrator.supervise_monitoring, app.state.registry)
     except Exception as exc:  # Prefect down: the loop retries
         log.info("monitoring submission deferred", extra={"error": str(exc)[:200]})
+
+
+@router.get("/{name}/traffic")
+def read_traffic(
+    project: str,
+    name: str,
+    db: DbDep,
+    settings: SettingsDep,
+    caller: ViewerDep,
+    minutes: Annotated[int, Query(ge=1, le=24 * 60, description="How far back.")] = 15,
+    step_s: Annotated[int, Query(ge=5, le=3600, description="Seconds between points.")] = 15,
+) -> TrafficRead:
+    """Live requests/s, errors/s and p95 latency (ms) over the last minutes, and the totals, from
+    Prometheus (the inference replicas' own metrics). 503 when Prometheus does not answer."""
+    with db.begin() as session:
+        dep = read_deployment(session, caller, project, name)
+        deployment = dep.name
+    url = settings.monitoring.prometheus_url or f"http://127.0.0.1:{settings.monitoring.prometheus_port}"
+    step_s = max(step_s, minutes * 60 // 1000)  # at most about a thousand points a series
+    return TrafficRead.model_validate(traffic.deployment_traffic(url, deployment, minutes, step_s))
 
 
 @router.get("/{name}/monitoring")

@@ -1,0 +1,238 @@
+"""The console end to end in real headless Chromium (Debian's, driven by Playwright) against a live
+`miniml up`: the seed flow done in the browser, each role's controls, a forged cookie, no other
+origin, no JavaScript error. Screenshots of each page go to build/screenshots/console/."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import free_port
+from tests.test_up import _read_until, _start
+
+pytestmark = pytest.mark.slow
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+SHOTS = Path(__file__).resolve().parents[2] / "build" / "screenshots" / "console"
+IRIS = Path(__file__).resolve().parents[2] / "data" / "samples" / "iris.csv"
+
+playwright_api = pytest.importorskip("playwright.sync_api")
+if not os.path.exists(CHROMIUM):  # scripts/test installs Debian's chromium where it may
+    pytest.skip("Debian's chromium is not installed (apt-get install chromium)", allow_module_level=True)
+
+
+class Platform:
+    def __init__(self, folder: Path, ports: dict[str, int]) -> None:
+        self.folder, self.ports = folder, ports
+        self.url = f"http://127.0.0.1:{ports['api']}"
+        self.inference = f"http://127.0.0.1:{ports['inference']}"
+        self.admin_key = (folder / "data" / "admin.key").read_text().strip()
+
+    def key(self, role: str, *projects: str) -> str:
+        made = httpx.post(
+            f"{self.url}/api/v1/keys",
+            json={"role": role, "projects": list(projects), "name": f"browser {role}"},
+            headers={"X-API-Key": self.admin_key},
+            timeout=30,
+        )
+        assert made.status_code == 201, made.text
+        return str(made.json()["key"])
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
+    folder = tmp_path_factory.mktemp("up")
+    ports = {name: free_port() for name in ("api", "mlflow", "prefect", "inference", "prometheus", "worker_metrics")}
+    proc = _start(folder, ports)
+    try:
+        out = _read_until(proc, r"Press Ctrl-C", 300)
+        assert f"{ports['api']}/ui" in out  # miniml up names the console's address
+        yield Platform(folder, ports)
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(60)
+        except Exception:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+class Watched:
+    """A browser page that records what a reviewer and the checks need: every request's origin,
+    JavaScript errors, and a screenshot per page."""
+
+    def __init__(self, page: Any, platform: Platform, role: str) -> None:
+        self.page, self.platform, self.role = page, platform, role
+        self.requests: list[str] = []
+        self.errors: list[str] = []
+        page.on("request", lambda r: self.requests.append(r.url))
+        page.on("pageerror", lambda e: self.errors.append(str(e)))
+        page.on("console", lambda m: self.errors.append(m.text) if m.type == "error" else None)
+        page.set_default_timeout(30_000)
+
+    def goto(self, path: str) -> None:
+        self.page.goto(self.platform.url + path)
+
+    def shot(self, name: str) -> None:
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        self.page.screenshot(path=str(SHOTS / f"{self.role}-{name}.png"), full_page=True)
+
+    def sign_in(self, key: str) -> None:
+        self.goto("/ui/login")
+        self.page.fill("#api_key", key)
+        self.page.click("button[type=submit]")
+        self.page.wait_for_url(re.compile(r".*/ui/projects$"))
+
+    def check_clean(self) -> None:
+        foreign = [u for u in self.requests if not u.startswith(self.platform.url) and not u.startswith("data:")]
+        assert foreign == [], foreign
+        assert self.errors == [], self.errors
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    with playwright_api.sync_playwright() as pw:
+        chromium = pw.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"],
+        )
+        yield chromium
+        chromium.close()
+
+
+def _page(browser: Any, platform: Platform, role: str) -> Watched:
+    context = browser.new_context(viewport={"width": 1366, "height": 768})
+    return Watched(context.new_page(), platform, role)
+
+
+def _wait_text(page: Watched, selector: str, pattern: str, timeout_s: float, reload: bool = True) -> str:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        text = page.page.inner_text(selector)
+        if re.search(pattern, text):
+            return text
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{selector} never matched {pattern!r}: {text[:500]}")
+        time.sleep(1)
+        if reload:
+            page.page.reload()
+
+
+def test_the_seed_flow_in_the_browser(browser: Any, platform: Platform) -> None:
+    """An admin does the whole lifecycle in the console; a prediction made through the api shows up
+    in the deployment's traffic."""
+    admin = _page(browser, platform, "admin")
+    admin.goto("/ui/projects")
+    assert "/ui/login" in admin.page.url  # not signed in: the sign-in page
+    admin.shot("login")
+    admin.sign_in(platform.admin_key)
+    admin.page.fill("#name", "web")
+    admin.page.click("text=Create project")
+    admin.page.wait_for_url(re.compile(r".*/ui/p/web$"))
+    admin.shot("project-empty")
+    # Upload through the file input: the script sends it with a progress bar, then opens the dataset.
+    admin.page.set_input_files("#file", str(IRIS))
+    admin.page.click("#upload button[type=submit]")
+    admin.page.wait_for_url(re.compile(r".*/ui/p/web/datasets/iris\?version=1$"))
+    assert admin.page.locator("svg.chart").count() >= 5  # four histograms and the target's top values
+    assert "150 rows, 5 columns" in admin.page.inner_text("main")
+    admin.shot("dataset")
+    admin.page.click("text=Train on iris")
+    admin.page.select_option("#target", "target")
+    for family in ("lightgbm", "hist_gradient_boosting", "xgboost", "random_forest", "torch_mlp"):
+        admin.page.uncheck(f"input[name=families][value={family}]")
+    admin.page.fill("#max_trials", "3")
+    admin.shot("job-form")
+    admin.page.click("text=Start training")
+    admin.page.wait_for_url(re.compile(r".*/ui/p/web/jobs/\d+$"))
+    admin.shot("job-running")
+    # The page follows the job by itself (no reload here); it reloads once the job has ended.
+    _wait_text(admin, "#job-state", "succeeded", 240, reload=False)
+    assert admin.page.locator("svg.chart").count() == 1  # trial scores over time
+    assert "Leaderboard" in admin.page.inner_text("main")
+    admin.shot("job-done")
+    admin.page.click("main >> text=/iris v1/")
+    admin.page.wait_for_url(re.compile(r".*/ui/p/web/models/iris$"))
+    admin.page.click("button[name=stage][value=production]")
+    admin.page.wait_for_url(re.compile(r".*/ui/p/web/models/iris$"))
+    assert "production" in admin.page.inner_text("main")
+    admin.shot("model")
+    admin.page.fill("#dep-name", "web-iris")
+    admin.page.select_option("#dep-target", "production")
+    admin.page.click("text=Deploy")
+    admin.page.wait_for_url(re.compile(r".*/ui/p/web/deployments/web-iris$"))
+    _wait_text(admin, "main", r"\bready\b", 120)
+    # A prediction through the api (not the console) appears in the deployment's charts.
+    row = {"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4, "petal_width": 0.2}
+    answer = httpx.post(
+        f"{platform.inference}/v1/endpoints/web-iris/predict",
+        json={"instances": [row]},
+        headers={"X-API-Key": platform.admin_key},
+        timeout=60,
+    )
+    assert answer.status_code == 200, answer.text
+    _wait_text(admin, "#traffic-totals", r"^[1-9][\d,]* requests", 90)
+    assert admin.page.locator("svg.chart").count() >= 1  # requests/s over the last minutes
+    admin.shot("deployment")
+    admin.goto("/ui/admin/audit")
+    assert "deployment" in admin.page.inner_text("main")
+    admin.shot("audit")
+    admin.goto("/ui/admin/keys")
+    admin.shot("keys")
+    admin.check_clean()
+
+
+def test_each_role_sees_only_its_controls(browser: Any, platform: Platform) -> None:
+    """Run after the seed flow (same module): a viewer finds no write control anywhere, an engineer
+    can upload and train but not deploy or promote to production, and neither reaches admin pages."""
+    pages = ["/ui/projects", "/ui/p/web", "/ui/p/web/datasets/iris", "/ui/p/web/jobs/1", "/ui/p/web/models/iris"]
+    pages.append("/ui/p/web/deployments/web-iris")
+    viewer = _page(browser, platform, "viewer")
+    viewer.sign_in(platform.key("viewer", "web"))
+    for path in pages:
+        viewer.goto(path)
+        assert viewer.page.locator("h1").count() == 1, path
+        writes = viewer.page.locator("form[method=post]:not([action='/ui/logout'])")
+        assert writes.count() == 0, (path, writes.first.evaluate("f => f.outerHTML"))
+        viewer.shot(path.strip("/").replace("/", "-"))
+    viewer.goto("/ui/admin/keys")
+    assert "admin" in viewer.page.inner_text("main").lower()  # the api's refusal, as it put it
+    viewer.check_clean()
+
+    engineer = _page(browser, platform, "engineer")
+    engineer.sign_in(platform.key("engineer", "web"))
+    engineer.goto("/ui/p/web")
+    assert engineer.page.locator("#upload").count() == 1 and engineer.page.locator("text=New training job").count() == 1
+    engineer.goto("/ui/p/web/models/iris")
+    assert engineer.page.locator("button[value=staging]").count() >= 1
+    assert (
+        engineer.page.locator("button[value=production]").count() == 0
+        and engineer.page.locator("#dep-name").count() == 0
+    )
+    engineer.shot("model")
+    engineer.check_clean()
+
+
+def test_a_forged_or_missing_session_gets_the_sign_in_page(browser: Any, platform: Platform) -> None:
+    import jwt
+
+    stranger = _page(browser, platform, "stranger")
+    forged = jwt.encode(
+        {"sub": "x", "role": "admin", "exp": int(time.time()) + 600}, "not-the-secret", algorithm="HS256"
+    )
+    for cookie in (forged, "garbage"):
+        stranger.page.context.add_cookies([{"name": "miniml_session", "value": cookie, "url": platform.url + "/ui"}])
+        stranger.goto("/ui/admin/keys")
+        assert "/ui/login" in stranger.page.url and stranger.page.locator("#api_key").count() == 1
+    stranger.page.fill("#api_key", "mml_wrong_key")
+    stranger.page.click("button[type=submit]")
+    assert stranger.page.locator(".error").count() == 1  # the api's detail, shown; still on sign-in
+    stranger.shot("refused")
+    stranger.check_clean()
