@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import psutil
 import pytest
 
-from miniml.orchestration.trainer import SERVER_ENV, Trainer, start_server, thread_budget
+from miniml.orchestration.trainer import SERVER_ENV, Trainer, start_server, thread_budget, wait_server
 
 
 @pytest.fixture
@@ -39,10 +39,7 @@ def own_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[subprocess.Popen[byt
 
 
 def _wait_listening(name: str) -> None:
-    deadline = time.monotonic() + 120
-    while f"@{name}" not in open("/proc/net/unix").read():  # noqa: SIM115
-        assert time.monotonic() < deadline, "the trainer server never listened"
-        time.sleep(0.1)
+    assert wait_server(name, 120), "the trainer server never listened"
 
 
 def test_a_forked_trainer_is_its_own_group_named_for_its_job(server: subprocess.Popen[bytes]) -> None:
@@ -92,3 +89,8 @@ def test_the_server_outlives_its_worker_until_its_trainers_end(own_server: subpr
     assert server.wait(timeout=30) == 0
     with Trainer(12) as spawned:  # nobody to fork from now
         assert isinstance(spawned.process, subprocess.Popen)
+
+
+def test_wait_server_is_true_once_the_server_listens_and_false_for_none() -> None:
+    assert wait_server(os.environ[SERVER_ENV], 120)  # the session's server (tests/conftest.py)
+    assert not wait_server("miniml-trainer-no-such-server", 0.5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -141,12 +142,14 @@ def serve(settings: Settings) -> None:
     from prefect.exceptions import TerminationSignal
     from prefect.runner import Runner
 
-    from miniml.orchestration.trainer import start_server
+    from miniml.orchestration.trainer import SERVER_ENV, start_server, wait_server
 
     wait_for_prefect(settings)
     # Jobs' trainers fork from it: their imports are done once, not per job (the flow runs inherit its name).
     start_server(settings.worker.trial_threads)
     fork_flow_runs()
+    if not wait_server(os.environ[SERVER_ENV], 120):  # the first job then starts as fast as the next
+        print("The trainer server is not up after 120 s: jobs spawn their trainers until it is.", flush=True)
     runner = Runner(limit=settings.worker.concurrency, query_seconds=settings.worker.poll_s, pause_on_shutdown=True)
     for flow_ in (train_job_flow, drift_check_flow, evaluate_flow):
         # Added as flows, not as deployments: the runner then starts a run from the flow in memory

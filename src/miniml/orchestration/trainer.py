@@ -45,6 +45,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, Any
 
 from miniml.config import Settings
@@ -293,6 +294,18 @@ def start_server(trial_threads: int) -> subprocess.Popen[bytes]:
     )
     os.environ[SERVER_ENV] = name
     return server
+
+
+def wait_server(name: str, timeout_s: float) -> bool:
+    """True once the trainer server ``name`` listens (its imports done): a job that starts before
+    that spawns its trainer, seconds slower."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):  # abstract sockets are listed with a leading @
+            if f"@{name}" in Path("/proc/net/unix").read_text():
+                return True
+        time.sleep(0.2)
+    return False
 
 
 def serve(name: str) -> None:
