@@ -325,6 +325,7 @@ SLOW_FILES = (  # longest first, as measured (--durations=0, summed per file): s
     "tests/inference/test_serving.py",
     "tests/orchestration/test_dashboards.py",
     "tests/test_up.py",
+    "tests/console/test_browser.py",
     "tests/api/test_datasets.py",
     "tests/inference/test_rollouts.py",
     "tests/api/test_concurrency.py",

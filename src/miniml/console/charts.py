@@ -82,18 +82,22 @@ def scatter(
     width: int = 560,
     height: int = 240,
     lines: bool = False,
+    x_range: tuple[float, float] | None = None,
+    y_from_zero: bool = False,
 ) -> Markup:
     """Points (or lines) per series, with axes' ranges and a legend: trial scores over time by family,
     a metric over time."""
     points = [p for pts in series.values() for p in pts if math.isfinite(p[0]) and math.isfinite(p[1])]
     if not points:
         return Markup("")
-    x0, x1 = min(p[0] for p in points), max(p[0] for p in points)
+    x0, x1 = x_range or (min(p[0] for p in points), max(p[0] for p in points))
     y0, y1 = min(p[1] for p in points), max(p[1] for p in points)
+    if y_from_zero:
+        y0, y1 = min(y0, 0.0), max(y1, 0.0)
     if x1 == x0:
         x1 = x0 + 1
     if y1 == y0:
-        y0, y1 = y0 - 0.5, y1 + 0.5
+        y0, y1 = (y0, y0 + 1) if y_from_zero else (y0 - 0.5, y1 + 0.5)
     left, right, top, bottom = 52, 10, 10, 40
     pw, ph = width - left - right, height - top - bottom
 

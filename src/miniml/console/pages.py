@@ -429,9 +429,11 @@ def traffic_charts(traffic: dict[str, Any] | None) -> dict[str, Any]:
         out[name] = charts.scatter(
             series,
             f"{labels.get(name, name)} over the last {traffic['minutes']} minutes",
-            "minutes",
+            "minutes ago",
             labels.get(name, name),
             lines=True,
+            x_range=(-float(traffic["minutes"]), 0.0),
+            y_from_zero=True,
         )
     return out
 
