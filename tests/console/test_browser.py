@@ -172,6 +172,10 @@ def test_the_seed_flow_in_the_browser(browser: Any, platform: Platform) -> None:
     admin.page.click("button[name=stage][value=production]")
     admin.page.wait_for_url(re.compile(r".*/ui/p/web/models/iris$"))
     assert "production" in admin.page.inner_text("main")
+    plots = admin.page.locator("figure img")
+    assert plots.count() >= 3  # confusion matrix, importances, the search's history: as the job logged them
+    for i in range(plots.count()):
+        assert plots.nth(i).evaluate("img => img.complete && img.naturalWidth > 100"), plots.nth(i).get_attribute("src")
     admin.shot("model")
     admin.page.fill("#dep-name", "web-iris")
     admin.page.select_option("#dep-target", "production")
@@ -192,9 +196,9 @@ def test_the_seed_flow_in_the_browser(browser: Any, platform: Platform) -> None:
         assert answer.status_code == 200, answer.text
         admin.page.reload()
         totals = admin.page.locator("#traffic-totals")
-        if totals.count() and re.match(r"[1-9][\d,]* requests", totals.inner_text()):
-            if admin.page.locator("svg.chart").count() >= 1:  # requests/s over the last minutes
-                break
+        counted = totals.count() and re.match(r"[1-9][\d,]* requests", totals.inner_text())
+        if counted and admin.page.locator("svg.chart").count() >= 1:  # requests/s over the last minutes
+            break
         assert time.monotonic() < deadline, admin.page.inner_text("main")[:1500]
         time.sleep(2)
     admin.shot("deployment")
@@ -253,3 +257,21 @@ def test_a_forged_or_missing_session_gets_the_sign_in_page(browser: Any, platfor
     assert stranger.page.locator(".error").count() == 1  # the api's detail, shown; still on sign-in
     stranger.shot("refused")
     stranger.check_clean()
+
+
+def test_the_plots_route_names_what_a_version_has(platform: Platform) -> None:
+    """Run after the seed flow: the api lists the job's plots, serves each as a PNG, and refuses an
+    unknown or malformed name and another project's key."""
+    base = f"{platform.url}/api/v1/projects/web/models/iris/versions/1/plots"
+    admin = {"X-API-Key": platform.admin_key}
+    names = httpx.get(base, headers=admin, timeout=30).json()
+    assert "confusion_matrix" in names and "optimisation_history" in names
+    png = httpx.get(f"{base}/confusion_matrix", headers=admin, timeout=30)
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png" and png.content[:4] == b"\x89PNG"
+    missing = httpx.get(f"{base}/residuals", headers=admin, timeout=30)
+    assert missing.status_code == 404 and "confusion_matrix" in missing.json()["detail"]
+    assert httpx.get(f"{base}/..%2F..%2Fmodel", headers=admin, timeout=30).status_code in (404, 422)
+    made = httpx.post(f"{platform.url}/api/v1/projects", json={"name": "other-project"}, headers=admin, timeout=30)
+    assert made.status_code == 201, made.text
+    outsider = {"X-API-Key": platform.key("viewer", "other-project")}
+    assert httpx.get(base, headers=outsider, timeout=30).status_code in (403, 404)

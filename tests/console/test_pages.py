@@ -174,3 +174,25 @@ def test_the_charts_scale_to_their_data_and_escape_their_labels() -> None:
     plot = str(charts.scatter({"a": [(0, 1.0), (1, float("nan")), (2, 3.0)], "b": [(1, 2.0)]}, "s", "x", "y"))
     assert plot.count("<circle") == 3 + 2  # three finite points, two legend marks
     assert charts.scatter({"a": []}, "s", "x", "y") == ""
+
+
+def test_every_console_route_but_sign_in_wants_a_session(app: tuple[TestClient, str]) -> None:
+    """Read from the app: a console route added later is checked too."""
+    from fastapi.routing import APIRoute
+
+    client, _admin = app
+    client.cookies.clear()
+    open_paths = {"/ui", "/ui/", "/ui/login", "/ui/logout"}
+    seen = 0
+    for route in client.app.routes:  # type: ignore[attr-defined]
+        router = getattr(route, "original_router", None)
+        for r in router.routes if router is not None else [route]:
+            if not isinstance(r, APIRoute) or not r.path.startswith("/ui") or r.path in open_paths:
+                continue
+            path = re.sub(r"\{[^}]+\}", "1", r.path)
+            for method in r.methods:
+                answer = client.request(method, path, follow_redirects=False)
+                assert answer.status_code == 303, (method, path, answer.status_code)
+                assert answer.headers["location"].startswith("/ui/login"), (method, path)
+                seen += 1
+    assert seen >= 20

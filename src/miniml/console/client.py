@@ -59,6 +59,13 @@ class Api:
         """Hand a request body (an upload) to the api as it arrives, never held whole."""
         return await self.call("POST", path, content=body, headers={"Content-Type": content_type})
 
+    async def content(self, path: str) -> tuple[bytes, str]:
+        """A small binary answer (a plot): its bytes and type."""
+        response = await self._http.get(path)
+        if response.status_code >= 400:
+            raise _problem(response)
+        return response.content, response.headers.get("content-type", "application/octet-stream")
+
     async def download(self, path: str) -> httpx.Response:
         request = self._http.build_request("GET", path)
         response = await self._http.send(request, stream=True)

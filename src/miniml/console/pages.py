@@ -42,6 +42,7 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
+_NOSNIFF = {"X-Content-Type-Options": "nosniff"}
 ROLES = {"viewer": 1, "engineer": 2, "admin": 3}
 FAMILIES = ["linear", "lightgbm", "hist_gradient_boosting", "xgboost", "random_forest", "torch_mlp"]
 
@@ -183,7 +184,7 @@ async def projects(request: Request) -> Response:
 
 @router.post("/projects")
 async def create_project(
-    request: Request, name: Annotated[str, Form(max_length=200)], csrf: Annotated[str, Form()] = ""
+    request: Request, name: Annotated[str, Form(max_length=200)] = "", csrf: Annotated[str, Form()] = ""
 ) -> Response:
     async def make(page: Page) -> Response:
         made = await page.api.post("/api/v1/projects", json={"name": name.strip()})
@@ -375,12 +376,20 @@ async def model(
     model: str,
     a: Annotated[str | None, Query(max_length=32)] = None,
     b: Annotated[str | None, Query(max_length=32)] = None,
+    plots_of: Annotated[str | None, Query(alias="plots", max_length=32)] = None,
 ) -> Response:
     async def show(page: Page) -> Response:
         base = f"/api/v1/projects/{quote(project, safe='')}/models/{quote(model, safe='')}"
         info = await page.api.get(base)
         versions = await page.api.get(f"{base}/versions")
         comparison = await page.api.get(f"{base}/compare", a=a, b=b) if a and b else None
+        shown = plots_of or (versions[-1]["version"] if versions else None)
+        try:
+            plot_names = await page.api.get(f"{base}/versions/{quote(str(shown), safe='')}/plots") if shown else []
+        except ApiError as err:  # MLflow's artifacts out of reach: the rest of the page shows
+            if err.status in (401, 403):
+                raise
+            plot_names = []
         metrics = sorted({m for v in versions for m in v.get("metrics", {}) if m.startswith("test_")})
         return page.render(
             "model.html",
@@ -389,8 +398,20 @@ async def model(
             versions=versions,
             metrics=metrics,
             comparison=comparison,
+            shown=shown,
+            plot_names=plot_names,
             finite=lambda x: isinstance(x, int | float) and math.isfinite(x),
         )
+
+    return await _as_person(request, show)
+
+
+@router.get("/p/{project}/models/{model}/versions/{version}/plots/{plot}.png")
+async def model_plot(request: Request, project: str, model: str, version: str, plot: str) -> Response:
+    async def show(page: Page) -> Response:
+        base = f"/api/v1/projects/{quote(project, safe='')}/models/{quote(model, safe='')}"
+        png, kind = await page.api.content(f"{base}/versions/{quote(version, safe='')}/plots/{quote(plot, safe='')}")
+        return Response(png, media_type=kind, headers={"Cache-Control": "private, max-age=300"} | _NOSNIFF)
 
     return await _as_person(request, show)
 
@@ -401,7 +422,7 @@ async def promote(
     project: str,
     model: str,
     version: str,
-    stage: Annotated[str, Form(max_length=32)],
+    stage: Annotated[str, Form(max_length=32)] = "",
     csrf: Annotated[str, Form()] = "",
 ) -> Response:
     async def move(page: Page) -> Response:

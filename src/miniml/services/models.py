@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 
 from miniml.domain.roles import Role
 from miniml.domain.tenancy import Caller
-from miniml.errors import Conflict, Forbidden
+from miniml.errors import Conflict, Forbidden, NotFound
 from miniml.schemas.models import ModelComparison, ModelRead, ModelVersionRead
 from miniml.services.deployments import clear_rollout_errors
 from miniml.services.projects import read_project
@@ -91,6 +91,24 @@ def read_version(
     read_project(session, caller, project)
     mv = registry.version(project, model, version)
     return to_version_read(project, model, mv, registry.run(mv.run_id), registry.aliases(project, model))
+
+
+def plots(session: Session, registry: Registry, caller: Caller, project: str, model: str, version: str) -> list[str]:
+    """The names of the plots the version's training job logged (confusion matrix or residuals,
+    importances, the search's history)."""
+    read_project(session, caller, project)
+    mv = registry.version(project, model, version)
+    return registry.plot_names(mv.run_id) if mv.run_id else []
+
+
+def plot(
+    session: Session, registry: Registry, caller: Caller, project: str, model: str, version: str, name: str
+) -> bytes:
+    read_project(session, caller, project)
+    mv = registry.version(project, model, version)
+    if not mv.run_id:
+        raise NotFound(f"Version {version} of {model} has no run, so no plots (an imported model).")
+    return registry.plot(mv.run_id, name)
 
 
 def compare(

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import threading
 import warnings
 from functools import cached_property
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from miniml.domain.limits import MAX_ID
@@ -107,6 +109,19 @@ class Registry:
             ) from exc
         except OSError as exc:
             raise UpstreamUnavailable(f"MLflow at {self.uri} did not answer ({type(exc).__name__}).") from exc
+
+    def plot_names(self, run_id: str) -> list[str]:
+        """The plots the job logged to its run (``plots/<name>.png``), by name."""
+        found = self._call("list the run's plots", self.client.list_artifacts, run_id, "plots")
+        return sorted(Path(f.path).stem for f in found if not f.is_dir and f.path.endswith(".png"))
+
+    def plot(self, run_id: str, name: str) -> bytes:
+        """One plot's PNG bytes; NotFound when the run has no such plot."""
+        if name not in self.plot_names(run_id):
+            raise NotFound(f"The run has no plot {name!r}; it has {', '.join(self.plot_names(run_id)) or 'none'}.")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = self._call("read a plot", self.client.download_artifacts, run_id, f"plots/{name}.png", tmp)
+            return Path(path).read_bytes()
 
     def resolve(self, project: str, model: str, alias_or_version: str) -> str:
         """The version number a target names: an alias (or stage word) or a number."""

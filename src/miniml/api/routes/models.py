@@ -4,7 +4,7 @@ import uuid
 from typing import Annotated
 
 import anyio
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 
 from miniml.api.deps import (
     AdminDep,
@@ -147,6 +147,36 @@ def read_model_version(
     """One version."""
     with db.begin() as session:
         return models.read_version(session, registry, caller, project, model, str(version))
+
+
+@router.get("/{model}/versions/{version}/plots")
+def list_model_version_plots(
+    project: str, model: str, version: VersionPath, db: DbDep, registry: RegistryDep, caller: ViewerDep
+) -> list[str]:
+    """The plots the version's training job logged: confusion_matrix or residuals, feature_importances,
+    parameter_importances, optimisation_history (whichever apply)."""
+    with db.begin() as session:
+        return models.plots(session, registry, caller, project, model, str(version))
+
+
+@router.get(
+    "/{model}/versions/{version}/plots/{plot}",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}, "description": "The plot as a PNG."}},
+)
+def read_model_version_plot(
+    project: str,
+    model: str,
+    version: VersionPath,
+    plot: Annotated[str, Path(pattern=r"^[a-z_]{1,64}$")],
+    db: DbDep,
+    registry: RegistryDep,
+    caller: ViewerDep,
+) -> Response:
+    """One plot as a PNG."""
+    with db.begin() as session:
+        png = models.plot(session, registry, caller, project, model, str(version), plot)
+    return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
 
 
 @router.post("/{model}/versions/{version}/promote")
