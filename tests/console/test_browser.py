@@ -237,8 +237,32 @@ def test_each_role_sees_only_its_controls(browser: Any, platform: Platform) -> N
         engineer.page.locator("button[value=production]").count() == 0
         and engineer.page.locator("#dep-name").count() == 0
     )
+    # An engineer asks for production approval with a note; an admin approves it in the console.
+    engineer.page.select_option("#approval-version", "1")
+    engineer.page.fill("#approval-note", "ready for production: f1 1.0 on held-out rows")
+    engineer.page.click("button[value=request]")
+    engineer.page.wait_for_url(re.compile(r".*/ui/p/web/models/iris$"))
+    assert "pending" in engineer.page.inner_text("td.approval") and "ready for production" in engineer.page.inner_text(
+        "td.approval"
+    )
+    assert engineer.page.locator("button[value=approve]").count() == 0
     engineer.shot("model")
     engineer.check_clean()
+
+    admin = _page(browser, platform, "admin-approval")
+    admin.sign_in(platform.admin_key)
+    admin.goto("/ui/p/web/models/iris")
+    admin.page.select_option("#approval-version", "1")
+    admin.page.fill("#approval-note", "plots checked")
+    admin.page.click("button[value=approve]")
+    admin.page.wait_for_url(re.compile(r".*/ui/p/web/models/iris$"))
+    assert "approved" in admin.page.inner_text("td.approval") and "plots checked" in admin.page.inner_text(
+        "td.approval"
+    )
+    admin.shot("model-approved")
+    admin.goto("/ui/admin/audit?project=web")
+    assert "approve: plots checked" in admin.page.inner_text("main")
+    admin.check_clean()
 
 
 def test_a_forged_or_missing_session_gets_the_sign_in_page(browser: Any, platform: Platform) -> None:

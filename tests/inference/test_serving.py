@@ -165,6 +165,56 @@ def test_promotion_roles_and_the_seed_route(stack: tuple[LiveApi, Client, TestCl
     assert api_get(api, f"/api/v1/projects/{project}/models/iris")["aliases"] == {"staging": "1", "production": "2"}
 
 
+def test_production_approval_request_approve_reject_roles_and_audit(
+    stack: tuple[LiveApi, Client, TestClient, str],
+) -> None:
+    """SageMaker's approval: an engineer asks with a note; only an admin approves (the version becomes
+    production) or rejects (nothing moves); the status, who and why are on the version and in the
+    audit log; a viewer and bad bodies are refused with nothing changed."""
+    import httpx
+
+    api, client, _inf, project = stack
+    engineer_key = client.keys.create("engineer", projects=[project])
+    viewer = client.keys.create("viewer", projects=[project]).key
+    engineer = engineer_key.key
+    url = f"{api.url}/api/v1/projects/{project}/models/iris/versions/{{v}}/approval"
+
+    def versions() -> dict[str, object]:
+        return {v["version"]: v for v in api_get(api, f"/api/v1/projects/{project}/models/iris/versions")}  # type: ignore[union-attr]
+
+    before = versions()
+    assert before["1"]["approval"] is None
+    for body, who, status, needle in (
+        ({"action": "request", "note": "ok"}, viewer, 403, "engineer"),
+        ({"action": "approve", "note": "ok"}, engineer, 403, "admin"),
+        ({"action": "request"}, engineer, 422, "note"),
+        ({"action": "request", "note": ""}, engineer, 422, "note"),
+        ({"action": "ship", "note": "x"}, engineer, 422, "action"),
+    ):
+        assert_problem(httpx.post(url.format(v=1), json=body, headers={"X-API-Key": who}), status, needle)
+    assert versions() == before  # nothing was written
+    asked = httpx.post(
+        url.format(v=1), json={"action": "request", "note": "beats v2 on f1"}, headers={"X-API-Key": engineer}
+    )
+    assert asked.status_code == 200, asked.text
+    approval = asked.json()["approval"]
+    assert approval["status"] == "pending" and approval["requested_by"] == engineer_key.id
+    assert approval["request_note"] == "beats v2 on f1" and "production" not in asked.json()["aliases"]
+    again = httpx.post(url.format(v=1), json={"action": "request", "note": "again"}, headers={"X-API-Key": engineer})
+    assert_problem(again, 409, "already waits")
+    approved = httpx.post(url.format(v=1), json={"action": "approve", "note": "checked the plots"}, headers=api.headers)
+    assert approved.status_code == 200, approved.text
+    decided = approved.json()["approval"]
+    assert decided["status"] == "approved" and decided["decision_note"] == "checked the plots" and decided["decided_by"]
+    assert "production" in approved.json()["aliases"]
+    rejected = httpx.post(url.format(v=2), json={"action": "reject", "note": "constant model"}, headers=api.headers)
+    assert rejected.status_code == 200 and rejected.json()["approval"]["status"] == "rejected"
+    assert api_get(api, f"/api/v1/projects/{project}/models/iris")["aliases"]["production"] == "1"  # type: ignore[index]
+    events = api_get(api, f"/api/v1/audit?project={project}")
+    notes = {e["detail"] for e in events if e["action"].endswith("/approval")}  # type: ignore[union-attr,index]
+    assert {"request: beats v2 on f1", "approve: checked the plots", "reject: constant model"} <= notes
+
+
 def test_deploy_predict_update_rollback_and_restart(
     stack: tuple[LiveApi, Client, TestClient, str], mlflow_uri: str
 ) -> None:

@@ -168,12 +168,22 @@ class RequestMiddleware:
             project = params.get("project") or _query_project(scope)
             action = f"{method} {template}"
             try:
-                await anyio.to_thread.run_sync(self._audit, key_id, action, project, scope["path"], status, request_id)
+                detail = scope.get("state", {}).get("audit_detail")  # a route's why (an approval's note)
+                await anyio.to_thread.run_sync(
+                    self._audit, key_id, action, project, scope["path"], status, request_id, detail
+                )
             except Exception:  # the audit must never turn a served request into an error
                 log.warning("audit write failed", extra={"request_id": request_id, "action": action})
 
     def _audit(
-        self, key_id: str | None, action: str, project: str | None, target: str, status: int, request_id: str
+        self,
+        key_id: str | None,
+        action: str,
+        project: str | None,
+        target: str,
+        status: int,
+        request_id: str,
+        detail: str | None = None,
     ) -> None:
         with self.db.begin() as session:
             audit.create_event(
@@ -184,6 +194,7 @@ class RequestMiddleware:
                 target=target,
                 status=status,
                 request_id=request_id,
+                detail=detail,
             )
 
 

@@ -50,6 +50,28 @@ def compare(project: str, model: str, a: str, b: str, as_json: bool = JSON) -> N
     show(rows, as_json=False, columns=["metric", f"v{a}", f"v{b}", "b - a"])
 
 
+@app.command("approval")
+def approval(
+    project: str,
+    model: str,
+    version: str,
+    action: str = typer.Argument(..., help="request (engineer), approve or reject (admin)"),
+    note: str = typer.Option(..., "--note", help="Why: kept on the version and in the audit log"),
+    as_json: bool = JSON,
+) -> None:
+    """Ask for production approval of a version, or (admin) approve or reject it."""
+    try:
+        read = client().models.approval(project, model, version, action, note)
+    except MiniMLError as exc:
+        fail(exc)
+    if as_json:
+        show(read, as_json=True, columns=VERSION_COLUMNS)
+        return
+    approval_ = read.approval
+    status = approval_.status if approval_ else "none"
+    print(f"{model} v{read.version}: {status}; aliases {', '.join(read.aliases) or 'none'}")
+
+
 @app.command("promote")
 def promote(
     project: str,

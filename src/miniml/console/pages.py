@@ -416,6 +416,22 @@ async def model_plot(request: Request, project: str, model: str, version: str, p
     return await _as_person(request, show)
 
 
+@router.post("/p/{project}/models/{model}/approval")
+async def approval(request: Request, project: str, model: str) -> Response:
+    """Ask for production approval of a version (engineer), or approve or reject it (admin)."""
+    form = await request.form()
+
+    async def decide(page: Page) -> Response:
+        base = f"/api/v1/projects/{quote(project, safe='')}/models/{quote(model, safe='')}"
+        version = quote(str(form.get("version") or ""), safe="")
+        body = {"action": form.get("action"), "note": str(form.get("note") or "").strip()}
+        await page.api.post(f"{base}/versions/{version}/approval", json=body)
+        return _redirect(f"/ui/p/{quote(project, safe='')}/models/{quote(model, safe='')}")
+
+    csrf = form.get("csrf")
+    return await _as_person(request, decide, write=True, csrf=str(csrf) if csrf else None)
+
+
 @router.post("/p/{project}/models/{model}/versions/{version}/promote")
 async def promote(
     request: Request,

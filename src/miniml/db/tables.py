@@ -87,6 +87,7 @@ class AuditEvent(Base):
     target: Mapped[str] = mapped_column(String(500), default="")
     status: Mapped[int] = mapped_column(Integer)
     request_id: Mapped[str] = mapped_column(String(64))
+    detail: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class PlatformSecret(Base):

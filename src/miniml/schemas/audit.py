@@ -14,3 +14,4 @@ class AuditEventRead(ReadModel):
     target: str
     status: int
     request_id: str
+    detail: str | None = None

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
@@ -13,6 +13,26 @@ def normalise_stage(value: str) -> str:
     if stage not in ("staging", "production"):
         raise ValueError("stage must be 'staging' or 'production' (the words Staging and Production work too)")
     return stage
+
+
+class ApprovalRead(ReadModel):
+    """SageMaker's model approval status, kept on the version (MLflow version tags)."""
+
+    status: Literal["pending", "approved", "rejected"]
+    requested_by: str | None = None
+    request_note: str | None = None
+    requested_at: datetime | None = None
+    decided_by: str | None = None
+    decision_note: str | None = None
+    decided_at: datetime | None = None
+
+
+class ApprovalRequest(StrictModel):
+    action: Literal["request", "approve", "reject"] = Field(
+        description="request (an engineer asks for production), approve (an admin: the version becomes "
+        "production) or reject (an admin: it does not)."
+    )
+    note: str = Field(min_length=1, max_length=1000, description="Why: shown on the version and in the audit log.")
 
 
 class ModelVersionRead(ReadModel):
@@ -31,6 +51,7 @@ class ModelVersionRead(ReadModel):
     dataset: str | None
     dataset_version: int | None
     dataset_sha256: str | None
+    approval: ApprovalRead | None = Field(default=None, description="Its approval for production, if one was asked.")
 
 
 class ModelRead(ReadModel):

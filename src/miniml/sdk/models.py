@@ -34,6 +34,17 @@ class Models:
         url = self._url(project, model, "compare")
         return ModelComparison.model_validate(self._c.request("GET", url, params={"a": a, "b": b}).json())
 
+    def approval(self, project: str, model: str, version: int | str, action: str, note: str) -> ModelVersionRead:
+        """Production approval: ``action`` request (engineer), approve or reject (admin), with a note.
+
+        Raises:
+            Forbidden: approve and reject need an admin key.
+            Conflict: a request while one is pending.
+        """
+        url = self._url(project, model, "versions", version, "approval")
+        answer = self._c.request("POST", url, json={"action": action, "note": note})
+        return ModelVersionRead.model_validate(answer.json())
+
     def promote(self, project: str, model: str, version: int | str, stage: str) -> ModelVersionRead:
         """Move the staging or production alias to a version.
 

@@ -19,6 +19,7 @@ def create_event(
     target: str,
     status: int,
     request_id: str,
+    detail: str | None = None,
 ) -> None:
     session.add(
         tables.AuditEvent(
@@ -28,6 +29,7 @@ def create_event(
             target=target[:500],
             status=status,
             request_id=request_id,
+            detail=detail[:2000] if detail else None,
         )
     )
 

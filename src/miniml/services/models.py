@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 from miniml.domain.roles import Role
 from miniml.domain.tenancy import Caller
 from miniml.errors import Conflict, Forbidden, NotFound
-from miniml.schemas.models import ModelComparison, ModelRead, ModelVersionRead
+from miniml.schemas.models import ApprovalRead, ApprovalRequest, ModelComparison, ModelRead, ModelVersionRead
 from miniml.services.deployments import clear_rollout_errors
 from miniml.services.projects import read_project
 from miniml.tracking.registry import Registry, registered_name
@@ -41,7 +41,18 @@ def to_version_read(project: str, model: str, mv: Any, run: Any, aliases: dict[s
         dataset=tags.get("miniml.dataset"),
         dataset_version=int(dv) if dv and dv.isdigit() else None,
         dataset_sha256=tags.get("miniml.dataset_sha256"),
+        approval=_approval(dict(getattr(mv, "tags", None) or {})),
     )
+
+
+APPROVAL = "miniml.approval."
+
+
+def _approval(tags: dict[str, str]) -> ApprovalRead | None:
+    found = {k.removeprefix(APPROVAL): v for k, v in tags.items() if k.startswith(APPROVAL)}
+    if found.get("status") not in ("pending", "approved", "rejected"):
+        return None
+    return ApprovalRead.model_validate({k: v or None for k, v in found.items()})
 
 
 def list_models(session: Session, registry: Registry, caller: Caller, project: str) -> list[ModelRead]:
@@ -128,6 +139,43 @@ def promote(
         raise Forbidden("Only an admin may promote to production; an engineer may promote to staging.")
     registry.promote(project, model, version, stage)
     clear_rollout_errors(session, read_project(session, caller, project).id, model)
+    return read_version(session, registry, caller, project, model, version)
+
+
+def decide_approval(
+    session: Session,
+    registry: Registry,
+    caller: Caller,
+    project: str,
+    model: str,
+    version: str,
+    body: ApprovalRequest,
+) -> ModelVersionRead:
+    """SageMaker's model approval: an engineer asks for production with a note; an admin approves
+    (the version becomes production) or rejects, with a note. Both are kept on the version."""
+    read_project(session, caller, project)
+    current = read_version(session, registry, caller, project, model, version)
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    if body.action == "request":
+        if not caller.role.allows(Role.engineer):
+            raise Forbidden("Asking for production approval needs an engineer or admin key.")
+        if current.approval is not None and current.approval.status == "pending":
+            raise Conflict(f"Version {version} of {model} already waits for approval; an admin approves or rejects it.")
+        tags = {"status": "pending", "requested_by": caller.key_id, "request_note": body.note, "requested_at": now}
+        tags |= {"decided_by": "", "decision_note": "", "decided_at": ""}
+    else:
+        if not caller.role.allows(Role.admin):
+            raise Forbidden("Only an admin approves or rejects a version for production.")
+        tags = {
+            "status": "approved" if body.action == "approve" else "rejected",
+            "decided_by": caller.key_id,
+            "decision_note": body.note,
+            "decided_at": now,
+        }
+    registry.set_version_tags(project, model, version, {APPROVAL + k: v for k, v in tags.items()})
+    if body.action == "approve":
+        registry.promote(project, model, version, "production")
+        clear_rollout_errors(session, read_project(session, caller, project).id, model)
     return read_version(session, registry, caller, project, model, version)
 
 

@@ -110,6 +110,11 @@ class Registry:
         except OSError as exc:
             raise UpstreamUnavailable(f"MLflow at {self.uri} did not answer ({type(exc).__name__}).") from exc
 
+    def set_version_tags(self, project: str, model: str, version: str, tags: dict[str, str]) -> None:
+        name = registered_name(project, model)
+        for key, value in tags.items():
+            self._call("tag the version", self.client.set_model_version_tag, name, version, key, value)
+
     def plot_names(self, run_id: str) -> list[str]:
         """The plots the job logged to its run (``plots/<name>.png``), by name."""
         found = self._call("list the run's plots", self.client.list_artifacts, run_id, "plots")

@@ -24,7 +24,7 @@ from miniml.domain.names import check_name
 from miniml.domain.tenancy import Caller
 from miniml.errors import InvalidInput
 from miniml.schemas.jobs import ImportCreate, JobRead
-from miniml.schemas.models import ModelComparison, ModelRead, ModelVersionRead, PromoteRequest
+from miniml.schemas.models import ApprovalRequest, ModelComparison, ModelRead, ModelVersionRead, PromoteRequest
 from miniml.services import deployments, jobs, models, projects
 
 router = APIRouter(prefix="/api/v1/projects/{project}/models", tags=["models"])
@@ -177,6 +177,28 @@ def read_model_version_plot(
     with db.begin() as session:
         png = models.plot(session, registry, caller, project, model, str(version), plot)
     return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
+
+
+@router.post("/{model}/versions/{version}/approval")
+def decide_model_version_approval(
+    project: str,
+    model: str,
+    version: VersionPath,
+    body: ApprovalRequest,
+    request: Request,
+    db: DbDep,
+    registry: RegistryDep,
+    caller: EngineerDep,
+) -> ModelVersionRead:
+    """Production approval, as in SageMaker: `request` (engineer or admin) asks for it with a note;
+    `approve` or `reject` (admin) decides, with a note. An approved version becomes production. The
+    status, who and why are on the version and in the audit log."""
+    request.state.audit_detail = f"{body.action}: {body.note}"
+    with db.begin() as session:
+        read = models.decide_approval(session, registry, caller, project, model, str(version), body)
+    if body.action == "approve":
+        push_after_commit(request)
+    return read
 
 
 @router.post("/{model}/versions/{version}/promote")
