@@ -196,3 +196,20 @@ def test_every_console_route_but_sign_in_wants_a_session(app: tuple[TestClient, 
                 assert answer.headers["location"].startswith("/ui/login"), (method, path)
                 seen += 1
     assert seen >= 20
+
+
+@pytest.mark.parametrize(
+    ("target", "body"),
+    [
+        ({"kind": "alias", "alias": "production", "shadow": {"version": "2"}}, {"target": "production"}),
+        ({"kind": "version", "version": "3"}, {"target": "3"}),
+        (
+            {"kind": "split", "split": [{"version": "1", "weight": 90}, {"version": "2", "weight": 10}]},
+            {"traffic": [{"version": 1, "weight": 90}, {"version": 2, "weight": 10}]},
+        ),
+    ],
+)
+def test_stopping_a_shadow_sends_the_target_as_it_stands(target: dict[str, object], body: dict[str, object]) -> None:
+    from miniml.console.pages import same_target
+
+    assert same_target(target) == body

@@ -489,6 +489,8 @@ async def deployment(request: Request, project: str, name: str) -> Response:
             ("quality", f"{base}/quality"),
             ("retrainings", f"{base}/retrainings"),
             ("monitoring", f"{base}/monitoring"),
+            ("shadow", f"{base}/shadow"),
+            ("datasets", f"/api/v1/projects/{quote(project, safe='')}/datasets"),
         ):
             try:  # Prometheus or MLflow away: the rest of the page still shows
                 parts[part] = await page.api.get(path)
@@ -531,6 +533,13 @@ async def create_deployment(request: Request, project: str) -> Response:
     return await _as_person(request, make, write=True, csrf=str(csrf) if csrf else None)
 
 
+def same_target(target: dict[str, Any]) -> dict[str, Any]:
+    """An update body that keeps a deployment's target as it stands (and drops its shadow)."""
+    if target.get("kind") == "split":
+        return {"traffic": [{"version": int(s["version"]), "weight": int(s["weight"])} for s in target["split"]]}
+    return {"target": target.get("version") or target.get("alias")}
+
+
 @router.post("/p/{project}/deployments/{name}")
 async def update_deployment(request: Request, project: str, name: str) -> Response:
     """Point the endpoint at a version or alias, or split its traffic between two versions."""
@@ -540,6 +549,14 @@ async def update_deployment(request: Request, project: str, name: str) -> Respon
         base = f"/api/v1/projects/{quote(project, safe='')}/deployments/{quote(name, safe='')}"
         if form.get("action") == "rollback":
             await page.api.post(f"{base}/rollback")
+        elif form.get("action") == "shadow":
+            try:
+                shadow = {"version": int(str(form.get("shadow_version"))), "fraction": float(str(form.get("fraction")))}
+            except ValueError:
+                raise ApiError(422, "The shadow's version is a whole number and its fraction a number.") from None
+            await page.api.call("PATCH", base, json={"shadow": shadow})
+        elif form.get("action") == "shadow_off":  # the same target again, with no shadow
+            await page.api.call("PATCH", base, json=same_target((await page.api.get(base))["target"]))
         else:
             body: dict[str, Any] = {"allow_schema_change": form.get("allow_schema_change") == "on"}
             if form.get("split_version"):
@@ -558,6 +575,21 @@ async def update_deployment(request: Request, project: str, name: str) -> Respon
 
     csrf = form.get("csrf")
     return await _as_person(request, change, write=True, csrf=str(csrf) if csrf else None)
+
+
+@router.post("/p/{project}/deployments/{name}/batch")
+async def batch(request: Request, project: str, name: str) -> Response:
+    """Predict a whole dataset version through the deployment's model: a job like training's."""
+    form = await request.form()
+
+    async def start(page: Page) -> Response:
+        base = f"/api/v1/projects/{quote(project, safe='')}/deployments/{quote(name, safe='')}"
+        body = {"dataset": form.get("dataset"), "output_name": str(form.get("output_name") or "").strip() or None}
+        job = await page.api.post(f"{base}/batch", json=body)
+        return _redirect(f"/ui/p/{quote(project, safe='')}/jobs/{job['id']}")
+
+    csrf = form.get("csrf")
+    return await _as_person(request, start, write=True, csrf=str(csrf) if csrf else None)
 
 
 # --- admin -----------------------------------------------------------------------------------
