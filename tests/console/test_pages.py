@@ -213,3 +213,24 @@ def test_stopping_a_shadow_sends_the_target_as_it_stands(target: dict[str, objec
     from miniml.console.pages import same_target
 
     assert same_target(target) == body
+
+
+def test_rules_are_checked_on_the_dataset_page_and_bad_rules_named(app: tuple[TestClient, str]) -> None:
+    client, admin = app
+    csrf = sign_in(client, admin)
+    client.post("/ui/projects", data={"name": "rules", "csrf": csrf})
+    client.post(
+        f"/ui/p/rules/datasets?csrf={csrf}",
+        files={"file": ("iris.csv", IRIS.read_bytes())},
+        headers={"Accept": "application/json"},
+    )
+    page = client.get("/ui/p/rules/datasets/iris")
+    assert "sepal_length" in page.text and "&#34;min&#34;" in page.text  # rules to start from, from the profile
+    holds = client.get("/ui/p/rules/datasets/iris", params={"rules": '{"sepal_length": {"min": 4, "max": 8}}'})
+    assert "Every rule holds on all 150 rows" in holds.text
+    broken = client.get("/ui/p/rules/datasets/iris", params={"rules": '{"sepal_length": {"max": 5}}'})
+    assert "1 rule(s) broken" in broken.text and "<td>sepal_length</td><td>max</td>" in broken.text
+    bad = client.get("/ui/p/rules/datasets/iris", params={"rules": "{not json"})
+    assert bad.status_code == 200 and "not JSON" in bad.text
+    unknown = client.get("/ui/p/rules/datasets/iris", params={"rules": '{"nope": {"min": 1}}'})
+    assert 'role="alert"' in unknown.text and "nope" in unknown.text

@@ -4,6 +4,7 @@ whatever a page offers, the api decides again."""
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -221,18 +222,58 @@ def _dataset_base(project: str, name: str) -> str:
 
 @router.get("/p/{project}/datasets/{name}")
 async def dataset(
-    request: Request, project: str, name: str, version: Annotated[int | None, Query(ge=1)] = None
+    request: Request,
+    project: str,
+    name: str,
+    version: Annotated[int | None, Query(ge=1)] = None,
+    rules: Annotated[str | None, Query(max_length=20_000)] = None,
 ) -> Response:
     async def show(page: Page) -> Response:
         base = _dataset_base(project, name)
         versions = await page.api.get(f"{base}/versions")
         chosen = next((v for v in versions if v["version"] == version), versions[-1] if versions else None)
         preview = await page.api.get(f"{base}/versions/{chosen['version']}/preview", rows=20) if chosen else None
+        report, rules_error = None, None
+        if chosen and rules and rules.strip():
+            try:  # checking rules changes nothing: a GET of the page, a POST to the api's check
+                parsed = json.loads(rules)
+            except ValueError as exc:
+                rules_error = f"The rules are not JSON: {exc}."
+            else:
+                try:
+                    report = await page.api.post(
+                        f"{base}/versions/{chosen['version']}/validate", json={"rules": parsed}
+                    )
+                except ApiError as err:
+                    if err.status in (401, 403, 404):
+                        raise
+                    rules_error = err.detail
         return page.render(
-            "dataset.html", project=project, name=name, versions=versions, chosen=chosen, preview=preview
+            "dataset.html",
+            project=project,
+            name=name,
+            versions=versions,
+            chosen=chosen,
+            preview=preview,
+            rules=rules or example_rules(chosen),
+            report=report,
+            rules_error=rules_error,
         )
 
     return await _as_person(request, show)
+
+
+def example_rules(version: dict[str, Any] | None) -> str:
+    """Rules to start from: the first columns as the profile sees them (a change will break them)."""
+    if not version:
+        return ""
+    rules: dict[str, Any] = {}
+    for column in version["profile"]["columns"][:3]:
+        rule: dict[str, Any] = {"allow_nulls": column["null_count"] > 0}
+        if column["kind"] == "numeric" and column.get("min") is not None:
+            rule |= {"min": column["min"], "max": column["max"]}
+        rules[column["name"]] = rule
+    return json.dumps(rules, indent=1)
 
 
 @router.get("/p/{project}/datasets/{name}/versions/{version}/file")
