@@ -234,3 +234,25 @@ def test_rules_are_checked_on_the_dataset_page_and_bad_rules_named(app: tuple[Te
     assert bad.status_code == 200 and "not JSON" in bad.text
     unknown = client.get("/ui/p/rules/datasets/iris", params={"rules": '{"nope": {"min": 1}}'})
     assert 'role="alert"' in unknown.text and "nope" in unknown.text
+
+
+def test_an_admin_changes_a_keys_projects_on_the_keys_page(app: tuple[TestClient, str]) -> None:
+    client, admin = app
+    csrf = sign_in(client, admin)
+    for name in ("g-one", "g-two"):
+        client.post("/ui/projects", data={"name": name, "csrf": csrf})
+    made = client.post("/ui/admin/keys", data={"csrf": csrf, "role": "viewer", "projects": "g-one"})
+    assert made.status_code == 201 and "shown this once" in made.text
+    key_id = re.search(r"Key <strong>([^<]+)</strong>", made.text).group(1)
+    saved = client.post(
+        f"/ui/admin/keys/{key_id}/projects", data={"csrf": csrf, "projects": "g-one, g-two"}, follow_redirects=False
+    )
+    assert saved.status_code == 303
+    listed = {k["id"]: k for k in client.get("/api/v1/keys", headers={"X-API-Key": admin}).json()}
+    assert listed[key_id]["projects"] == ["g-one", "g-two"]
+    refused = client.post(f"/ui/admin/keys/{key_id}/projects", data={"csrf": csrf, "projects": "g-one, nope"})
+    assert refused.status_code == 422 and "nope" in refused.text
+    forged = client.post(f"/ui/admin/keys/{key_id}/projects", data={"csrf": "x", "projects": "g-one"})
+    assert forged.status_code == 403
+    listed = {k["id"]: k for k in client.get("/api/v1/keys", headers={"X-API-Key": admin}).json()}
+    assert listed[key_id]["projects"] == ["g-one", "g-two"]

@@ -668,6 +668,21 @@ async def make_key(request: Request) -> Response:
     return await _as_person(request, make, write=True, csrf=str(csrf) if csrf else None)
 
 
+@router.post("/admin/keys/{key_id}/projects")
+async def grant_projects(
+    request: Request,
+    key_id: str,
+    projects: Annotated[str, Form(max_length=20_000)] = "",
+    csrf: Annotated[str, Form()] = "",
+) -> Response:
+    async def grant(page: Page) -> Response:
+        names = [p.strip() for p in projects.split(",") if p.strip()]
+        await page.api.call("PUT", f"/api/v1/keys/{quote(key_id, safe='')}/projects", json={"projects": names})
+        return _redirect("/ui/admin/keys")
+
+    return await _as_person(request, grant, write=True, csrf=csrf)
+
+
 @router.post("/admin/keys/{key_id}/revoke")
 async def revoke_key(request: Request, key_id: str, csrf: Annotated[str, Form()] = "") -> Response:
     async def revoke(page: Page) -> Response:

@@ -29,6 +29,14 @@ class KeyCreate(StrictModel):
     expires_in_days: float | None = Field(default=None, gt=0, le=3650, description="Unset: never expires.")
 
 
+class KeyGrants(StrictModel):
+    projects: list[Annotated[str, Field(json_schema_extra={"pattern": SLUG_PATTERN})]] = Field(
+        min_length=1,
+        max_length=1000,
+        description="Every project the key may touch from now on (it replaces the grants).",
+    )
+
+
 class KeyRead(ReadModel):
     id: str
     name: str

@@ -18,7 +18,7 @@ from miniml.db import tables
 from miniml.db.tables import utcnow
 from miniml.domain.roles import Role
 from miniml.domain.tenancy import Caller
-from miniml.errors import InvalidInput, NotFound, Unauthorized
+from miniml.errors import Conflict, InvalidInput, NotFound, Unauthorized
 from miniml.schemas.keys import KeyCreate, KeyRead
 from miniml.tracking.access import MlflowUser
 
@@ -62,26 +62,47 @@ def _new_key(
     return row, f"{KEY_PREFIX}_{key_id}_{secret}"
 
 
+def _grantable(session: Session, role: Role, names: list[str]) -> list[tables.Project]:
+    """The projects a key of ``role`` may be granted: one or more existing ones for a person below
+    admin, none for admins and services (they reach every project)."""
+    if role.is_service:
+        if names:
+            raise InvalidInput(f"A {role.value} key serves every project; leave 'projects' empty for a service key.")
+        return []
+    if role is Role.admin:
+        if names:
+            raise InvalidInput("Admin keys reach every project; leave 'projects' empty for role admin.")
+        return []
+    if not names:
+        raise InvalidInput(
+            f"A {role.value} key needs at least one project in 'projects'; only admin keys reach every project."
+        )
+    wanted = sorted(set(names))
+    projects = list(session.scalars(select(tables.Project).where(tables.Project.name.in_(wanted))))
+    missing = sorted(set(wanted) - {p.name for p in projects})
+    if missing:
+        raise InvalidInput(f"Project(s) {', '.join(missing)} do not exist; create them first.")
+    return projects
+
+
+def set_grants(session: Session, key_id: str, names: list[str]) -> KeyRead:
+    """Grant a viewer or engineer key exactly these projects (at once: tokens resolve grants per call)."""
+    row = session.get(tables.ApiKey, key_id, with_for_update=True)
+    if row is None:
+        raise NotFound(f"Key {key_id!r} does not exist.")
+    if row.revoked_at is not None:
+        raise Conflict(f"Key {key_id} is revoked; make a new key instead.")
+    role = Role(row.role)
+    if role is Role.admin or role.is_service:
+        raise InvalidInput(f"A {role.value} key reaches every project; only viewer and engineer keys have grants.")
+    projects = _grantable(session, role, names)
+    row.grants = [tables.KeyGrant(project_id=p.id, project=p) for p in projects]
+    session.flush()
+    return to_read(row)
+
+
 def create_key(session: Session, caller: Caller, body: KeyCreate) -> tuple[KeyRead, str]:
-    projects: list[tables.Project] = []
-    if body.role.is_service:
-        if body.projects:
-            raise InvalidInput(
-                f"A {body.role.value} key serves every project; leave 'projects' empty for a service key."
-            )
-    elif body.role is not Role.admin:
-        if not body.projects:
-            raise InvalidInput(
-                f"A {body.role.value} key needs at least one project in 'projects'; "
-                "only admin keys reach every project."
-            )
-        names = sorted(set(body.projects))
-        projects = list(session.scalars(select(tables.Project).where(tables.Project.name.in_(names))))
-        missing = sorted(set(names) - {p.name for p in projects})
-        if missing:
-            raise InvalidInput(f"Project(s) {', '.join(missing)} do not exist; create them first.")
-    elif body.projects:
-        raise InvalidInput("Admin keys reach every project; leave 'projects' empty for role admin.")
+    projects = _grantable(session, body.role, list(body.projects))
     expires_at = utcnow() + timedelta(days=body.expires_in_days) if body.expires_in_days else None
     row, raw = _new_key(session, role=body.role, name=body.name, created_by=caller.key_id, expires_at=expires_at)
     row.grants = [tables.KeyGrant(project_id=p.id, project=p) for p in projects]

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Path, Request
 
 from miniml.api import mlflow_users
 from miniml.api.deps import AdminDep, DbDep
-from miniml.schemas.keys import KeyCreate, KeyCreated, KeyRead
+from miniml.schemas.keys import KeyCreate, KeyCreated, KeyGrants, KeyRead
 from miniml.services import keys
 
 router = APIRouter(prefix="/api/v1/keys", tags=["keys"])
@@ -26,6 +26,16 @@ def list_keys(db: DbDep, caller: AdminDep) -> list[KeyRead]:
     """List keys (never their secrets)."""
     with db.begin() as session:
         return keys.list_keys(session)
+
+
+@router.put("/{key_id}/projects")
+def set_key_projects(
+    key_id: Annotated[str, Path(max_length=64)], body: KeyGrants, db: DbDep, caller: AdminDep
+) -> KeyRead:
+    """Grant a viewer or engineer key exactly these projects. The api applies it at once; MLflow's
+    read grants follow within jobs.mlflow_sync_s."""
+    with db.begin() as session:
+        return keys.set_grants(session, key_id, body.projects)
 
 
 @router.delete("/{key_id}")
