@@ -9,10 +9,11 @@ from schemathesis.core.failures import Failure
 
 # Valid by the schema, but whether they are accepted depends on stored data no schema can state:
 # the bytes of an uploaded file, the columns of the dataset a job or a rule names, the projects a
-# key is granted and the model version a seed route names must exist, a cron schedule must parse,
+# key is granted (and its role, for a change of grants) and the model version a seed route names must exist, a cron schedule must parse,
 # a traffic split's weights must sum to 100 over distinct versions.
 DEPENDS_ON_DATA = {
     "POST /api/v1/keys",
+    "PUT /api/v1/keys/{key_id}/projects",
     "POST /deploy",
     "POST /models/promote",
     "POST /api/v1/projects/{project}/deployments",

@@ -136,6 +136,11 @@ def test_models_api_lists_versions_with_lineage_and_compares(stack: tuple[LiveAp
     assert_problem(
         httpx.get(f"{api.url}/api/v1/projects/{project}/models/nope/versions", headers=h), 404, "does not exist"
     )
+    # A name no model can have (MLflow calls it an invalid parameter) does not exist either, on every route.
+    for path in ("", "/versions", "/versions/1", "/versions/1/plots", "/versions/1/plots/confusion_matrix"):
+        url = f"{api.url}/api/v1/projects/{project}/models/%3A%F0%BB%AD%96%3Ex{path}"
+        assert_problem(httpx.get(url, headers=h), 404, "does not exist")
+    assert api_get(api, f"/api/v1/projects/{project}/models/iris/versions/1/plots") == []  # registered, not trained
 
 
 def api_get(api: LiveApi, path: str) -> object:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from miniml.domain.limits import MAX_ID
+from miniml.domain.names import NAME_RE
 from miniml.errors import InvalidInput, NotFound, UpstreamUnavailable
 from miniml.tracking import open_trial_runs_filter
 
@@ -37,6 +38,14 @@ def _plausible_version(version: str | int) -> bool:
     """MLflow numbers versions 1, 2, …: anything else is not asked for (a huge number made MLflow fail)."""
     text = str(version)
     return text.isascii() and text.isdigit() and 1 <= int(text[:12]) <= MAX_ID and len(text) <= 10
+
+
+def _lookup_name(project: str, model: str) -> str:
+    """The registered name of a model to look up; a name no model can have does not exist (MLflow
+    would call it an invalid parameter: a 422 for what is a 404)."""
+    if not NAME_RE.fullmatch(model) or ".." in model:
+        raise NotFound(f"Model {model[:80]!r} does not exist in project {project!r}.")
+    return registered_name(project, model)
 
 
 class Registry:
@@ -77,12 +86,12 @@ class Registry:
 
     def model(self, project: str, model: str) -> Any:
         return self._call(
-            f"model {model!r} in project {project!r}", self.client.get_registered_model, registered_name(project, model)
+            f"model {model!r} in project {project!r}", self.client.get_registered_model, _lookup_name(project, model)
         )
 
     def versions(self, project: str, model: str) -> list[Any]:
         self.model(project, model)
-        name = registered_name(project, model)
+        name = _lookup_name(project, model)
         found = self._call(f"versions of {model!r}", self.client.search_model_versions, f"name='{name}'")
         return sorted(found, key=lambda v: int(v.version))
 
@@ -92,7 +101,7 @@ class Registry:
         return self._call(
             f"version {version} of model {model!r}",
             self.client.get_model_version,
-            registered_name(project, model),
+            _lookup_name(project, model),
             str(version),
         )
 
@@ -111,7 +120,7 @@ class Registry:
             raise UpstreamUnavailable(f"MLflow at {self.uri} did not answer ({type(exc).__name__}).") from exc
 
     def set_version_tags(self, project: str, model: str, version: str, tags: dict[str, str]) -> None:
-        name = registered_name(project, model)
+        name = _lookup_name(project, model)
         for key, value in tags.items():
             self._call("tag the version", self.client.set_model_version_tag, name, version, key, value)
 
@@ -135,7 +144,7 @@ class Registry:
             return str(self.version(project, model, target).version)
         alias = target.lower()
         try:
-            mv = self.client.get_model_version_by_alias(registered_name(project, model), alias)
+            mv = self.client.get_model_version_by_alias(_lookup_name(project, model), alias)
         except _mlflow_error() as exc:
             self.model(project, model)  # NotFound for an unknown model
             raise InvalidInput(
@@ -145,7 +154,7 @@ class Registry:
         return str(mv.version)
 
     def promote(self, project: str, model: str, version: str, stage: str) -> None:
-        name = registered_name(project, model)
+        name = _lookup_name(project, model)
         self.version(project, model, version)
         self._call("promotion", self.client.set_registered_model_alias, name, stage, version)
         with warnings.catch_warnings():
@@ -156,7 +165,7 @@ class Registry:
         self._call(
             f"version {version} of model {model!r}",
             self.client.delete_model_version,
-            registered_name(project, model),
+            _lookup_name(project, model),
             version,
         )
 
@@ -167,7 +176,7 @@ class Registry:
         """The column names a version's signature expects."""
         import mlflow
 
-        uri = f"models:/{registered_name(project, model)}/{version}"
+        uri = f"models:/{_lookup_name(project, model)}/{version}"
         mlflow.set_tracking_uri(self.uri)
         info = self._call(f"signature of version {version} of {model!r}", mlflow.models.get_model_info, uri)
         if info.signature is None or info.signature.inputs is None:
