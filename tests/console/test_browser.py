@@ -243,12 +243,35 @@ def test_each_role_sees_only_its_controls(browser: Any, platform: Platform) -> N
         viewer.shot(path.strip("/").replace("/", "-"))
     viewer.goto("/ui/admin/keys")
     assert "admin" in viewer.page.inner_text("main").lower()  # the api's refusal, as it put it
+    viewer.page.click("button:text-is('Sign out')")
+    viewer.page.wait_for_url(re.compile(r".*/ui/login\?why=.*"))
+    assert "Signed out." in viewer.page.inner_text("main")
+    viewer.goto("/ui/projects")
+    assert "/ui/login" in viewer.page.url  # the session is gone
     viewer.check_clean()
 
     engineer = _page(browser, platform, "engineer")
-    engineer.sign_in(platform.key("engineer", "web"))
+    # By keyboard alone: the key field has the focus, Enter signs in; on a page the first Tab reaches
+    # the skip link.
+    engineer.goto("/ui/login")
+    assert engineer.page.evaluate("document.activeElement.id") == "api_key"
+    engineer.page.keyboard.type(platform.key("engineer", "web"))
+    engineer.page.keyboard.press("Enter")
+    engineer.page.wait_for_url(re.compile(r".*/ui/projects$"))
     engineer.goto("/ui/p/web")
+    engineer.page.keyboard.press("Tab")
+    assert engineer.page.evaluate("document.activeElement.className") == "skip"
     assert engineer.page.locator("#upload").count() == 1 and engineer.page.locator("text=New training job").count() == 1
+    # A file dropped on the upload area is uploaded (the same streaming upload, with its progress bar).
+    engineer.page.evaluate(
+        """() => {
+        const data = new DataTransfer();
+        data.items.add(new File(["a,b\\n1,x\\n2,y\\n3,x\\n"], "dropped.csv", {type: "text/csv"}));
+        document.querySelector("#upload").dispatchEvent(new DragEvent("drop", {dataTransfer: data, bubbles: true}));
+        }"""
+    )
+    engineer.page.wait_for_url(re.compile(r".*/ui/p/web/datasets/dropped\?version=1$"))
+    assert "3 rows, 2 columns" in engineer.page.inner_text("main")
     engineer.goto("/ui/p/web/models/iris")
     assert engineer.page.locator("button[value=staging]").count() >= 1
     assert (

@@ -538,6 +538,14 @@ def test_cli_and_sdk_for_models_deployments_and_predict(
     promoted = runner.invoke(app, ["models", "promote", project, "iris", "1", "--stage", "staging", "--json"])
     assert json.loads(promoted.output)["aliases"] == ["staging"]
     assert "test_f1_macro" in runner.invoke(app, ["models", "compare", project, "iris", "1", "2"]).output
+    asked = runner.invoke(app, ["models", "approval", project, "iris", "2", "request", "--note", "try it"])
+    assert asked.exit_code == 0 and "v2: pending" in asked.output, asked.output
+    no_note = runner.invoke(app, ["models", "approval", project, "iris", "2", "reject"])
+    assert no_note.exit_code != 0 and "--note" in no_note.output
+    rejected = runner.invoke(
+        app, ["models", "approval", project, "iris", "2", "reject", "--note", "constant", "--json"]
+    )
+    assert json.loads(rejected.output)["approval"]["decision_note"] == "constant"
     name = f"cli-{project}"
     created = runner.invoke(app, ["deployments", "create", project, name, "iris", "--target", "staging", "--json"])
     assert created.exit_code == 0, created.output
