@@ -256,3 +256,74 @@ def test_an_admin_changes_a_keys_projects_on_the_keys_page(app: tuple[TestClient
     assert forged.status_code == 403
     listed = {k["id"]: k for k in client.get("/api/v1/keys", headers={"X-API-Key": admin}).json()}
     assert listed[key_id]["projects"] == ["g-one", "g-two"]
+
+
+def test_the_deployment_page_shows_drift_quality_shadow_and_retraining_as_the_api_gives_them() -> None:
+    """Rendered from answers shaped as the api's (the browser test's deployment has none of these yet)."""
+    from miniml.console.pages import templates
+
+    report = {
+        "id": 3,
+        "trigger": "schedule",
+        "state": "done",
+        "finished_at": "2026-12-03T10:00:00",
+        "rows": 500,
+        "reference": {"dataset": "iris", "version": 1},
+        "max_psi": 0.41,
+        "prediction_psi": 0.1,
+        "features": [
+            {"feature": "petal<b>", "psi": 0.41, "ks": 0.3, "ks_p_value": 0.001, "drifted": True},
+            {"feature": "sepal", "psi": 0.02, "ks": None, "ks_p_value": None, "drifted": False},
+        ],
+    }
+    html = templates.get_template("deployment.html").render(
+        me={"role": "viewer", "key_id": "k"},
+        csrf="c",
+        can=lambda role: role == "viewer",
+        path="/",
+        project="p",
+        dep={
+            "name": "d",
+            "model_name": "m",
+            "state": "ready",
+            "desired": [{"version": "1", "weight": 100}],
+            "endpoint": "http://x/v1/endpoints/d/predict",
+            "error": None,
+            "rollout_error": None,
+            "previous_target": None,
+        },
+        versions=[],
+        problems={},
+        charts_={},
+        traffic=None,
+        history=[],
+        drift={"latest": report, "history": [report]},
+        monitoring={"retrain": {"drift_threshold": 0.3}},
+        quality={"labelled": 40, "window_s": 3600, "accuracy": 0.9, "f1_macro": 0.88, "rmse": None, "mae": None},
+        retrainings=[
+            {
+                "id": 1,
+                "trigger": "drift",
+                "state": "promoted",
+                "champion_version": "1",
+                "champion_score": 0.8,
+                "challenger_version": "2",
+                "challenger_score": 0.9,
+                "promoted": True,
+            }
+        ],
+        shadow={
+            "shadow_version": "2",
+            "requests": 10,
+            "rows": 12,
+            "agreement": 0.75,
+            "mean_abs_difference": None,
+            "live_latency_ms": 1.5,
+            "shadow_latency_ms": 2.5,
+        },
+        datasets=[],
+    )
+    assert "largest PSI 0.41 (retraining threshold 0.3)" in html and "petal&lt;b&gt;" in html and "<b>" not in html
+    assert "40 labelled predictions" in html and "accuracy 0.9" in html and "75.0 %" in html
+    assert "<td>promoted</td>" in html
+    assert html.count('method="post"') == 1  # a viewer: sign-out is the only form

@@ -19,6 +19,7 @@ from starlette.background import BackgroundTask
 
 from miniml.console import charts, session
 from miniml.console.client import Api, ApiError
+from miniml.monitoring.drift import PSI_DRIFT
 
 HERE = Path(__file__).resolve().parent
 templates = Jinja2Templates(directory=HERE / "templates")
@@ -28,6 +29,7 @@ templates.env.filters["q"] = lambda value: quote(str(value), safe="")
 templates.env.globals["top_items"] = lambda column, n=8: [
     (str(t["value"]), t["count"]) for t in column.get("top", [])[:n]
 ]
+templates.env.globals["psi_drift"] = PSI_DRIFT
 templates.env.globals["psi_items"] = lambda features: [(f["feature"], float(f["psi"])) for f in features]
 templates.env.globals["missing_items"] = lambda columns: [
     (c["name"], c["null_count"]) for c in columns if c["null_count"]
