@@ -327,3 +327,22 @@ def test_the_deployment_page_shows_drift_quality_shadow_and_retraining_as_the_ap
     assert "40 labelled predictions" in html and "accuracy 0.9" in html and "75.0 %" in html
     assert "<td>promoted</td>" in html
     assert html.count('method="post"') == 1  # a viewer: sign-out is the only form
+
+
+def test_when_the_api_cannot_say_who_you_are_the_page_says_why(
+    app: tuple[TestClient, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from miniml.console import client as console_client
+
+    client, admin = app
+    sign_in(client, admin)
+    real = console_client.Api.get
+
+    async def busy(self: console_client.Api, path: str, **params: object) -> object:
+        if path.endswith("/whoami"):
+            raise console_client.ApiError(503, "The metadata DB is busy; retry in a moment.")
+        return await real(self, path, **params)
+
+    monkeypatch.setattr(console_client.Api, "get", busy)
+    page = client.get("/ui/projects", follow_redirects=False)
+    assert page.status_code == 503 and "metadata DB is busy" in page.text

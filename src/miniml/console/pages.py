@@ -108,7 +108,11 @@ async def _as_person(request: Request, handler: Handler, write: bool = False, cs
         except ApiError as err:
             if err.status == 401:
                 return _login_redirect(request, "Your session ended or is not valid: sign in again.")
-            raise
+            unsigned = templates.TemplateResponse(  # the api cannot say who this is now (its DB busy)
+                request, "error.html", {"me": None, "error": err, "back": None}, status_code=err.status
+            )
+            unsigned.headers.update(SECURITY_HEADERS)
+            return unsigned
         page = Page(request, api, me, token)
         if write and not session.csrf_ok(_secret(request), token, csrf, request):
             return page.render(
