@@ -36,6 +36,8 @@ def _start(tmp_path: Path, ports: dict[str, int]) -> subprocess.Popen[str]:
             "COLUMNS": "200",
         }
     )
+    # Started as a script's background job is (`miniml up &`): with SIGINT ignored. Its stop by
+    # SIGINT below shows an interrupt stops it all the same.
     return subprocess.Popen(
         [sys.executable, "-m", "miniml", "up"],
         env=env,
@@ -43,6 +45,7 @@ def _start(tmp_path: Path, ports: dict[str, int]) -> subprocess.Popen[str]:
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),  # noqa: PLW1509
     )
 
 

@@ -291,6 +291,7 @@ def test_the_deployment_page_shows_drift_quality_shadow_and_retraining_as_the_ap
             "error": None,
             "rollout_error": None,
             "previous_target": None,
+            "target": {"kind": "alias", "alias": "production", "shadow": {"version": "2", "fraction": 0.1}},
         },
         versions=[],
         problems={},
@@ -325,6 +326,7 @@ def test_the_deployment_page_shows_drift_quality_shadow_and_retraining_as_the_ap
     )
     assert "largest PSI 0.41 (retraining threshold 0.3)" in html and "petal&lt;b&gt;" in html and "<b>" not in html
     assert "40 labelled predictions" in html and "accuracy 0.9" in html and "75.0 %" in html
+    assert "Version 2 predicts on copies of 10 % of requests" in html
     assert "<td>promoted</td>" in html
     assert html.count('method="post"') == 1  # a viewer: sign-out is the only form
 

@@ -42,6 +42,9 @@ def up() -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_signal)
+    # Also when started in the background of a script (`miniml up &`), which starts it with SIGINT
+    # ignored: an interrupt still stops the platform, in order.
+    signal.signal(signal.SIGINT, on_signal)
     try:
         console.print(f"miniml: starting in {settings.data_dir.resolve()} ({settings.mode.value} mode)")
         timings = sup.start_all()
