@@ -348,3 +348,65 @@ def test_when_the_api_cannot_say_who_you_are_the_page_says_why(
     monkeypatch.setattr(console_client.Api, "get", busy)
     page = client.get("/ui/projects", follow_redirects=False)
     assert page.status_code == 503 and "metadata DB is busy" in page.text
+
+
+def test_a_queued_job_is_started_and_cancelled_from_the_console(app: tuple[TestClient, str]) -> None:
+    client, admin = app
+    csrf = sign_in(client, admin)
+    client.post("/ui/projects", data={"name": "jobs", "csrf": csrf})
+    client.post(
+        f"/ui/p/jobs/datasets?csrf={csrf}",
+        files={"file": ("iris.csv", IRIS.read_bytes())},
+        headers={"Accept": "application/json"},
+    )
+    form = client.get("/ui/p/jobs/jobs/new?dataset=iris").text
+    assert '<option value="target" selected>' in form  # the last column is the default target
+    bad = client.post(
+        "/ui/p/jobs/jobs", data={"csrf": csrf, "dataset": "iris", "target": "target", "timeout_s": "soon"}
+    )
+    assert bad.status_code == 422 and "timeout_s" in bad.text
+    made = client.post(
+        "/ui/p/jobs/jobs",
+        data={"csrf": csrf, "dataset": "iris", "target": "target", "families": ["linear"], "max_trials": "2"},
+        follow_redirects=False,
+    )
+    assert made.status_code == 303 and re.fullmatch(r"/ui/p/jobs/jobs/\d+", made.headers["location"])
+    job_page = client.get(made.headers["location"]).text
+    assert "queued" in job_page and "Cancel job" in job_page
+    cancelled = client.post(made.headers["location"] + "/cancel", data={"csrf": csrf}, follow_redirects=True)
+    assert cancelled.status_code == 200 and 'id="job-state">cancelled<' in cancelled.text
+    assert "Cancel job" not in cancelled.text
+
+
+def test_two_versions_side_by_side_render_their_differences() -> None:
+    from miniml.console.pages import templates
+
+    def version(v: str, f1: float, family: str) -> dict[str, object]:
+        return {
+            "version": v,
+            "aliases": [],
+            "family": family,
+            "metrics": {"test_f1_macro": f1},
+            "job_id": 1,
+            "dataset": "iris",
+            "dataset_version": 1,
+            "approval": None,
+        }
+
+    a, b = version("1", 0.9, "linear"), version("2", 0.95, "lightgbm")
+    html = templates.get_template("model.html").render(
+        me={"role": "viewer", "key_id": "k"},
+        csrf="c",
+        can=lambda role: role == "viewer",
+        path="/",
+        project="p",
+        model={"name": "m", "registered_name": "p.m", "aliases": {}},
+        versions=[a, b],
+        metrics=["test_f1_macro"],
+        comparison={"a": a, "b": b, "metric_differences": {"test_f1_macro": 0.05}},
+        shown=None,
+        plot_names=[],
+        finite=lambda x: True,
+    )
+    assert "<td>test_f1_macro</td><td>0.9</td><td>0.95</td><td>+0.05</td>" in html
+    assert "<td>family</td><td>linear</td><td>lightgbm</td>" in html
