@@ -131,8 +131,9 @@ class Registry:
 
     def plot(self, run_id: str, name: str) -> bytes:
         """One plot's PNG bytes; NotFound when the run has no such plot."""
-        if name not in self.plot_names(run_id):
-            raise NotFound(f"The run has no plot {name!r}; it has {', '.join(self.plot_names(run_id)) or 'none'}.")
+        names = self.plot_names(run_id)
+        if name not in names:
+            raise NotFound(f"The run has no plot {name!r}; it has {', '.join(names) or 'none'}.")
         with tempfile.TemporaryDirectory() as tmp:
             path = self._call("read a plot", self.client.download_artifacts, run_id, f"plots/{name}.png", tmp)
             return Path(path).read_bytes()
