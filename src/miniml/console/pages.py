@@ -128,6 +128,12 @@ async def _as_person(request: Request, handler: Handler, write: bool = False, cs
             return page.problem(err, back=request.headers.get("referer"))
 
 
+async def _form_write(request: Request, form: Any, handler: Handler) -> Response:
+    """A write posted as a form read whole (its CSRF token comes with the other fields)."""
+    csrf = form.get("csrf")
+    return await _as_person(request, handler, write=True, csrf=str(csrf) if csrf else None)
+
+
 def _redirect(url: str) -> RedirectResponse:
     return RedirectResponse(url, status_code=303)
 
@@ -371,8 +377,7 @@ async def create_job(request: Request, project: str) -> Response:
         job = await page.api.post(f"/api/v1/projects/{quote(project, safe='')}/jobs", json=body)
         return _redirect(f"/ui/p/{quote(project, safe='')}/jobs/{job['id']}")
 
-    csrf = form.get("csrf")
-    return await _as_person(request, make, write=True, csrf=str(csrf) if csrf else None)
+    return await _form_write(request, form, make)
 
 
 def trial_chart(job: dict[str, Any]) -> Any:
@@ -475,8 +480,7 @@ async def approval(request: Request, project: str, model: str) -> Response:
         await page.api.post(f"{base}/versions/{version}/approval", json=body)
         return _redirect(f"/ui/p/{quote(project, safe='')}/models/{quote(model, safe='')}")
 
-    csrf = form.get("csrf")
-    return await _as_person(request, decide, write=True, csrf=str(csrf) if csrf else None)
+    return await _form_write(request, form, decide)
 
 
 @router.post("/p/{project}/models/{model}/versions/{version}/promote")
@@ -576,8 +580,7 @@ async def create_deployment(request: Request, project: str) -> Response:
         made = await page.api.post(f"/api/v1/projects/{quote(project, safe='')}/deployments", json=body)
         return _redirect(f"/ui/p/{quote(project, safe='')}/deployments/{quote(made['name'], safe='')}")
 
-    csrf = form.get("csrf")
-    return await _as_person(request, make, write=True, csrf=str(csrf) if csrf else None)
+    return await _form_write(request, form, make)
 
 
 def same_target(target: dict[str, Any]) -> dict[str, Any]:
@@ -620,8 +623,7 @@ async def update_deployment(request: Request, project: str, name: str) -> Respon
             await page.api.call("PATCH", base, json=body)
         return _redirect(f"/ui/p/{quote(project, safe='')}/deployments/{quote(name, safe='')}")
 
-    csrf = form.get("csrf")
-    return await _as_person(request, change, write=True, csrf=str(csrf) if csrf else None)
+    return await _form_write(request, form, change)
 
 
 @router.post("/p/{project}/deployments/{name}/batch")
@@ -635,8 +637,7 @@ async def batch(request: Request, project: str, name: str) -> Response:
         job = await page.api.post(f"{base}/batch", json=body)
         return _redirect(f"/ui/p/{quote(project, safe='')}/jobs/{job['id']}")
 
-    csrf = form.get("csrf")
-    return await _as_person(request, start, write=True, csrf=str(csrf) if csrf else None)
+    return await _form_write(request, form, start)
 
 
 # --- admin -----------------------------------------------------------------------------------
@@ -670,8 +671,7 @@ async def make_key(request: Request) -> Response:
         # The secret is shown on this answer only (never stored, never in a URL).
         return page.render("keys.html", status=201, keys=await page.api.get("/api/v1/keys"), made=made)
 
-    csrf = form.get("csrf")
-    return await _as_person(request, make, write=True, csrf=str(csrf) if csrf else None)
+    return await _form_write(request, form, make)
 
 
 @router.post("/admin/keys/{key_id}/projects")
