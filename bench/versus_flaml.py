@@ -168,6 +168,9 @@ def main() -> None:
                 platform_score = held_out_score(task, test[target], model.predict(test.drop(columns=target)))
                 automl, flaml_wall = run_flaml(train, target, task, args.budget, cores)
                 flaml_score = held_out_score(task, test[target], automl.predict(test.drop(columns=target)))  # type: ignore[attr-defined]
+                print(f"    {name}: FLAML's best: {automl.best_estimator} {automl.best_config}", flush=True)  # type: ignore[attr-defined]
+                best = max(trials, key=lambda t: t.score if t.score is not None else -math.inf)
+                print(f"    {name}: miniml's best: {best.family} {best.params}", flush=True)
                 ratio = platform_score / flaml_score if task == "classification" else flaml_score / platform_score
                 rows.append(
                     (name, task, platform_score, flaml_score, ratio, platform_wall, flaml_wall, first_trial, duplicates)

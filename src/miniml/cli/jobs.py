@@ -60,10 +60,14 @@ def create(
     timeout_s: float | None = typer.Option(None),
     model_name: str | None = typer.Option(None),
     promote_to: str = typer.Option("staging", help="staging, production or none."),
+    cpu: float | None = typer.Option(None, help="CPU cores per flow run (Kubernetes work pool)."),
+    memory: str | None = typer.Option(None, help="Memory per flow run, e.g. 4Gi (Kubernetes work pool)."),
+    gpu: int = typer.Option(0, help="NVIDIA GPUs per flow run; the PyTorch family trains on CUDA."),
     wait: bool = typer.Option(False, "--wait", help="Follow progress until the job ends."),
     as_json: bool = JSON,
 ) -> None:
     """Queue a training job (and with --wait, follow it to the end)."""
+    resources = {k: v for k, v in {"cpu": cpu, "memory": memory, "gpu": gpu or None}.items() if v is not None}
     spec: dict[str, Any] = {
         "dataset": dataset,
         "target": target,
@@ -75,6 +79,7 @@ def create(
         "timeout_s": timeout_s,
         "model_name": model_name,
         "promote_to": promote_to,
+        "resources": resources or None,
     }
     try:
         job = client().jobs.create(project, **{k: v for k, v in spec.items() if v is not None})

@@ -252,6 +252,37 @@ def worker() -> None:
     serve(settings)
 
 
+@app.command("work-pool")
+def work_pool(
+    image: str = typer.Option(..., envvar="MINIML_IMAGE", help="The miniml image each flow run's Job runs."),
+    pool: str = typer.Option("miniml-kubernetes", help="The work pool's name."),
+    namespace: str = typer.Option("miniml", help="The namespace the Jobs are made in."),
+    service_account: str = typer.Option("miniml-flow-run", help="The service account of the Jobs' pods."),
+) -> None:
+    """Train on Kubernetes: create a Prefect work pool of type kubernetes and point miniml's flows at it.
+
+    Each job (and each shard of a parallel job) then runs as a Kubernetes Job of its own, made by
+    `prefect worker start --pool <pool> --type kubernetes`. Stop any `miniml worker`: the two serve
+    the same deployments. Running it again updates the pool's template and the deployments."""
+    import asyncio
+    import os
+
+    from miniml.config import Settings
+    from miniml.orchestration.flows import wait_for_prefect
+    from miniml.orchestration.kubernetes import register
+
+    settings = Settings()
+    os.environ.setdefault("PREFECT_API_URL", settings.prefect_api_url)
+    try:
+        wait_for_prefect(settings)
+        done = asyncio.run(register(pool=pool, image=image, namespace=namespace, service_account=service_account))
+    except Exception as exc:
+        err_console.print(f"[red]error:[/red] could not set up work pool {pool}: {type(exc).__name__}: {exc}")
+        raise typer.Exit(1) from exc
+    for line in done:
+        console.print(f"miniml: {line}")
+
+
 @app.command()
 def login(
     url: str = typer.Option("http://127.0.0.1:8000", help="The api's URL."),

@@ -157,6 +157,23 @@ TRAINING = (
         ((f'process_resident_memory_bytes{{job="{WORKER_JOB}"}}', "{{instance}}"),),
         "bytes",
     ),
+    Panel(
+        "GPU utilisation",
+        (("max by (instance, gpu, name) (miniml_gpu_utilization_ratio)", "{{instance}} GPU {{gpu}} {{name}}"),),
+        "percentunit",
+        description="From NVML on each worker; empty where workers have no GPU.",
+    ),
+    Panel(
+        "GPU memory used",
+        (
+            (
+                "max by (instance, gpu, name) (miniml_gpu_memory_used_bytes / miniml_gpu_memory_total_bytes)",
+                "{{instance}} GPU {{gpu}} {{name}}",
+            ),
+        ),
+        "percentunit",
+        description="Share of each GPU's memory in use (NVML); empty where workers have no GPU.",
+    ),
 )
 
 DASHBOARDS: dict[str, tuple[str, tuple[Panel, ...]]] = {

@@ -14,8 +14,11 @@ log = logging.getLogger("miniml.worker")
 
 
 def start_worker_metrics(settings: Settings) -> None:
-    """The worker's /metrics: its process (CPU, memory) and what it is; Prometheus scrapes it."""
+    """The worker's /metrics: its process (CPU, memory), its GPUs if any, and what it is; Prometheus
+    scrapes it."""
     from prometheus_client import REGISTRY, start_http_server
+
+    from miniml.monitoring.gpu import GpuCollector
 
     port = settings.worker.metrics_port
     if port == 0:
@@ -25,6 +28,7 @@ def start_worker_metrics(settings: Settings) -> None:
     Gauge("miniml_worker_concurrency", "Flow runs this worker runs at once.", registry=REGISTRY).set(
         settings.worker.concurrency
     )
+    REGISTRY.register(GpuCollector())  # no series at all on a machine without a GPU
     try:
         start_http_server(port, addr=settings.worker.metrics_host)
     except OSError as exc:  # another worker on this machine holds the port: train anyway

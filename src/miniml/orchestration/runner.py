@@ -27,7 +27,7 @@ import pyarrow as pa
 from miniml.config import Settings
 from miniml.data.formats import FileFormat, TableFile
 from miniml.domain.tasks import Task
-from miniml.errors import Conflict, MiniMLError, NotFound, public_reason
+from miniml.errors import Conflict, InvalidInput, MiniMLError, NotFound, public_reason
 from miniml.orchestration.trainer import GO, Trainer, TrainRequest
 from miniml.schemas.jobs import JobFinish, JobRead, TrialReport
 from miniml.sdk.client import Client
@@ -131,6 +131,7 @@ def run_job(
             if job.kind == "import":
                 run_id = _ensure_run(client, tracker, job, shard)
                 return _import(client, settings, tracker, job, run_id)
+            _check_gpus(client, job, worker)
             # Started first: the child's imports overlap the parent run's creation.
             trainer = stack.enter_context(
                 Trainer(job_id, trial_threads=settings.worker.trial_threads, platform=str(settings.data_dir.resolve()))
@@ -151,6 +152,21 @@ def run_job(
                 return reports.finish(project, job_id, JobFinish(state="failed", reason=reason[:3900]))
             except (MiniMLError, Conflict):
                 return None
+
+
+def _check_gpus(client: Client, job: JobRead, worker: str) -> None:
+    """A job that asks for GPUs fails at once where there are fewer; say where the MLP will train."""
+    from miniml.monitoring.gpu import visible_gpus
+
+    wanted = int((job.spec.get("resources") or {}).get("gpu") or 0)
+    found = visible_gpus()
+    if wanted > len(found):
+        raise InvalidInput(
+            f"The job asks for {wanted} GPU(s) and worker {worker} sees {len(found)}. Run it on a Kubernetes work "
+            "pool with GPU nodes (docs/operations.md), or leave resources.gpu out to train on the CPU."
+        )
+    if found and "torch_mlp" in job.spec.get("families", []):
+        client.job_reports.log(job.project, job.id, f"torch_mlp trains on CUDA: {', '.join(found)}")
 
 
 def _is_this_job(client: Client, project: str, job_id: int, created: float) -> bool:

@@ -19,6 +19,7 @@ from miniml.config import Settings
 from miniml.db import tables
 from miniml.errors import MiniMLError, UpstreamUnavailable
 from miniml.orchestration import DEPLOYMENT, DRIFT_DEPLOYMENT, EVALUATE_DEPLOYMENT
+from miniml.orchestration.kubernetes import job_variables
 from miniml.services import jobs, monitoring
 from miniml.tracking.registry import Registry
 
@@ -60,27 +61,37 @@ class Orchestrator:
         found: dict[str, Any] = answer.json()
         return found
 
-    def _run(self, deployment: str, name: str, parameters: dict[str, Any], project: str, created: float) -> str:
+    def _run(
+        self,
+        deployment: str,
+        name: str,
+        parameters: dict[str, Any],
+        project: str,
+        created: float,
+        job_variables: dict[str, Any] | None = None,
+    ) -> str:
         """A flow run of ``deployment``, scheduled now (Prefect's default for a run without a state)."""
         target = self._deployment(deployment)
-        answer = self._prefect().post(
-            f"deployments/{target['id']}/create_flow_run",
-            json={
-                "name": name,
-                "parameters": parameters,
-                # The same key twice gives the same flow run: a retried submission never doubles a job.
-                # The creation time tells apart jobs of two platforms (or a reset DB) on one Prefect.
-                "idempotency_key": f"miniml-{name}-{created:.6f}",
-                "tags": ["miniml", f"project:{project}"],
-            },
-        )
+        body: dict[str, Any] = {
+            "name": name,
+            "parameters": parameters,
+            # The same key twice gives the same flow run: a retried submission never doubles a job.
+            # The creation time tells apart jobs of two platforms (or a reset DB) on one Prefect.
+            "idempotency_key": f"miniml-{name}-{created:.6f}",
+            "tags": ["miniml", f"project:{project}"],
+        }
+        if job_variables:  # a Kubernetes work pool makes them the Job's resources; a process worker ignores them
+            body["job_variables"] = job_variables
+        answer = self._prefect().post(f"deployments/{target['id']}/create_flow_run", json=body)
         answer.raise_for_status()
         return str(answer.json()["id"])
 
-    def _run_deployment(self, job_id: int, project: str, shard: int, created: float) -> str:
+    def _run_deployment(
+        self, job_id: int, project: str, shard: int, created: float, resources: dict[str, Any] | None
+    ) -> str:
         name = f"job-{job_id}" if shard == 0 else f"job-{job_id}-shard-{shard}"
         params = {"job_id": job_id, "project": project, "shard": shard, "created": created}
-        return self._run(DEPLOYMENT, name, params, project, created)
+        return self._run(DEPLOYMENT, name, params, project, created, job_variables(resources))
 
     def submit_pending(self) -> list[int]:
         """Submit every queued job that has no flow run yet; return the ids submitted."""
@@ -90,13 +101,21 @@ class Orchestrator:
     def _submit_pending(self) -> list[int]:
         with self.db.begin() as session:
             pending = [
-                (j.id, j.project.name, int(j.spec.get("parallelism", 1)), j.created_at.timestamp())
+                (
+                    j.id,
+                    j.project.name,
+                    int(j.spec.get("parallelism", 1)),
+                    j.created_at.timestamp(),
+                    j.spec.get("resources"),
+                )
                 for j in jobs.unsubmitted_jobs(session)
             ]
         done = []
-        for job_id, project, parallelism, created in pending:
+        for job_id, project, parallelism, created, resources in pending:
             try:
-                run_ids = [self._run_deployment(job_id, project, shard, created) for shard in range(parallelism)]
+                run_ids = [
+                    self._run_deployment(job_id, project, shard, created, resources) for shard in range(parallelism)
+                ]
             except Exception as exc:
                 raise UpstreamUnavailable(f"Prefect did not take job {job_id}: {type(exc).__name__}: {exc}") from exc
             with self.db.begin() as session:

@@ -11,6 +11,27 @@ from miniml.domain.tasks import Task
 from miniml.schemas.common import ReadModel, StrictModel
 
 
+class JobResources(StrictModel):
+    """What one flow run of the job (each shard of a parallel job) asks of the cluster. On a Kubernetes
+    work pool they become the run's Job's requests and limits; a process worker checks only the GPU."""
+
+    cpu: float | None = Field(
+        default=None, gt=0, le=256, description="CPU cores, requested and the limit (Kubernetes); e.g. 2 or 0.5."
+    )
+    memory: str | None = Field(
+        default=None,
+        pattern=r"^[1-9][0-9]{0,5}(Mi|Gi)$",
+        description="Memory, requested and the limit (Kubernetes), in Mi or Gi; e.g. '4Gi'.",
+    )
+    gpu: int = Field(
+        default=0,
+        ge=0,
+        le=8,
+        description="NVIDIA GPUs (Kubernetes: the nvidia.com/gpu limit). The PyTorch family trains on CUDA when the "
+        "run sees a GPU; a job that asks for one fails at once on a worker that has none.",
+    )
+
+
 class JobCreate(StrictModel):
     dataset: str | None = Field(default=None, description="Dataset name (with `version`, default the latest).")
     version: int | None = Field(default=None, ge=1, le=MAX_ID)
@@ -39,6 +60,9 @@ class JobCreate(StrictModel):
     promote_to: Literal["staging", "production", "none"] = "staging"
     model_name: str | None = Field(default=None, description="Registered model name; default the dataset's name.")
     parallelism: int = Field(default=1, ge=1, le=32, description="Worker processes sharing the study.")
+    resources: JobResources | None = Field(
+        default=None, description="CPU, memory and GPUs for each of the job's flow runs; default the work pool's."
+    )
 
     model_config = ConfigDict(
         extra="forbid",

@@ -151,6 +151,7 @@ def resolve_spec(version: tables.DatasetVersion, body: JobCreate) -> dict[str, A
         "promote_to": body.promote_to,
         "model_name": model_name,
         "parallelism": body.parallelism,
+        "resources": body.resources.model_dump() if body.resources else None,
     }
 
 
