@@ -172,6 +172,10 @@ def test_seed_train_route(jc: tuple[TestClient, dict[str, str]]) -> None:
         ({"dataset": "iris", "target": "target", "model_name": "../evil"}, ["not valid"]),
         ({"dataset": "iris", "target": "target", "cv_folds": 1}, ["cv_folds"]),
         ({"dataset": "iris", "target": "target", "state": "succeeded"}, ["state", "not a known field"]),
+        ({"dataset": "iris", "target": "target", "resources": {"memory": "4GB"}}, ["memory", "pattern"]),
+        ({"dataset": "iris", "target": "target", "resources": {"gpu": 9}}, ["gpu", "less than or equal to 8"]),
+        ({"dataset": "iris", "target": "target", "resources": {"cpu": 0}}, ["cpu", "greater than 0"]),
+        ({"dataset": "iris", "target": "target", "resources": {"tpu": 1}}, ["tpu", "not a known field"]),
     ],
 )
 def test_bad_job_requests_are_422_and_create_nothing(

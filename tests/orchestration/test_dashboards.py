@@ -126,6 +126,8 @@ def test_every_dashboard_panel_and_alert_rule_against_a_real_prometheus(
         time.sleep(3)  # a few more scrapes, so every rate() has two samples after the traffic
         empty = []
         for uid, title, expr in panel_queries():
+            if "miniml_gpu_" in expr:  # no GPU here: test_gpu_panels_against_a_real_prometheus
+                continue
             promql = expr.replace("$__rate_interval", "1m").replace("$deployment", ".*")
             if not query(prom, promql):
                 empty.append(f"{uid} / {title}: {promql}")
@@ -162,6 +164,40 @@ def test_every_dashboard_panel_and_alert_rule_against_a_real_prometheus(
             )
 
         wait_for(drift_alert, 20, "the drift alert to fire")
+
+
+def test_gpu_panels_against_a_real_prometheus(tmp_path: Path) -> None:
+    """The GPU panels' queries, on what a worker with two GPUs serves (NVML faked at its boundary)."""
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    from miniml.monitoring.gpu import GpuCollector
+    from tests.monitoring.test_gpu import Device, FakeNVML
+
+    registry = CollectorRegistry()
+    nvml = FakeNVML(
+        [
+            Device(b"NVIDIA H200", "GPU-a", busy=75, used=30 * 2**30, total=120 * 2**30),
+            Device(b"NVIDIA H200", "GPU-b", busy=5, used=12 * 2**30, total=120 * 2**30),
+        ]
+    )
+    registry.register(GpuCollector(nvml))
+    port = free_port()
+    server, thread = start_http_server(port, addr="127.0.0.1", registry=registry)
+    gpu_queries = [(title, expr) for _, title, expr in panel_queries() if "miniml_gpu_" in expr]
+    assert {title for title, _ in gpu_queries} == {"GPU utilisation", "GPU memory used"}
+    try:
+        config = scrape_config(api=[], worker=[f"127.0.0.1:{port}"], interval_s=1)
+        with prometheus(tmp_path / "prometheus", config) as prom:
+            wait_for(lambda: len(query(prom, "miniml_gpu_utilization_ratio")) == 2, 30, "Prometheus to scrape the GPUs")
+            results = {title: query(prom, expr) for title, expr in gpu_queries}
+    finally:
+        server.shutdown()
+        thread.join(5)
+    by_gpu = {r["metric"]["gpu"]: float(r["value"][1]) for r in results["GPU utilisation"]}
+    assert by_gpu == pytest.approx({"0": 0.75, "1": 0.05})
+    memory = {r["metric"]["gpu"]: float(r["value"][1]) for r in results["GPU memory used"]}
+    assert memory == pytest.approx({"0": 0.25, "1": 0.1})
+    assert all(r["metric"]["name"] == "NVIDIA H200" for r in results["GPU utilisation"])
 
 
 def test_the_shipped_rules_and_config_pass_promtool() -> None:

@@ -16,6 +16,7 @@ import httpx
 import psutil
 import pytest
 
+from miniml.monitoring.gpu import visible_gpus
 from miniml.sdk.client import Client
 from tests.conftest import LiveApi
 from tests.orchestration.conftest import IRIS, Workers, slow_dataset, trainers_of, wait_for
@@ -28,9 +29,14 @@ def test_job_waits_for_a_worker_then_runs_through_prefect(
 ) -> None:
     api, client, start_workers = platform
     job = client.jobs.create(
-        "demo", dataset="iris", target="target", max_trials=4, families=["linear", "random_forest"]
+        "demo",
+        dataset="iris",
+        target="target",
+        max_trials=4,
+        families=["linear", "random_forest"],
+        resources={"cpu": 1, "memory": "1Gi"},  # a Kubernetes pool's; a process worker runs it as it is
     )
-    assert job.state == "queued"
+    assert job.state == "queued" and job.spec["resources"] == {"cpu": 1.0, "memory": "1Gi", "gpu": 0}
     time.sleep(2)
     assert client.jobs.get("demo", job.id).state == "queued"
     if not client.jobs.get("demo", job.id).flow_run_id:
@@ -49,6 +55,17 @@ def test_job_waits_for_a_worker_then_runs_through_prefect(
         assert run["state_type"] == "RUNNING" and time.monotonic() < deadline, run["state_type"]
         time.sleep(0.5)
     assert run["name"] == f"job-{job.id}"
+
+    # A job that asks for a GPU fails at once on a worker without one, naming the way out.
+    gpus = visible_gpus()
+    gpu_job = client.jobs.create("demo", dataset="iris", target="target", max_trials=2, resources={"gpu": 1})
+    ended = client.jobs.wait("demo", gpu_job.id, timeout_s=120)
+    if gpus:
+        assert ended.state == "succeeded", ended.reason
+    else:
+        assert ended.state == "failed" and ended.progress.trials_done == 0
+        assert "asks for 1 GPU(s)" in str(ended.reason) and "sees 0" in str(ended.reason), ended.reason
+        assert "Kubernetes work pool" in str(ended.reason)
 
 
 def test_killed_worker_fails_the_job_instead_of_leaving_it_running(platform: tuple[LiveApi, Client, Workers]) -> None:
