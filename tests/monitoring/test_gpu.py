@@ -41,24 +41,24 @@ class FakeNVML:
     def __init__(self, devices: list[Device]) -> None:
         self.devices = devices
 
-    def nvmlDeviceGetCount(self) -> int:  # noqa: N802 - NVML's names
+    def nvmlDeviceGetCount(self) -> int:
         return len(self.devices)
 
-    def nvmlDeviceGetHandleByIndex(self, index: int) -> Device:  # noqa: N802
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> Device:
         return self.devices[index]
 
-    def nvmlDeviceGetName(self, handle: Device) -> bytes:  # noqa: N802
+    def nvmlDeviceGetName(self, handle: Device) -> bytes:
         return handle.name
 
-    def nvmlDeviceGetUUID(self, handle: Device) -> str:  # noqa: N802
+    def nvmlDeviceGetUUID(self, handle: Device) -> str:
         return handle.uuid
 
-    def nvmlDeviceGetUtilizationRates(self, handle: Device) -> Any:  # noqa: N802
+    def nvmlDeviceGetUtilizationRates(self, handle: Device) -> Any:
         if handle.broken:
             raise FakeNVMLError("GPU is lost")
         return type("Rates", (), {"gpu": handle.busy, "memory": 0})()
 
-    def nvmlDeviceGetMemoryInfo(self, handle: Device) -> Any:  # noqa: N802
+    def nvmlDeviceGetMemoryInfo(self, handle: Device) -> Any:
         return type("Memory", (), {"used": handle.used, "total": handle.total, "free": handle.total - handle.used})()
 
 
