@@ -164,6 +164,37 @@ def test_db_outage_is_503_with_retry_after_and_recovers(
     assert db_check["database"] is True
 
 
+PROBE = "/readyz?exclude=mlflow&exclude=prefect&exclude=worker"  # deploy/k8s's readiness probe
+
+
+def test_the_readiness_probe_leaves_out_the_checks_it_excludes(client: TestClient) -> None:
+    """No MLflow, Prefect or worker answers this app: /readyz says so, the probe's form asks only
+    for the database and is ready, and a check it does not know is a 422 naming the known ones."""
+    whole = client.get("/readyz")
+    assert whole.status_code == 503
+    assert {c["name"] for c in whole.json()["checks"] if not c["ok"]} >= {"mlflow", "prefect", "worker"}
+    probe = client.get(PROBE)
+    assert probe.status_code == 200, probe.text
+    assert [c["name"] for c in probe.json()["checks"]] == ["database"]
+    assert_problem(client.get("/readyz?exclude=etcd"), 422, "exclude", "database", "worker")
+
+
+@pytest.mark.postgres
+def test_the_readiness_probe_fails_while_the_database_is_cut(
+    pg_proxy_client: tuple[TestClient, dict[str, str], TcpProxy],
+) -> None:
+    client, _admin, proxy = pg_proxy_client
+    assert client.get(PROBE).status_code == 200
+    proxy.cut()
+    try:
+        cut = client.get(PROBE)
+        assert cut.status_code == 503 and cut.json()["checks"] == [
+            {"name": "database", "ok": False, "error": "not reachable (OperationalError)"}
+        ]
+    finally:
+        proxy.restore()
+
+
 def test_a_locked_sqlite_db_is_503_within_the_timeout_and_recovers(tmp_path: Path) -> None:
     """Another process holds the DB's write lock (a backup, a sqlite3 shell): writes answer 503 once
     db.connect_timeout_s has passed, not after a hang; /readyz names the DB; reads go on; nothing

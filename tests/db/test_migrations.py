@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from sqlalchemy import inspect
 
 from miniml.db import tables
@@ -91,3 +92,23 @@ def test_migrate_names_an_unreachable_database_in_one_line(tmp_path: Path) -> No
     done = _python("-m", "miniml", "migrate", env=env)
     assert done.returncode == 1 and "could not migrate the metadata DB" in done.stderr
     assert "Traceback" not in done.stderr + done.stdout
+
+
+@pytest.mark.postgres
+def test_replicas_migrating_at_once_take_turns(pg_url: str, tmp_path: Path) -> None:
+    """Kubernetes starts every api replica's `miniml migrate` init container at once on a new
+    database: they take turns on a PostgreSQL advisory lock, all succeed, and the schema is whole."""
+    env = dict(os.environ, MINIML_DB__URL=pg_url, MINIML_DATA_DIR=str(tmp_path))
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "miniml", "migrate"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        for _ in range(3)
+    ]
+    outputs = [p.communicate(timeout=180)[0].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], outputs
+    engine = make_engine(pg_url)
+    try:
+        assert at_head(engine)
+    finally:
+        engine.dispose()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -111,14 +112,36 @@ def at_head(engine: Engine) -> bool:
     return current_revision(engine) == head_revision()
 
 
-def upgrade(engine: Engine, revision: str = "head") -> None:
+# PostgreSQL advisory lock key of schema migrations ("miniml" in ASCII).
+MIGRATION_LOCK = 0x6D696E696D6C
+
+
+def upgrade(engine: Engine, revision: str = "head", *, wait_s: float = 600) -> None:
     """Bring the schema to ``revision`` (the api calls this on start); a no-op, without importing
-    Alembic, when the database is already at the newest migration."""
+    Alembic, when the database is already at the newest migration.
+
+    On PostgreSQL, processes migrating at once (every api replica's init container on Kubernetes)
+    take turns on an advisory lock; each looks again once it holds it, so only the first migrates."""
     if revision == "head" and at_head(engine):
         return
     from alembic import command
 
-    command.upgrade(alembic_config(engine), revision)
+    if engine.dialect.name != "postgresql":  # SQLite: one machine, and its write lock already serialises
+        command.upgrade(alembic_config(engine), revision)
+        return
+    deadline = time.monotonic() + wait_s
+    with engine.connect() as lock:
+        # Tried, not waited for: the engine's lock_timeout (a few seconds) would end a plain wait.
+        while not lock.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": MIGRATION_LOCK}).scalar():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"another process has been migrating the metadata DB for over {wait_s:.0f}s")
+            time.sleep(0.5)
+        try:
+            if revision != "head" or not at_head(engine):
+                command.upgrade(alembic_config(engine), revision)
+        finally:
+            lock.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK})
+            lock.commit()
 
 
 def downgrade(engine: Engine, revision: str) -> None:

@@ -1,10 +1,10 @@
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import anyio
 import httpx
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import JSONResponse, Response
 
@@ -42,16 +42,31 @@ async def _check_http(name: str, url: str) -> dict[str, Any]:
 
 
 @router.get("/readyz")
-async def readyz(request: Request) -> Response:
+async def readyz(
+    request: Request,
+    exclude: Annotated[
+        list[Literal["database", "mlflow", "prefect", "worker"]],
+        Query(
+            description="Checks to leave out, as Kubernetes' own /readyz?exclude=: a readiness probe asks "
+            "`?exclude=mlflow&exclude=prefect&exclude=worker`, so a pod leaves its Service only when it "
+            "cannot reach its database or is draining, not when another part is down."
+        ),
+    ] = [],  # noqa: B006 - FastAPI copies the default
+) -> Response:
     """Ready when the metadata DB, MLflow, Prefect and a training worker answer; lists each check."""
     settings = request.app.state.settings
     if request.app.state.drain.draining:
         return JSONResponse(request.app.state.drain.body(), status_code=503, headers={"Retry-After": "5"})
-    checks = [await anyio.to_thread.run_sync(_check_db, request)]
-    checks.append(await _check_http("mlflow", settings.mlflow_uri.rstrip("/") + "/health"))
-    checks.append(await _check_http("prefect", settings.prefect_api_url.rstrip("/") + "/health"))
-    ok, detail = await anyio.to_thread.run_sync(request.app.state.orchestrator.worker_status)
-    checks.append({"name": "worker", "ok": ok, "detail": detail})
+    checks = []
+    if "database" not in exclude:
+        checks.append(await anyio.to_thread.run_sync(_check_db, request))
+    if "mlflow" not in exclude:
+        checks.append(await _check_http("mlflow", settings.mlflow_uri.rstrip("/") + "/health"))
+    if "prefect" not in exclude:
+        checks.append(await _check_http("prefect", settings.prefect_api_url.rstrip("/") + "/health"))
+    if "worker" not in exclude:
+        ok, detail = await anyio.to_thread.run_sync(request.app.state.orchestrator.worker_status)
+        checks.append({"name": "worker", "ok": ok, "detail": detail})
     ready = all(c["ok"] for c in checks)
     return JSONResponse(
         {"status": "ready" if ready else "not ready", "checks": checks},
