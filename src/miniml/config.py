@@ -42,6 +42,10 @@ class DatabaseSettings(BaseModel):
     )
 
 
+# A miniml API key (``miniml new-key`` makes one); checked where a key is given in the settings.
+KEY_PATTERN = r"^mml_[0-9a-f]{12}_[A-Za-z0-9_-]{32,}$"
+
+
 class AuthSettings(BaseModel):
     jwt_secret: str | None = Field(
         default=None,
@@ -59,6 +63,12 @@ class AuthSettings(BaseModel):
         description="HMAC key that signs every model version the platform registers; the inference service "
         "and the flows load only versions it signed. Only workers and inference need it. Unset: "
         "<data_dir>/signing.key, created (0600) on first use. Set: at least 32 characters in production.",
+    )
+    admin_key: str | None = Field(
+        default=None,
+        pattern=KEY_PATTERN,
+        description="The first admin key, given instead of made (make one with `miniml new-key`): stored on the "
+        "first start with no keys, and written nowhere. For Kubernetes, from a Secret.",
     )
     bootstrap_service_keys: bool = Field(
         default=True,
@@ -130,6 +140,7 @@ class PrefectSettings(BaseModel):
 class WorkerSettings(BaseModel):
     api_key: str | None = Field(
         default=None,
+        pattern=KEY_PATTERN,
         description="Key of the worker role (POST /api/v1/keys with role worker) the worker reports to the api "
         "with. Unset: <data_dir>/worker.key, written by the api (miniml up and compose share that folder).",
     )
@@ -207,6 +218,7 @@ class InferenceSettings(BaseModel):
     port: int = Field(default=8080, ge=1, le=65535, description="Port of the inference service.")
     api_key: str | None = Field(
         default=None,
+        pattern=KEY_PATTERN,
         description="Key of the inference role the service reads desired deployments with. Unset: "
         "<data_dir>/inference.key, written by the api (miniml up and compose share that folder).",
     )

@@ -70,3 +70,60 @@ def test_bad_grant_changes_are_refused_and_change_nothing(keyed: tuple[TestClien
         assert_problem(client.put(f"/api/v1/keys/{target}/projects", json=body, headers=who), status, needle)
     assert _grants(client, admin, key_id) == ["alpha"] and _grants(client, admin, revoked_id) == ["alpha"]
     assert _grants(client, admin, admin_id) == []
+
+
+def _whoami(client: TestClient, key: str) -> int | str:
+    answer = client.get("/api/v1/auth/whoami", headers={"X-API-Key": key})
+    return answer.json()["role"] if answer.status_code == 200 else answer.status_code
+
+
+def test_keys_given_in_the_settings_are_stored_as_they_are_and_written_nowhere(db_url: str, tmp_path: Path) -> None:
+    """Kubernetes shares no folder between pods: the admin, worker and inference keys come from a
+    Secret, made beforehand with `miniml new-key`, and the api stores their hashes on start."""
+    from miniml.services.keys import new_raw_key
+
+    admin, worker, inference = new_raw_key(), new_raw_key(), new_raw_key()
+    settings = Settings(
+        data_dir=tmp_path / "d",
+        db={"url": db_url},
+        auth={"admin_key": admin},
+        worker={"api_key": worker},
+        inference={"api_key": inference},
+    )
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        assert [_whoami(client, k) for k in (admin, worker, inference)] == ["admin", "worker", "inference"]
+        assert _whoami(client, new_raw_key()) == 401
+        keys = client.get("/api/v1/keys", headers={"X-API-Key": admin}).json()
+        assert sorted(k["role"] for k in keys) == ["admin", "inference", "worker"]
+    assert sorted(p.name for p in (tmp_path / "d").glob("*.key")) == []  # no file holds any of them
+
+    # A restart with the same Secret changes nothing; a new admin key given later is not an admin.
+    later = settings.model_copy(update={"auth": settings.auth.model_copy(update={"admin_key": new_raw_key()})})
+    with TestClient(create_app(later), raise_server_exceptions=False) as client:
+        assert _whoami(client, admin) == "admin" and _whoami(client, str(later.auth.admin_key)) == 401
+        assert len(client.get("/api/v1/keys", headers={"X-API-Key": admin}).json()) == 3
+
+
+def test_a_given_key_that_clashes_or_is_malformed_stops_the_start_with_its_setting_named(
+    tmp_path: Path,
+) -> None:
+    from pydantic import ValidationError
+
+    from miniml.services.keys import new_raw_key
+
+    with pytest.raises(ValidationError, match=r"worker\.api_key"):
+        Settings(data_dir=tmp_path / "d", worker={"api_key": "hunter2"})
+    worker = new_raw_key()
+    settings = Settings(data_dir=tmp_path / "d", worker={"api_key": worker})
+    with TestClient(create_app(settings), raise_server_exceptions=False):
+        pass
+    key_id = worker.split("_")[1]
+    clash = f"mml_{key_id}_{new_raw_key().split('_', 2)[2]}"  # the same id, another secret
+    other = settings.model_copy(update={"worker": settings.worker.model_copy(update={"api_key": clash})})
+    with (
+        pytest.raises(ValueError, match=r"MINIML_WORKER__API_KEY: key id \w+ is already taken"),
+        TestClient(create_app(other), raise_server_exceptions=False),
+    ):
+        pass
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:  # the first key still works
+        assert _whoami(client, worker) == "worker"

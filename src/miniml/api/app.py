@@ -44,15 +44,29 @@ def write_admin_key(data_dir: Path, raw: str) -> Path:
 
 
 def bootstrap_keys(settings: Settings, session: Session) -> str | None:
-    """The first admin key (returned, once) and the service keys the worker and inference read."""
-    raw = key_service.bootstrap_admin_key(session) if settings.auth.bootstrap_admin_key else None
-    if raw:
-        write_admin_key(settings.data_dir, raw)
-    if settings.auth.bootstrap_service_keys:
-        for role in (Role.worker, Role.inference):
-            path = settings.data_dir / f"{role.value}.key"
-            if not path.exists():
-                write_secret_file(path, key_service.create_service_key(session, role))
+    """The first admin key (returned, once) and the service keys the worker and inference read.
+
+    Keys given in the settings (from a Kubernetes Secret, where no folder is shared) are stored as
+    they are and written nowhere: MINIML_AUTH__ADMIN_KEY when there is no key yet, and
+    MINIML_WORKER__API_KEY and MINIML_INFERENCE__API_KEY whenever they are new."""
+    if settings.auth.admin_key:
+        raw = key_service.bootstrap_admin_key(session, given=settings.auth.admin_key)
+    else:
+        raw = key_service.bootstrap_admin_key(session) if settings.auth.bootstrap_admin_key else None
+        if raw:
+            write_admin_key(settings.data_dir, raw)
+    services = (
+        (Role.worker, settings.worker.api_key, "MINIML_WORKER__API_KEY"),
+        (Role.inference, settings.inference.api_key, "MINIML_INFERENCE__API_KEY"),
+    )
+    for role, given, setting in services:
+        if given:
+            if key_service.register_given_key(session, given, role, what=setting):
+                log.info("service key stored", extra={"role": role.value, "setting": setting})
+            continue
+        path = settings.data_dir / f"{role.value}.key"
+        if settings.auth.bootstrap_service_keys and not path.exists():
+            write_secret_file(path, key_service.create_service_key(session, role))
     return raw
 
 
@@ -139,7 +153,9 @@ def create_app(settings: Settings) -> FastAPI:
             admin_id = raw.split("_")[1] if raw else None
         if raw and admin_id:
             mlflow_users.created(app.state.mlflow_access, admin_id, Role.admin, [], raw)
-        if raw:
+        if raw and settings.auth.admin_key:
+            print("miniml: stored the first admin key, given in MINIML_AUTH__ADMIN_KEY", flush=True)
+        elif raw:
             path = settings.data_dir / "admin.key"
             # Shown once, and only on a terminal: a log file (miniml up's, a container's) must never
             # hold it. `miniml up` reads the file and prints the key to its own terminal.

@@ -252,6 +252,16 @@ def worker() -> None:
     serve(settings)
 
 
+@app.command("new-key")
+def new_key() -> None:
+    """Print a new API key, stored nowhere yet: give it to the platform in a setting
+    (MINIML_AUTH__ADMIN_KEY, MINIML_WORKER__API_KEY, MINIML_INFERENCE__API_KEY), e.g. from a
+    Kubernetes Secret; the api stores its hash on start."""
+    from miniml.services.keys import new_raw_key
+
+    print(new_raw_key())
+
+
 @app.command("work-pool")
 def work_pool(
     image: str = typer.Option(..., envvar="MINIML_IMAGE", help="The miniml image each flow run's Job runs."),

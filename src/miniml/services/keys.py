@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 from datetime import datetime, timedelta
 
@@ -110,13 +111,54 @@ def create_key(session: Session, caller: Caller, body: KeyCreate) -> tuple[KeyRe
     return to_read(row), raw
 
 
-def bootstrap_admin_key(session: Session) -> str | None:
-    """Create the first admin key when there is no key at all; return it, or None."""
+def bootstrap_admin_key(session: Session, *, given: str | None = None) -> str | None:
+    """Create the first admin key when there is no key at all (or store ``given``); return it, or None."""
     if session.scalar(select(func.count()).select_from(tables.ApiKey)):
         return None
+    if given:
+        register_given_key(session, given, Role.admin, what="MINIML_AUTH__ADMIN_KEY")
+        return given
     _row, raw = _new_key(session, role=Role.admin, name="bootstrap admin", created_by=None, expires_at=None)
     session.flush()
     return raw
+
+
+def new_raw_key() -> str:
+    """A fresh key in the platform's format, stored nowhere (``miniml new-key``): for keys an operator
+    gives the platform (a Kubernetes Secret) instead of having them made."""
+    return f"{KEY_PREFIX}_{secrets.token_hex(6)}_{secrets.token_urlsafe(32)}"
+
+
+def _parse(raw: str, what: str) -> tuple[str, str]:
+    parts = raw.strip().split("_", 2)
+    if len(parts) != 3 or parts[0] != KEY_PREFIX or not re.fullmatch(r"[0-9a-f]{12}", parts[1]) or len(parts[2]) < 32:
+        raise ValueError(
+            f"{what} is not a miniml key: expected 'mml_<12 hex digits>_<at least 32 characters>'; "
+            "make one with `miniml new-key`."
+        )
+    return parts[1], parts[2]
+
+
+def register_given_key(session: Session, raw: str, role: Role, *, what: str) -> bool:
+    """Store a key the operator made (``what`` names its setting) with ``role``; True if stored now.
+
+    Idempotent: the same key again is a no-op, and a revoked one stays revoked. Another key under
+    its id, or the same key with another role, is refused."""
+    key_id, secret = _parse(raw, what)
+    row = session.get(tables.ApiKey, key_id)
+    if row is None:
+        session.add(
+            tables.ApiKey(
+                id=key_id, name=f"{role.value} (given)", secret_hash=_hash(secret), role=role.value, created_by=None
+            )
+        )
+        session.flush()
+        return True
+    if not hmac.compare_digest(row.secret_hash, _hash(secret)) or row.role != role.value:
+        raise ValueError(
+            f"{what}: key id {key_id} is already taken by another key or role; make a new key with `miniml new-key`."
+        )
+    return False
 
 
 def create_service_key(session: Session, role: Role) -> str:
