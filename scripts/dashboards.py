@@ -1,4 +1,6 @@
-"""Writes the Grafana dashboards and Prometheus files under deploy/ from miniml.monitoring.dashboards.
+"""Writes the Grafana dashboards and Prometheus files under deploy/ from miniml.monitoring.dashboards
+(compose's, and deploy/k8s/base/dashboards/ for Kubernetes' ConfigMaps: Kustomize reads no file
+outside its folder).
 
 .venv/bin/python scripts/dashboards.py          # write them
 .venv/bin/python scripts/dashboards.py --check  # exit 1 if a file is not current (the tests run this)
@@ -24,6 +26,8 @@ def files() -> dict[Path, str]:
         for uid in DASHBOARDS
     }
     out[ROOT / "deploy" / "prometheus" / "alerts.yml"] = HEADER + yaml.safe_dump(alert_rules(), sort_keys=False)
+    kubernetes = ROOT / "deploy" / "k8s" / "base" / "dashboards"
+    out |= {kubernetes / p.name: text for p, text in list(out.items())}
     out[ROOT / "deploy" / "prometheus" / "prometheus.yml"] = HEADER + yaml.safe_dump(
         compose_scrape_config(), sort_keys=False
     )

@@ -163,8 +163,11 @@ def test_work_pool_sends_each_job_to_a_kubernetes_job_of_its_own(prefect: str) -
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["PREFECT__FLOW_RUN_ID"] == with_gpu
     assert {"configMapRef": {"name": "miniml-config"}} in container["envFrom"]
-    assert {"secretRef": {"name": "miniml-secrets"}} in container["envFrom"]
-    assert not any("SECRET" in name or "PASSWORD" in name or "API_KEY" in name for name in env)  # from the Secret only
+    secret_keys = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e}
+    assert secret_keys["MINIML_WORKER__API_KEY"] == {"name": "miniml-secrets", "key": "MINIML_WORKER__API_KEY"}
+    assert "MINIML_AUTH__ADMIN_KEY" not in secret_keys  # a flow run holds no admin key
+    literal = [name for name, value in env.items() if value is not None]
+    assert not [n for n in literal if "SECRET" in n or "PASSWORD" in n or "KEY" in n or "DB__URL" in n], literal
     assert pod["securityContext"]["runAsNonRoot"] is True and container["securityContext"]["readOnlyRootFilesystem"]
     assert pod["serviceAccountName"] == "miniml-flow-run" and pod["restartPolicy"] == "Never"
 
