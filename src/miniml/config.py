@@ -184,6 +184,11 @@ class JobSettings(BaseModel):
         description="How often the api brings MLflow's grants in step with keys, projects and models "
         "(a revocation reaches MLflow at once).",
     )
+    gpu_image: str | None = Field(
+        default=None,
+        description="On a Kubernetes work pool: the image the flow runs of jobs asking for a GPU run (the same "
+        "platform built with a CUDA build of PyTorch, deploy/Dockerfile's TORCH_INDEX_URL). Unset: the pool's image.",
+    )
 
 
 class MonitoringSettings(BaseModel):

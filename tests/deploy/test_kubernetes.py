@@ -364,7 +364,10 @@ def test_a_release_image_reaches_every_platform_container_and_the_work_pool(tmp_
         yaml.safe_dump(
             {
                 "resources": [os.path.relpath(K8S / "overlays" / "production", release)],
-                "images": [{"name": PLATFORM_IMAGE, "newName": image, "newTag": "v1.4.0"}],
+                "images": [
+                    {"name": PLATFORM_IMAGE, "newName": image, "newTag": "v1.4.0"},
+                    {"name": "miniml-gpu", "newName": image, "newTag": "v1.4.0-cuda"},
+                ],
             }
         )
     )
@@ -379,3 +382,5 @@ def test_a_release_image_reaches_every_platform_container_and_the_work_pool(tmp_
     (worker,) = find(tuple(objects), "Deployment", "miniml-prefect-worker")
     env = {e["name"]: e.get("value") for e in worker["spec"]["template"]["spec"]["initContainers"][0]["env"]}
     assert env["MINIML_IMAGE"] == f"{image}:v1.4.0"  # the flow runs' Jobs run the release too
+    (config,) = find(tuple(objects), "ConfigMap", "miniml-config")
+    assert config["data"]["MINIML_JOBS__GPU_IMAGE"] == f"{image}:v1.4.0-cuda"  # and GPU jobs its CUDA build

@@ -140,13 +140,14 @@ def test_work_pool_sends_each_job_to_a_kubernetes_job_of_its_own(prefect: str) -
     assert load_flow_from_entrypoint(ENTRYPOINTS[FLOW_NAME]) is train_job_flow
 
     # The api's submission, as for a job with resources: Prefect checks the variables against the pool's.
-    orchestrator = Orchestrator(Settings(prefect={"api_url": prefect}), db=None)  # type: ignore[arg-type]
+    gpu_image = "registry.example.com/team/miniml-gpu:1.4.0"
+    settings = Settings(prefect={"api_url": prefect}, jobs={"gpu_image": gpu_image})
+    orchestrator = Orchestrator(settings, db=None)  # type: ignore[arg-type]
     created = time.time()
-    params = {"job_id": 7, "project": "demo", "shard": 0, "created": created}
     gpu_job = JobResources(cpu=2, memory="6Gi", gpu=1).model_dump()
     try:
-        with_gpu = orchestrator._run(DEPLOYMENT, "job-7", params, "demo", created, job_variables(gpu_job))
-        plain = orchestrator._run(DEPLOYMENT, "job-8", params | {"job_id": 8}, "demo", created, job_variables(None))
+        with_gpu = orchestrator._run_deployment(7, "demo", 0, created, gpu_job)
+        plain = orchestrator._run_deployment(8, "demo", 0, created, None)
     finally:
         orchestrator.close()
 
@@ -154,7 +155,7 @@ def test_work_pool_sends_each_job_to_a_kubernetes_job_of_its_own(prefect: str) -
     kubernetes_validate.validate(manifest, "1.30.0", strict=True)
     pod = manifest["spec"]["template"]["spec"]
     (container,) = pod["containers"]
-    assert container["image"] == IMAGE and manifest["metadata"]["namespace"] == "ml"
+    assert container["image"] == gpu_image and manifest["metadata"]["namespace"] == "ml"  # PyTorch for CUDA
     assert container["resources"] == {
         "requests": {"cpu": "2", "memory": "6Gi"},
         "limits": {"cpu": "2", "memory": "6Gi", "nvidia.com/gpu": 1},
@@ -174,5 +175,6 @@ def test_work_pool_sends_each_job_to_a_kubernetes_job_of_its_own(prefect: str) -
     plain_manifest = _render(prefect, plain)
     kubernetes_validate.validate(plain_manifest, "1.30.0", strict=True)
     (plain_container,) = plain_manifest["spec"]["template"]["spec"]["containers"]
+    assert plain_container["image"] == IMAGE
     assert "nvidia.com/gpu" not in plain_container["resources"]["limits"]  # no GPU asked, none taken
     assert plain_container["resources"]["requests"] == {"cpu": "1", "memory": "2Gi"}  # the pool's defaults

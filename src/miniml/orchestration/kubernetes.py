@@ -41,8 +41,9 @@ def base_job_template(
     return template
 
 
-def job_variables(resources: dict[str, Any] | None) -> dict[str, Any]:
-    """A job's ``resources`` as the template's variables: requests equal limits (a Guaranteed pod)."""
+def job_variables(resources: dict[str, Any] | None, *, gpu_image: str | None = None) -> dict[str, Any]:
+    """A job's ``resources`` as the template's variables: requests equal limits (a Guaranteed pod);
+    a job asking for a GPU runs ``gpu_image`` where one is set (PyTorch built for CUDA)."""
     if not resources:
         return {}
     found: dict[str, Any] = {}
@@ -52,6 +53,8 @@ def job_variables(resources: dict[str, Any] | None) -> dict[str, Any]:
         found["memory_request"] = found["memory_limit"] = str(resources["memory"])
     if resources.get("gpu"):
         found["gpu_limit"] = int(resources["gpu"])
+        if gpu_image:
+            found["image"] = gpu_image
     return found
 
 

@@ -91,7 +91,8 @@ class Orchestrator:
     ) -> str:
         name = f"job-{job_id}" if shard == 0 else f"job-{job_id}-shard-{shard}"
         params = {"job_id": job_id, "project": project, "shard": shard, "created": created}
-        return self._run(DEPLOYMENT, name, params, project, created, job_variables(resources))
+        variables = job_variables(resources, gpu_image=self.settings.jobs.gpu_image)
+        return self._run(DEPLOYMENT, name, params, project, created, variables)
 
     def submit_pending(self) -> list[int]:
         """Submit every queued job that has no flow run yet; return the ids submitted."""
