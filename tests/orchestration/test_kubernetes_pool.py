@@ -24,7 +24,7 @@ from prefect.utilities.templating import find_placeholders
 from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
 
 from miniml.config import Settings
-from miniml.orchestration import DEPLOYMENT, DEPLOYMENT_NAME, DRIFT_FLOW, EVALUATE_FLOW, FLOW_NAME
+from miniml.orchestration import DEPLOYMENT_NAME, DRIFT_FLOW, EVALUATE_FLOW, FLOW_NAME
 from miniml.orchestration.flows import train_job_flow
 from miniml.orchestration.kubernetes import ENTRYPOINTS, base_job_template, job_variables
 from miniml.orchestration.submit import Orchestrator
