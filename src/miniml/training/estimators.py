@@ -69,6 +69,7 @@ class TorchMLP(BaseEstimator):  # type: ignore[misc]
 
         torch.manual_seed(self.seed)
         device = self._device()
+        self.device_ = str(device)  # where it trained (the model itself is kept on the CPU)
         xt = torch.as_tensor(np.asarray(x, dtype=np.float32), device=device)
         if self.task == "classification":
             self.n_outputs_ = int(np.max(y)) + 1
