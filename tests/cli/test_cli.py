@@ -124,3 +124,12 @@ def test_datasets_commands(live_api: tuple[str, str], monkeypatch: pytest.Monkey
     refused = runner.invoke(app, ["datasets", "upload", "demo", str(bad)])
     assert refused.exit_code == 1 and "Row 2" in refused.output
     assert runner.invoke(app, ["datasets", "delete", "demo", "iris", "1", "--yes"]).exit_code == 0
+    # A job's resources (a Kubernetes work pool's requests and limits), and a bad one named.
+    assert runner.invoke(app, ["datasets", "upload", "demo", str(iris)]).exit_code == 0
+    job_args = ["jobs", "create", "demo", "--dataset", "iris", "--target", "target", "--json"]
+    made = runner.invoke(app, [*job_args, "--cpu", "2", "--memory", "4Gi", "--gpu", "1"])
+    assert made.exit_code == 0, made.output
+    assert json.loads(made.output)["spec"]["resources"] == {"cpu": 2.0, "memory": "4Gi", "gpu": 1}
+    bad_memory = runner.invoke(app, [*job_args, "--memory", "4GB"])
+    assert bad_memory.exit_code == 1 and "resources.memory" in bad_memory.output, bad_memory.output
+    runner.invoke(app, ["jobs", "cancel", "demo", str(json.loads(made.output)["id"])])

@@ -52,6 +52,19 @@ def test_sdk_raises_the_servers_error_classes(
         c.keys.revoke("nope")
 
 
+def test_a_body_the_sdk_checks_itself_fails_as_the_api_would(client: TestClient, admin_key: str) -> None:
+    """Bodies the SDK validates before sending raise InvalidInput naming the field, like the api's 422."""
+    c = sdk(client, admin_key)
+    c.projects.create("demo")
+    with pytest.raises(InvalidInput, match=r"resources\.memory"):
+        c.jobs.create("demo", dataset="iris", target="target", resources={"memory": "4GB"})
+    with pytest.raises(InvalidInput, match=r"role"):
+        c.keys.create("superuser")
+    with pytest.raises(InvalidInput, match=r"traffic"):
+        c.deployments.create("demo", "d", "m", traffic="half")  # type: ignore[arg-type]
+    assert c.jobs.list("demo") == [] and c.deployments.list("demo") == []  # nothing was sent
+
+
 def test_datasets_through_the_sdk(client: TestClient, admin_key: str, tmp_path: Path) -> None:
     c = sdk(client, admin_key)
     c.projects.create("demo")

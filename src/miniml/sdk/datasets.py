@@ -12,6 +12,7 @@ from miniml.schemas.datasets import (
     ValidationReport,
     ValidationRequest,
 )
+from miniml.sdk.bodies import request_body
 
 if TYPE_CHECKING:
     from miniml.sdk.client import Client
@@ -93,7 +94,7 @@ class Datasets:
         Raises:
             InvalidInput: a rule names an unknown column or does not fit the column's type.
         """
-        body = ValidationRequest.model_validate({"rules": rules}).model_dump(exclude_none=True)
+        body = request_body(ValidationRequest, {"rules": rules}).model_dump(exclude_none=True)
         url = self._url(project, name, "versions", version, "validate")
         return ValidationReport.model_validate(self._c.request("POST", url, json=body).json())
 

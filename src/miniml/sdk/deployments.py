@@ -15,6 +15,7 @@ from miniml.schemas.monitoring import (
     QualityRead,
     RetrainingRead,
 )
+from miniml.sdk.bodies import request_body
 
 if TYPE_CHECKING:
     from miniml.sdk.client import Client
@@ -42,8 +43,8 @@ class Deployments:
             Conflict: the name is taken.
             InvalidInput: unknown model, alias or version; weights not summing to 100.
         """
-        body = DeploymentCreate.model_validate(
-            {"name": name, "model_name": model_name, "target": target, "traffic": traffic}
+        body = request_body(
+            DeploymentCreate, {"name": name, "model_name": model_name, "target": target, "traffic": traffic}
         )
         return DeploymentRead.model_validate(
             self._c.request("POST", self._url(project), json=body.model_dump(exclude_none=True)).json()
@@ -89,7 +90,7 @@ class Deployments:
         traffic: builtins.list[dict[str, int]] | None = None,
     ) -> DeploymentRead:
         """Point a deployment at a new target (no downtime)."""
-        body = DeploymentUpdate.model_validate({"target": target, "traffic": traffic}).model_dump(exclude_none=True)
+        body = request_body(DeploymentUpdate, {"target": target, "traffic": traffic}).model_dump(exclude_none=True)
         return DeploymentRead.model_validate(self._c.request("PATCH", self._url(project, name), json=body).json())
 
     def rollback(self, project: str, name: str) -> DeploymentRead:

@@ -15,6 +15,7 @@ from miniml.schemas.jobs import (
     TrialReport,
     WorkerStatus,
 )
+from miniml.sdk.bodies import request_body
 
 if TYPE_CHECKING:
     from miniml.sdk.client import Client
@@ -33,7 +34,7 @@ class Jobs:
         Raises:
             InvalidInput: unknown dataset, target, family or metric; too few rows; a budget of nothing.
         """
-        body = JobCreate.model_validate(spec).model_dump(exclude_unset=True)
+        body = request_body(JobCreate, spec).model_dump(exclude_unset=True)
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         return JobRead.model_validate(self._c.request("POST", self._url(project), json=body, headers=headers).json())
 

@@ -4,6 +4,7 @@ from typing import TYPE_CHECKING
 
 from miniml.domain.roles import Role
 from miniml.schemas.keys import KeyCreate, KeyCreated, KeyRead, TokenRead
+from miniml.sdk.bodies import request_body
 
 if TYPE_CHECKING:
     from miniml.sdk.client import Client
@@ -27,7 +28,9 @@ class Keys:
             Forbidden: the caller is not admin.
             InvalidInput: a non-admin key without projects, or an unknown project.
         """
-        body = KeyCreate(role=Role(role), projects=projects or [], name=name, expires_in_days=expires_in_days)
+        body = request_body(
+            KeyCreate, {"role": role, "projects": projects or [], "name": name, "expires_in_days": expires_in_days}
+        )
         return KeyCreated.model_validate(self._c.request("POST", "/api/v1/keys", json=body.model_dump()).json())
 
     def list(self) -> list[KeyRead]:

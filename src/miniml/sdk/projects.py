@@ -3,6 +3,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from miniml.schemas.projects import ProjectCreate, ProjectRead
+from miniml.sdk.bodies import request_body
 
 if TYPE_CHECKING:
     from miniml.sdk.client import Client
@@ -19,7 +20,7 @@ class Projects:
             InvalidInput: the name is not a slug.
             Conflict: the name is taken.
         """
-        body = ProjectCreate(name=name, description=description).model_dump()
+        body = request_body(ProjectCreate, {"name": name, "description": description}).model_dump()
         return ProjectRead.model_validate(self._c.request("POST", "/api/v1/projects", json=body).json())
 
     def list(self) -> list[ProjectRead]:
