@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from miniml.orchestration.trainer import thread_budget
 
@@ -59,3 +60,27 @@ def test_without_the_budget_the_trials_would_oversubscribe() -> None:
     cores = os.cpu_count() or 1
     seen = _probe({})
     assert sum(t["openmp"] for t in seen["trials"]) == 2 * cores  # type: ignore[index,union-attr]
+
+
+def test_cores_follow_the_cgroup_quota_not_the_nodes_count(tmp_path: Path) -> None:
+    """A pod limited to 1.5 CPUs on a big node gets 2 trial threads' worth, not the node's count."""
+    from miniml.cores import available_cores
+
+    mine = len(os.sched_getaffinity(0))
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("150000 100000\n")
+    assert available_cores(v2) == min(mine, 2)
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert available_cores(v2) == mine
+    v1 = tmp_path / "v1" / "cpu"
+    v1.mkdir(parents=True)
+    (v1 / "cpu.cfs_quota_us").write_text("50000\n")
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    assert available_cores(v1.parent) == 1
+    (v1 / "cpu.cfs_quota_us").write_text("-1\n")
+    assert available_cores(v1.parent) == mine
+    assert available_cores(tmp_path / "none") == mine
+    (v2 / "cpu.max").write_text("garbage\n")
+    assert available_cores(v2) == mine
+    assert thread_budget(0, cores=available_cores(tmp_path / "none"))["MINIML_REFIT_THREADS"] == str(mine)

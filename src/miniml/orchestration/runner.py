@@ -25,6 +25,7 @@ import optuna
 import pyarrow as pa
 
 from miniml.config import Settings
+from miniml.cores import available_cores
 from miniml.data.formats import FileFormat, TableFile
 from miniml.domain.tasks import Task
 from miniml.errors import Conflict, InvalidInput, MiniMLError, NotFound, public_reason
@@ -367,7 +368,7 @@ def train(
         f"shard {shard} on {worker}: {len(data.x_train)} training rows, {len(data.x_test)} held out, "
         f"{len(features.columns)} features, families {', '.join(spec['families'])}",
     )
-    threads = settings.worker.trial_threads or os.cpu_count() or 1
+    threads = settings.worker.trial_threads or available_cores()
     budget: float | None = spec.get("timeout_s")
     # The search keeps the final fits' time back from the budget; a trial that became the best
     # late may still have its fits overrun it a little (a tenth, 30 s at most) rather than give way

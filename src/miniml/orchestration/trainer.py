@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from miniml.config import Settings
+from miniml.cores import available_cores
 from miniml.schemas.jobs import JobRead
 
 log = logging.getLogger("miniml.worker")
@@ -160,7 +161,7 @@ def thread_budget(trial_threads: int, cores: int | None = None) -> dict[str, str
     threads in every library (OpenMP: HistGradientBoosting, torch; BLAS), read when each loads: the
     machine runs as many threads as it has cores, not trials times cores. (LightGBM and XGBoost take
     ``n_jobs=1`` from their families.) The refit, alone, raises the limit again (``search.refit``)."""
-    cores = cores or os.cpu_count() or 1
+    cores = cores or available_cores()
     trials = trial_threads or cores
     per_trial = str(max(1, cores // trials))
     names = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
