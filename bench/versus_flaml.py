@@ -157,7 +157,10 @@ def main() -> None:
                     [line.message for line in client.jobs.logs("bench", job.id)],
                 )
                 for line in client.jobs.logs("bench", job.id):  # how the budget was spent
-                    if any(k in line.message for k in ("sample of", "best:", "would need", "final fit", "registered")):
+                    if any(
+                        k in line.message
+                        for k in ("sample of", "best:", "would need", "final fit", "registered", "last rung")
+                    ):
                         print(f"    {name}: {line.message[:200]}", flush=True)
                 model, _signature = load_verified(
                     settings.mlflow_uri,

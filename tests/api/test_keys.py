@@ -127,3 +127,42 @@ def test_a_given_key_that_clashes_or_is_malformed_stops_the_start_with_its_setti
         pass
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:  # the first key still works
         assert _whoami(client, worker) == "worker"
+
+
+@pytest.mark.postgres
+def test_two_replicas_storing_the_same_given_key_at_once_both_start(pg_url: str) -> None:
+    """Kubernetes starts api replicas together on a new database: the second insert of a given key
+    waits on the first's, then finds it instead of failing the start."""
+    import threading
+
+    from miniml.db.engine import make_engine, make_sessionmaker, upgrade
+    from miniml.domain.roles import Role
+    from miniml.services.keys import new_raw_key, register_given_key
+
+    engine = make_engine(pg_url, connect_timeout_s=30)
+    upgrade(engine)
+    db = make_sessionmaker(engine)
+    key = new_raw_key()
+    results: list[bool | BaseException] = []
+    first = db()
+    try:
+        first.begin()
+        assert register_given_key(first, key, Role.worker, what="MINIML_WORKER__API_KEY") is True
+
+        def second() -> None:
+            try:
+                with db.begin() as session:
+                    results.append(register_given_key(session, key, Role.worker, what="MINIML_WORKER__API_KEY"))
+            except BaseException as exc:
+                results.append(exc)
+
+        thread = threading.Thread(target=second)
+        thread.start()
+        thread.join(1.0)
+        assert thread.is_alive()  # waiting on the first replica's uncommitted row
+        first.commit()
+        thread.join(30)
+    finally:
+        first.close()
+    assert results == [False]
+    engine.dispose()

@@ -171,10 +171,16 @@ def test_work_pool_sends_each_job_to_a_kubernetes_job_of_its_own(prefect: str) -
     assert not [n for n in literal if "SECRET" in n or "PASSWORD" in n or "KEY" in n or "DB__URL" in n], literal
     assert pod["securityContext"]["runAsNonRoot"] is True and container["securityContext"]["readOnlyRootFilesystem"]
     assert pod["serviceAccountName"] == "miniml-flow-run" and pod["restartPolicy"] == "Never"
+    # The platform's NetworkPolicies let in pods labelled part-of=miniml (Prefect would label it its own).
+    assert manifest["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/part-of"] == "miniml"
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
 
     plain_manifest = _render(prefect, plain)
     kubernetes_validate.validate(plain_manifest, "1.30.0", strict=True)
     (plain_container,) = plain_manifest["spec"]["template"]["spec"]["containers"]
     assert plain_container["image"] == IMAGE
+    plain_pod = plain_manifest["spec"]["template"]
+    assert plain_pod["metadata"]["labels"]["app.kubernetes.io/part-of"] == "miniml"
+    assert not plain_pod["spec"].get("tolerations")  # CPU jobs stay off GPU nodes
     assert "nvidia.com/gpu" not in plain_container["resources"]["limits"]  # no GPU asked, none taken
     assert plain_container["resources"]["requests"] == {"cpu": "1", "memory": "2Gi"}  # the pool's defaults

@@ -282,6 +282,8 @@ def work_pool(
     from miniml.orchestration.kubernetes import register
 
     settings = Settings()
+    if settings.prefect.api_url is None and os.environ.get("PREFECT_API_URL"):  # Prefect's own setting names it
+        settings.prefect.api_url = os.environ["PREFECT_API_URL"]
     os.environ.setdefault("PREFECT_API_URL", settings.prefect_api_url)
     try:
         wait_for_prefect(settings)

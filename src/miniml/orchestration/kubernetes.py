@@ -20,6 +20,7 @@ from miniml.orchestration import DEPLOYMENT_NAME, DRIFT_FLOW, EVALUATE_FLOW, FLO
 
 POOL = "miniml-kubernetes"
 TEMPLATE_FILE = "kubernetes_job_template.json"
+GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 # The flows as module paths: the image has miniml installed, so Prefect imports them (no storage, no pull).
 ENTRYPOINTS = {
     FLOW_NAME: "miniml.orchestration.flows.train_job_flow",
@@ -53,6 +54,8 @@ def job_variables(resources: dict[str, Any] | None, *, gpu_image: str | None = N
         found["memory_request"] = found["memory_limit"] = str(resources["memory"])
     if resources.get("gpu"):
         found["gpu_limit"] = int(resources["gpu"])
+        # GPU nodes are usually tainted so that only pods asking for a GPU land there.
+        found["tolerations"] = [GPU_TOLERATION]
         if gpu_image:
             found["image"] = gpu_image
     return found

@@ -36,8 +36,9 @@ from miniml.tracking.registry import registered_name
 from miniml.tracking.runs import Tracker
 from miniml.tracking.signing import load_verified, signing_key
 from miniml.training import plots
-from miniml.training.data import features_from_profile, load_frame, split
+from miniml.training.data import Features, Split, features_from_profile, load_frame, split
 from miniml.training.search import (
+    PROMOTED,
     Cancelled,
     SearchControl,
     SearchSpec,
@@ -48,6 +49,8 @@ from miniml.training.search import (
     fit_cost,
     holdout_metrics,
     make_storage,
+    promote,
+    promotion_rows,
     refit,
     run_search,
     trial_rows_for,
@@ -153,6 +156,39 @@ def run_job(
                 return reports.finish(project, job_id, JobFinish(state="failed", reason=reason[:3900]))
             except (MiniMLError, Conflict):
                 return None
+
+
+def _last_rung(
+    reports: Any,
+    project: str,
+    job_id: int,
+    study: optuna.Study,
+    data: Split,
+    features: Features,
+    search: SearchSpec,
+    best: optuna.trial.FrozenTrial,
+    began: float,
+    budget: float | None,
+) -> optuna.trial.FrozenTrial:
+    """Trials fit on a sample: rank the best few on more rows (``search.promote``) and keep the
+    winner there, if its final fits still fit in the budget."""
+    rows = len(data.x_train) + len(data.x_test)
+    final_s = fit_cost(best, len(data.x_train)) + fit_cost(best, rows)
+    seconds = began + budget - time.monotonic() - final_s if budget else math.inf
+    winner, ranked, fitted, valid = promote(study, data, features, search, seconds)
+    if not ranked:
+        return best
+    scores = ", ".join(f"trial {p.trial.number} ({p.trial.params['family']}) {p.score:.4f}" for p in ranked)
+    message = f"last rung: {fitted:,} rows each, ranked on {valid:,} training rows no trial saw: {scores}"
+    if winner is None or winner.number == best.number:
+        reports.log(project, job_id, message)
+        return best
+    left = began + budget - time.monotonic() if budget else math.inf
+    if fit_cost(winner, len(data.x_train)) + fit_cost(winner, rows) > left + min(30.0, (budget or 0) / 10):
+        reports.log(project, job_id, f"{message}; trial {winner.number}'s final fits would overrun the budget")
+        return best
+    reports.log(project, job_id, f"{message}; trial {winner.number} goes on to the final fit")
+    return winner
 
 
 def _check_gpus(client: Client, job: JobRead, worker: str) -> None:
@@ -388,6 +424,8 @@ def train(
         final_fit_rows=len(data.x_train) + rows,  # the held-out model, then the one on every row
         trial_rows=trial_rows_for(budget),
     )
+    promoted_rows, _ = promotion_rows(data, search)
+    search.final_fit_rows += PROMOTED * promoted_rows  # the last rung's fits, before the final ones
     if search.trial_rows and len(data.x_train) > search.trial_rows:
         reports.log(
             project,
@@ -444,6 +482,8 @@ def train(
                 f"{fit_cost(top, len(data.x_train)):.0f}s for its final fit and {max(0.0, left):.0f}s of the "
                 f"budget are left: trial {best.number} ({best.params['family']}) is refit instead",
             )
+    if best is not None and promoted_rows:
+        best = _last_rung(reports, project, job_id, study, data, features, search, best, began, budget)
     if best is None:
         errors = sorted({str(t.user_attrs.get("error")) for t in study.trials if t.user_attrs.get("error")})
         hint = f" within the time budget of {budget:.0f}s (raise timeout_s)" if budget else ""

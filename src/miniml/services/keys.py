@@ -13,6 +13,7 @@ import secrets
 from datetime import datetime, timedelta
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from miniml.db import tables
@@ -147,13 +148,22 @@ def register_given_key(session: Session, raw: str, role: Role, *, what: str) -> 
     key_id, secret = _parse(raw, what)
     row = session.get(tables.ApiKey, key_id)
     if row is None:
-        session.add(
-            tables.ApiKey(
-                id=key_id, name=f"{role.value} (given)", secret_hash=_hash(secret), role=role.value, created_by=None
-            )
-        )
-        session.flush()
-        return True
+        try:
+            with session.begin_nested():  # two api replicas starting at once: the second finds the first's
+                session.add(
+                    tables.ApiKey(
+                        id=key_id,
+                        name=f"{role.value} (given)",
+                        secret_hash=_hash(secret),
+                        role=role.value,
+                        created_by=None,
+                    )
+                )
+            return True
+        except IntegrityError:
+            row = session.get(tables.ApiKey, key_id, populate_existing=True)
+            if row is None:
+                raise
     if not hmac.compare_digest(row.secret_hash, _hash(secret)) or row.role != role.value:
         raise ValueError(
             f"{what}: key id {key_id} is already taken by another key or role; make a new key with `miniml new-key`."

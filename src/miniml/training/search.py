@@ -79,6 +79,13 @@ REDUCTION = 3
 MIN_COMPETITORS = 3
 # A trial thread stops once the sampler proposed configurations already tried this many times in a row.
 MAX_REPEATS = 50
+# The last rung, when trials fit on a sample of the training rows: the PROMOTED best configurations
+# fit on PROMOTION_FACTOR times the trials' rows and are ranked on up to PROMOTION_VALID_ROWS
+# training rows no trial saw. What wins on a sample is not always what wins on all the data
+# (more rows favour larger models), so the winner is chosen nearer the final fit's size.
+PROMOTED = 3
+PROMOTION_FACTOR = 3
+PROMOTION_VALID_ROWS = 100_000
 
 
 def trial_rows_for(timeout_s: float | None) -> int | None:
@@ -183,15 +190,8 @@ def make_objective(
         folds: Any = StratifiedKFold(n_splits=spec.cv_folds, shuffle=True, random_state=spec.seed)
     else:
         folds = KFold(n_splits=spec.cv_folds, shuffle=True, random_state=spec.seed)
-    x, y = data.x_train, data.y_train
-    if spec.trial_rows and len(x) > spec.trial_rows:
-        from sklearn.model_selection import train_test_split
-
-        stratify = y if spec.task is Task.classification else None
-        keep, _ = train_test_split(
-            np.arange(len(x)), train_size=spec.trial_rows, random_state=spec.seed, stratify=stratify
-        )
-        x, y = x.iloc[np.sort(keep)], y[np.sort(keep)]
+    keep = trial_sample(data, spec)
+    x, y = (data.x_train, data.y_train) if keep is None else (data.x_train.iloc[keep], data.y_train[keep])
     splits = list(folds.split(x, y))
     rungs = fidelity_rungs(splits[0][0], y, spec)
 
@@ -236,6 +236,88 @@ def make_objective(
         return float(np.mean(scores))
 
     return objective
+
+
+def trial_sample(data: Split, spec: SearchSpec) -> np.ndarray | None:
+    """The training rows trials fit on (sorted positions, stratified), or None for every row."""
+    if not spec.trial_rows or len(data.x_train) <= spec.trial_rows:
+        return None
+    from sklearn.model_selection import train_test_split
+
+    stratify = data.y_train if spec.task is Task.classification else None
+    keep, _ = train_test_split(
+        np.arange(len(data.x_train)), train_size=spec.trial_rows, random_state=spec.seed, stratify=stratify
+    )
+    return np.sort(keep)
+
+
+def promotion_rows(data: Split, spec: SearchSpec) -> tuple[int, int]:
+    """(rows each promoted configuration fits on, rows it is ranked on); (0, 0) when trials saw every row."""
+    keep = trial_sample(data, spec)
+    if keep is None:
+        return 0, 0
+    unseen = len(data.x_train) - len(keep)
+    valid = min(PROMOTION_VALID_ROWS, unseen // 2)
+    return min(len(keep) * PROMOTION_FACTOR, len(data.x_train) - valid), valid
+
+
+@dataclass
+class Promoted:
+    trial: optuna.trial.FrozenTrial
+    score: float
+    fit_s: float
+
+
+def promote(
+    study: optuna.Study, data: Split, features: Features, spec: SearchSpec, seconds: float
+) -> tuple[optuna.trial.FrozenTrial | None, list[Promoted], int, int]:
+    """The last rung: the PROMOTED best trials by cross-validation score, each fit on a larger
+    sample of the training rows and ranked on training rows no trial saw.
+
+    A candidate is fit only while its fit (planned from its trials' cost per row) fits in what is
+    left of ``seconds``. Returns the winner (None when fewer than two were ranked: nothing was
+    learnt), each promoted trial's score, and the rows fitted and ranked on."""
+    fit_rows, valid_rows = promotion_rows(data, spec)
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None]
+    if not fit_rows or len(complete) < 2:
+        return None, [], 0, 0
+    maximise_ = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    complete.sort(key=lambda t: (-float(t.value) if maximise_ else float(t.value), t.number))  # type: ignore[arg-type]
+    candidates = complete[:PROMOTED]
+    keep = trial_sample(data, spec)
+    assert keep is not None
+    rng = np.random.default_rng(spec.seed + 1)
+    unseen = np.setdiff1d(np.arange(len(data.x_train)), keep)
+    if spec.task is Task.classification:
+        from sklearn.model_selection import train_test_split
+
+        valid, rest = train_test_split(
+            unseen, train_size=valid_rows, random_state=spec.seed, stratify=data.y_train[unseen]
+        )
+    else:
+        shuffled = rng.permutation(unseen)
+        valid, rest = shuffled[:valid_rows], shuffled[valid_rows:]
+    more = fit_rows - len(keep)
+    train = np.sort(np.concatenate([keep, rng.permutation(rest)[: max(0, more)]]))
+    x, y = data.x_train.iloc[train], data.y_train[train]
+    xv, yv = data.x_train.iloc[np.sort(valid)], data.y_train[np.sort(valid)]
+    deadline = time.monotonic() + seconds
+    ranked: list[Promoted] = []
+    for trial in candidates:
+        if time.monotonic() + fit_cost(trial, len(train)) > deadline:
+            continue
+        family = FAMILIES[str(trial.params["family"])]
+        pipe = build_pipeline(
+            features, family, family.build(optuna.trial.FixedTrial(trial.params), spec.task, spec.seed)
+        )
+        started = time.monotonic()
+        with _all_cores():
+            pipe.fit(x, y)
+        ranked.append(Promoted(trial, score(spec.metric, pipe, xv, yv), time.monotonic() - started))
+    if len(ranked) < 2:
+        return None, ranked, len(train), len(valid)
+    best = max(ranked, key=lambda p: p.score if maximise_ else -p.score)
+    return best.trial, ranked, len(train), len(valid)
 
 
 def _same_configuration(trial: optuna.Trial) -> optuna.trial.FrozenTrial | None:
