@@ -116,6 +116,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--budget", type=float, default=60)
     parser.add_argument("--datasets", default=",".join(DATASETS))
+    parser.add_argument("--verbose", action="store_true", help="Print every job log line and trial, timed from submit.")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
     rows = []
@@ -157,6 +158,9 @@ def main() -> None:
                     [line.message for line in client.jobs.logs("bench", job.id)],
                 )
                 for line in client.jobs.logs("bench", job.id):  # how the budget was spent
+                    if args.verbose:
+                        print(f"    {name} +{line.at.timestamp() - submitted_wall:6.1f}s {line.message[:220]}")
+                        continue
                     if any(
                         k in line.message
                         for k in ("sample of", "best:", "would need", "final fit", "registered", "last rung")
@@ -172,6 +176,13 @@ def main() -> None:
                 automl, flaml_wall = run_flaml(train, target, task, args.budget, cores)
                 flaml_score = held_out_score(task, test[target], automl.predict(test.drop(columns=target)))  # type: ignore[attr-defined]
                 print(f"    {name}: FLAML's best: {automl.best_estimator} {automl.best_config}", flush=True)  # type: ignore[attr-defined]
+                if args.verbose:
+                    for t in done.leaderboard:
+                        ended = t.finished_at.timestamp() - submitted_wall if t.finished_at else float("nan")
+                        print(
+                            f"    {name} trial {t.number} {t.family} {t.state} score {t.score} "
+                            f"{t.duration_s:.1f}s ended +{ended:.1f}s {t.error or ''}"
+                        )
                 best = max(trials, key=lambda t: t.score if t.score is not None else -math.inf)
                 print(f"    {name}: miniml's best: {best.family} {best.params}", flush=True)
                 ratio = platform_score / flaml_score if task == "classification" else flaml_score / platform_score

@@ -384,9 +384,10 @@ def test_the_api_ends_the_runs_a_worker_left_open(live: tuple[LiveApi, Client], 
 
 
 def test_the_time_budget_holds_when_a_family_is_slow(live: tuple[LiveApi, Client], tmp_path: Path) -> None:
-    """timeout_s is a hard limit: the random forests still fitting at the deadline are stopped
-    (failed, over the budget) and the job registers the best model it has, within its budget;
-    without the limit they would fit for minutes."""
+    """timeout_s is a hard limit: a random forest whose first fits show it would end past the
+    deadline stops there (pruned, saying so), one still fitting at the deadline is stopped (failed,
+    over the budget), and the job registers the best model it has, within its budget; without the
+    limit they would fit for minutes."""
     api, client = live
     client.datasets.upload("demo", slow_dataset(tmp_path / "slow.parquet"))
     budget = 25
@@ -398,8 +399,14 @@ def test_the_time_budget_holds_when_a_family_is_slow(live: tuple[LiveApi, Client
     took = time.monotonic() - began
     assert done is not None and done.state == "succeeded", done
     assert took < budget + 30, took  # the forests alone take minutes (slow_dataset)
-    stopped = [t for t in done.leaderboard if t.error == "stopped: over the time budget"]
-    assert stopped and {t.family for t in stopped} == {"random_forest"} and {t.state for t in stopped} == {"fail"}
+    stopped = [
+        t
+        for t in done.leaderboard
+        if t.error == "stopped: over the time budget" or "past the time budget" in str(t.error)
+    ]
+    assert "random_forest" in {t.family for t in stopped}  # (near the deadline, a linear trial may be too)
+    assert {t.state for t in stopped} <= {"fail", "pruned"}
+    assert all(t.state == "pruned" for t in stopped if "past the time budget" in str(t.error))
     logs = " ".join(line.message for line in client.jobs.logs("demo", job.id))
     assert "trials fit on a sample of 25000 of the 40000 training rows" in logs, logs
     # The model learnt from more rows than the trials' sample: every row when the budget left time

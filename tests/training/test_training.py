@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -317,3 +318,80 @@ def test_a_configuration_is_never_tried_twice_even_when_the_space_runs_out(
     assert sorted(configurations) == sorted({("tiny", (("tiny.C", c),)) for c in (0.1, 1.0, 10.0)})
     repeats = [t for t in study.trials if "duplicate_of" in t.user_attrs]
     assert repeats and all(t.state == optuna.trial.TrialState.PRUNED for t in repeats)
+
+
+def test_the_last_rung_ranks_the_best_few_on_rows_no_trial_saw(tmp_path: Path) -> None:
+    """Trials fit on a sample: the best three by cross-validation refit on three times as many rows
+    and are ranked on training rows outside both. A configuration the sample flattered (here a
+    linear model given the best CV score by hand) loses to one that learns the data's curve."""
+    import optuna
+
+    from miniml.training.search import PROMOTED, promote, promotion_rows, trial_sample
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(30_000, 4))
+    label = np.where((x[:, 0] ** 2 + x[:, 1] ** 2 > 1.4) ^ (x[:, 2] > 0.8), "out", "in")
+    frame = pd.DataFrame(x, columns=["a", "b", "c", "d"]).assign(label=label)
+    data, features, task = prepare(write_csv(tmp_path, frame, "ring.csv"), "label")
+    spec = SearchSpec(task=task, metric="f1_macro", families=["linear", "lightgbm"], trial_rows=3_000)
+    study = optuna.create_study(direction="maximize")
+    configurations = [
+        ({"family": "linear", "linear.C": 1.0}, 0.99),  # flattered on the sample
+        ({"family": "lightgbm", **dict(FAMILIES["lightgbm"].defaults)}, 0.90),
+        ({"family": "linear", "linear.C": 0.01}, 0.80),
+        ({"family": "linear", "linear.C": 10.0}, 0.70),  # not among the best three: never refit
+    ]
+    for params, value in configurations:
+        study.add_trial(
+            optuna.trial.create_trial(
+                params=params,
+                distributions={k: optuna.distributions.CategoricalDistribution([v]) for k, v in params.items()},
+                value=value,
+                user_attrs={"fit_s_per_row": 1e-6},
+            )
+        )
+    fit_rows, valid_rows = promotion_rows(data, spec)
+    assert fit_rows == 9_000 and valid_rows == min(100_000, (len(data.x_train) - 3_000) // 2)
+    winner, ranked, fitted, valid = promote(study, data, features, spec, seconds=300)
+    assert [p.trial.number for p in ranked] == [0, 1, 2] and len(ranked) == PROMOTED
+    assert winner is not None and winner.params["family"] == "lightgbm"
+    assert max(ranked, key=lambda p: p.score).trial.number == 1 and ranked[1].score > 0.9
+    assert (fitted, valid) == (fit_rows, valid_rows)
+    sample = trial_sample(data, spec)
+    assert sample is not None and len(sample) == 3_000
+    # No time: nothing is refit and the search's own best stands.
+    assert promote(study, data, features, spec, seconds=0)[:2] == (None, [])
+    # Trials on every row: there is no larger rung.
+    whole = SearchSpec(task=task, metric="f1_macro", families=["linear"], trial_rows=None)
+    assert promotion_rows(data, whole) == (0, 0) and promote(study, data, features, whole, 300)[0] is None
+
+
+def test_a_trial_whose_remaining_fits_would_pass_the_deadline_stops_at_once(tmp_path: Path) -> None:
+    """After its first rung, a random forest on 30,000 rows shows what its row costs: with a second
+    left it is stopped there, pruned and saying why; a cheap model with time to spare completes."""
+    import optuna
+
+    from miniml.training.search import SearchControl, make_objective
+
+    x = np.random.default_rng(0).normal(size=(30_000, 6))
+    frame = pd.DataFrame(x, columns=[f"f{i}" for i in range(6)]).assign(label=np.where(x[:, 0] > 0, "a", "b"))
+    data, features, task = prepare(write_csv(tmp_path, frame, "wide.csv"), "label")
+
+    def run(family: str, seconds: float) -> optuna.trial.FrozenTrial:
+        spec = SearchSpec(task=task, metric="f1_macro", families=[family], seed=0)
+        end = time.monotonic() + seconds
+        objective = make_objective(
+            data, features, spec, SearchControl(claim=lambda: True, on_trial=lambda r: None), deadline=lambda: end
+        )
+        study = optuna.create_study(direction="maximize")
+        study.enqueue_trial({"family": family, **dict(FAMILIES[family].defaults)})
+        study.optimize(objective, n_trials=1)
+        return study.trials[0]
+
+    started = time.monotonic()
+    slow = run("random_forest", 1.0)
+    assert slow.state == optuna.trial.TrialState.PRUNED
+    assert "past the time budget" in str(slow.user_attrs["error"]) and len(slow.intermediate_values) == 1
+    assert time.monotonic() - started < 30  # the whole forest would take far longer
+    cheap = run("linear", 600)
+    assert cheap.state == optuna.trial.TrialState.COMPLETE and "error" not in cheap.user_attrs

@@ -184,8 +184,18 @@ class OverBudget(Exception):
 
 
 def make_objective(
-    data: Split, features: Features, spec: SearchSpec, control: SearchControl, over: threading.Event | None = None
+    data: Split,
+    features: Features,
+    spec: SearchSpec,
+    control: SearchControl,
+    over: threading.Event | None = None,
+    deadline: Callable[[], float] | None = None,
 ) -> Callable[..., float]:
+    """The trial's objective: its configuration's cross-validated score, fitted rung by rung.
+
+    ``deadline`` (the search's, in ``time.monotonic()``): after each fit, a trial whose remaining
+    fits would end past it, at the cost per row it has shown so far, stops there (pruned, saying
+    so) and leaves its thread to cheaper configurations."""
     if spec.task is Task.classification:
         folds: Any = StratifiedKFold(n_splits=spec.cv_folds, shuffle=True, random_state=spec.seed)
     else:
@@ -207,6 +217,20 @@ def make_objective(
             trial.set_user_attr("duplicate_of", seen.number)
             raise optuna.TrialPruned
         fit_s, fit_rows = 0.0, 0
+        plan = [len(r) for r in rungs] + [len(train_idx) for train_idx, _ in splits]  # rows of each fit
+
+        def affordable(done: int) -> None:
+            """After ``done`` fits: stop here if the rest would end past the deadline."""
+            if deadline is None or done >= len(plan):
+                return
+            need = fit_s / max(1, fit_rows) * sum(plan[done:])
+            if time.monotonic() + need > deadline():
+                trial.set_user_attr(
+                    "error",
+                    f"stopped after {fit_rows:,} rows: its remaining fits would need about {need:.0f}s, "
+                    "past the time budget",
+                )
+                raise optuna.TrialPruned
 
         def fit_and_score(train_idx: np.ndarray, valid_idx: np.ndarray) -> float:
             nonlocal fit_s, fit_rows
@@ -227,12 +251,14 @@ def make_objective(
             if trial.should_prune():
                 trial.set_user_attr("error", f"pruned on {len(rows):,} rows: behind the best third of the trials there")
                 raise optuna.TrialPruned
+            affordable(step + 1)
         scores: list[float] = []
         for fold, (train_idx, valid_idx) in enumerate(splits):
             scores.append(fit_and_score(train_idx, valid_idx))
             trial.report(float(np.mean(scores)), FULL_STEP + fold)
             if trial.should_prune():
                 raise optuna.TrialPruned
+            affordable(len(rungs) + fold + 1)
         return float(np.mean(scores))
 
     return objective
@@ -521,7 +547,7 @@ def run_search(
         return started + spec.timeout_s - reserve[0] if spec.timeout_s else math.inf
 
     over = threading.Event()
-    objective = make_objective(data, features, spec, control, over)
+    objective = make_objective(data, features, spec, control, over, deadline if spec.timeout_s else None)
     failures: list[BaseException] = []
     running: dict[int, int] = {}  # thread's native id -> number of the trial it runs
     # One study, so one sampler and one random stream, shared by every trial thread: each trial
