@@ -321,9 +321,10 @@ def test_a_configuration_is_never_tried_twice_even_when_the_space_runs_out(
 
 
 def test_the_last_rung_ranks_the_best_few_on_rows_no_trial_saw(tmp_path: Path) -> None:
-    """Trials fit on a sample: the best three by cross-validation refit on three times as many rows
-    and are ranked on training rows outside both. A configuration the sample flattered (here a
-    linear model given the best CV score by hand) loses to one that learns the data's curve."""
+    """Trials fit on a sample: the best three by cross-validation (and the best grown to its family's
+    largest size) refit on three times as many rows and are ranked on training rows outside both. A
+    configuration the sample flattered (here a linear model given the best CV score by hand) loses
+    to one that learns the data's curve."""
     import optuna
 
     from miniml.training.search import PROMOTED, promote, promotion_rows, trial_sample
@@ -352,18 +353,41 @@ def test_the_last_rung_ranks_the_best_few_on_rows_no_trial_saw(tmp_path: Path) -
         )
     fit_rows, valid_rows = promotion_rows(data, spec)
     assert fit_rows == 9_000 and valid_rows == min(100_000, (len(data.x_train) - 3_000) // 2)
-    winner, ranked, fitted, valid = promote(study, data, features, spec, seconds=300)
-    assert [p.trial.number for p in ranked] == [0, 1, 2] and len(ranked) == PROMOTED
-    assert winner is not None and winner.params["family"] == "lightgbm"
-    assert max(ranked, key=lambda p: p.score).trial.number == 1 and ranked[1].score > 0.9
-    assert (fitted, valid) == (fit_rows, valid_rows)
+    rows = len(data.x_train) * 2
+    rung = promote(study, data, features, spec, end=time.monotonic() + 300, final_rows=rows)
+    assert [p.trial.number for p in rung.ranked if p.trial] == [0, 1, 2] and len(rung.ranked) == PROMOTED
+    assert rung.winner is not None and rung.winner.params["family"] == "lightgbm"
+    assert max(rung.ranked, key=lambda p: p.score).params["family"] == "lightgbm" and rung.ranked[1].score > 0.9
+    assert (rung.fit_rows, rung.valid_rows) == (fit_rows, valid_rows)
     sample = trial_sample(data, spec)
     assert sample is not None and len(sample) == 3_000
     # No time: nothing is refit and the search's own best stands.
-    assert promote(study, data, features, spec, seconds=0)[:2] == (None, [])
+    late = promote(study, data, features, spec, end=time.monotonic(), final_rows=rows)
+    assert (late.winner, late.ranked) == (None, [])
     # Trials on every row: there is no larger rung.
     whole = SearchSpec(task=task, metric="f1_macro", families=["linear"], trial_rows=None)
-    assert promotion_rows(data, whole) == (0, 0) and promote(study, data, features, whole, 300)[0] is None
+    assert promotion_rows(data, whole) == (0, 0)
+    assert promote(study, data, features, whole, end=time.monotonic() + 300, final_rows=rows).winner is None
+
+    # The best trial a booster's defaults: the same grown to its family's largest size is ranked too,
+    # and joins the study as a trial of its own when it wins.
+    boosted = optuna.create_study(direction="maximize")
+    for params, value in configurations[1:3]:
+        boosted.add_trial(
+            optuna.trial.create_trial(
+                params=params,
+                distributions={k: optuna.distributions.CategoricalDistribution([v]) for k, v in params.items()},
+                value=value,
+                user_attrs={"fit_s_per_row": 1e-6},
+            )
+        )
+    largest = dict(FAMILIES["lightgbm"].largest)
+    rung = promote(boosted, data, features, spec, end=time.monotonic() + 300, final_rows=rows)
+    (big,) = [p for p in rung.ranked if p.trial is None]
+    assert {k: big.params[k] for k in largest} == largest and big.params["family"] == "lightgbm"
+    assert rung.winner is not None
+    if rung.winner.params == big.params:
+        assert rung.winner.user_attrs["grown_from"] == 0 and len(boosted.trials) == 3
 
 
 def test_a_trial_whose_remaining_fits_would_pass_the_deadline_stops_at_once(tmp_path: Path) -> None:

@@ -40,6 +40,7 @@ from miniml.training.data import Features, Split, features_from_profile, load_fr
 from miniml.training.search import (
     PROMOTED,
     Cancelled,
+    Promoted,
     SearchControl,
     SearchSpec,
     TrialResult,
@@ -170,24 +171,27 @@ def _last_rung(
     began: float,
     budget: float | None,
 ) -> optuna.trial.FrozenTrial:
-    """Trials fit on a sample: rank the best few on more rows (``search.promote``) and keep the
-    winner there, if its final fits still fit in the budget."""
-    rows = len(data.x_train) + len(data.x_test)
-    final_s = fit_cost(best, len(data.x_train)) + fit_cost(best, rows)
-    seconds = began + budget - time.monotonic() - final_s if budget else math.inf
-    winner, ranked, fitted, valid = promote(study, data, features, search, seconds)
-    if not ranked:
+    """Trials fit on a sample: rank the best few (and the best one grown) on more rows
+    (``search.promote``) and keep the winner there."""
+    end = began + budget if budget else math.inf
+    rung = promote(study, data, features, search, end=end, final_rows=len(data.x_train) * 2 + len(data.x_test))
+    if not rung.ranked:
         return best
-    scores = ", ".join(f"trial {p.trial.number} ({p.trial.params['family']}) {p.score:.4f}" for p in ranked)
-    message = f"last rung: {fitted:,} rows each, ranked on {valid:,} training rows no trial saw: {scores}"
+
+    def name(p: Promoted) -> str:
+        return f"trial {p.trial.number}" if p.trial is not None else f"trial {best.number} grown"
+
+    scores = ", ".join(f"{name(p)} ({p.params['family']}) {p.score:.4f}" for p in rung.ranked)
+    message = (
+        f"last rung: {rung.fit_rows:,} rows each, ranked on {rung.valid_rows:,} training rows no trial saw: {scores}"
+    )
+    winner = rung.winner
     if winner is None or winner.number == best.number:
         reports.log(project, job_id, message)
         return best
-    left = began + budget - time.monotonic() if budget else math.inf
-    if fit_cost(winner, len(data.x_train)) + fit_cost(winner, rows) > left + min(30.0, (budget or 0) / 10):
-        reports.log(project, job_id, f"{message}; trial {winner.number}'s final fits would overrun the budget")
-        return best
-    reports.log(project, job_id, f"{message}; trial {winner.number} goes on to the final fit")
+    grown_from = winner.user_attrs.get("grown_from")
+    what = f"trial {winner.number}" + (f" (trial {grown_from} grown)" if grown_from is not None else "")
+    reports.log(project, job_id, f"{message}; {what} goes on to the final fit")
     return winner
 
 

@@ -31,6 +31,9 @@ class Family:
     # The learner's own defaults in this family's search space: a job tries them first, the
     # cheapest family first (``by_cost``), before the sampler explores.
     defaults: tuple[tuple[str, Any], ...] = ()
+    # Its size parameters at their largest in the space: when trials fit on a sample, the last rung
+    # also tries the best configuration of this family grown to them (more rows favour larger models).
+    largest: tuple[tuple[str, Any], ...] = ()
 
 
 def _linear(trial: optuna.Trial | optuna.trial.FixedTrial, task: Task, seed: int) -> Any:
@@ -160,6 +163,7 @@ FAMILIES: dict[str, Family] = {
                 ("lightgbm.subsample", 1.0),
                 ("lightgbm.colsample_bytree", 1.0),
             ),
+            largest=(("lightgbm.n_estimators", 300), ("lightgbm.num_leaves", 64)),
         ),
         Family(
             "hist_gradient_boosting",
@@ -173,6 +177,7 @@ FAMILIES: dict[str, Family] = {
                 ("hist_gradient_boosting.max_leaf_nodes", 31),
                 ("hist_gradient_boosting.l2_regularization", 1e-6),
             ),
+            largest=(("hist_gradient_boosting.max_iter", 300), ("hist_gradient_boosting.max_leaf_nodes", 64)),
         ),
         Family(
             "xgboost",
@@ -194,6 +199,7 @@ FAMILIES: dict[str, Family] = {
                 ("xgboost.subsample", 1.0),
                 ("xgboost.colsample_bytree", 1.0),
             ),
+            largest=(("xgboost.n_estimators", 300), ("xgboost.max_depth", 8)),
         ),
         Family(
             "random_forest",
@@ -207,6 +213,7 @@ FAMILIES: dict[str, Family] = {
                 ("random_forest.min_samples_leaf", 1),
                 ("random_forest.max_features", "sqrt"),
             ),
+            largest=(("random_forest.n_estimators", 300),),
         ),
         Family(
             "torch_mlp",

@@ -289,27 +289,58 @@ def promotion_rows(data: Split, spec: SearchSpec) -> tuple[int, int]:
 
 @dataclass
 class Promoted:
-    trial: optuna.trial.FrozenTrial
+    params: dict[str, Any]
+    trial: optuna.trial.FrozenTrial | None  # None: the best configuration grown (Family.largest)
     score: float
     fit_s: float
 
 
+@dataclass
+class LastRung:
+    winner: optuna.trial.FrozenTrial | None  # None: nothing was learnt (fewer than two ranked)
+    ranked: list[Promoted]
+    fit_rows: int
+    valid_rows: int
+
+
+def grown(trial: optuna.trial.FrozenTrial) -> dict[str, Any] | None:
+    """``trial``'s configuration with its family's size parameters at their largest, or None."""
+    family = FAMILIES[str(trial.params["family"])]
+    params = {**trial.params, **dict(family.largest)}
+    return params if family.largest and params != trial.params else None
+
+
+def _size_ratio(small: dict[str, Any], large: dict[str, Any]) -> float:
+    """How many times costlier ``large``'s fits should be: the product of its size parameters' growth."""
+    ratio = 1.0
+    for name, value in large.items():
+        if isinstance(value, int | float) and isinstance(small.get(name), int | float) and small[name] > 0:
+            ratio *= max(1.0, float(value) / float(small[name]))
+    return ratio
+
+
 def promote(
-    study: optuna.Study, data: Split, features: Features, spec: SearchSpec, seconds: float
-) -> tuple[optuna.trial.FrozenTrial | None, list[Promoted], int, int]:
-    """The last rung: the PROMOTED best trials by cross-validation score, each fit on a larger
+    study: optuna.Study, data: Split, features: Features, spec: SearchSpec, *, end: float, final_rows: int
+) -> LastRung:
+    """The last rung: the best trial, the same configuration grown to its family's largest size,
+    and the next best trials by cross-validation score (PROMOTED in all), each fit on a larger
     sample of the training rows and ranked on training rows no trial saw.
 
-    A candidate is fit only while its fit (planned from its trials' cost per row) fits in what is
-    left of ``seconds``. Returns the winner (None when fewer than two were ranked: nothing was
-    learnt), each promoted trial's score, and the rows fitted and ranked on."""
+    A candidate is fit only when its fit and then the final fits (``final_rows`` rows, at the best
+    one's measured cost) still end by ``end``; the winner likewise. A grown winner joins the study
+    as a trial of its own (``grown_from``), its cost per row measured here."""
     fit_rows, valid_rows = promotion_rows(data, spec)
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None]
-    if not fit_rows or len(complete) < 2:
-        return None, [], 0, 0
+    if not fit_rows or not complete:
+        return LastRung(None, [], 0, 0)
     maximise_ = study.direction == optuna.study.StudyDirection.MAXIMIZE
     complete.sort(key=lambda t: (-float(t.value) if maximise_ else float(t.value), t.number))  # type: ignore[arg-type]
-    candidates = complete[:PROMOTED]
+    best = complete[0]
+    candidates: list[tuple[dict[str, Any], optuna.trial.FrozenTrial | None]] = [(best.params, best)]
+    bigger = grown(best)
+    if bigger is not None and all(t.params != bigger for t in complete):
+        candidates.append((bigger, None))
+    candidates += [(t.params, t) for t in complete[1:]][: PROMOTED - len(candidates)]
     keep = trial_sample(data, spec)
     assert keep is not None
     rng = np.random.default_rng(spec.seed + 1)
@@ -323,27 +354,44 @@ def promote(
     else:
         shuffled = rng.permutation(unseen)
         valid, rest = shuffled[:valid_rows], shuffled[valid_rows:]
-    more = fit_rows - len(keep)
-    train = np.sort(np.concatenate([keep, rng.permutation(rest)[: max(0, more)]]))
+    train = np.sort(np.concatenate([keep, rng.permutation(rest)[: max(0, fit_rows - len(keep))]]))
     x, y = data.x_train.iloc[train], data.y_train[train]
     xv, yv = data.x_train.iloc[np.sort(valid)], data.y_train[np.sort(valid)]
-    deadline = time.monotonic() + seconds
+
+    def final_s(fit_s: float) -> float:  # the final fits, at a cost per row measured here
+        return fit_s / len(train) * final_rows * FINAL_FIT_MARGIN + 1.0
+
     ranked: list[Promoted] = []
-    for trial in candidates:
-        if time.monotonic() + fit_cost(trial, len(train)) > deadline:
+    for params, trial in candidates:
+        if trial is not None:
+            need = fit_cost(trial, len(train))
+        else:
+            need = ranked[0].fit_s * _size_ratio(best.params, params) * FINAL_FIT_MARGIN if ranked else math.inf
+        planned_final = final_s(ranked[0].fit_s) if ranked else fit_cost(best, final_rows)
+        if time.monotonic() + need + planned_final > end:
             continue
-        family = FAMILIES[str(trial.params["family"])]
-        pipe = build_pipeline(
-            features, family, family.build(optuna.trial.FixedTrial(trial.params), spec.task, spec.seed)
-        )
+        family = FAMILIES[str(params["family"])]
+        pipe = build_pipeline(features, family, family.build(optuna.trial.FixedTrial(params), spec.task, spec.seed))
         started = time.monotonic()
         with _all_cores():
             pipe.fit(x, y)
-        ranked.append(Promoted(trial, score(spec.metric, pipe, xv, yv), time.monotonic() - started))
+        ranked.append(Promoted(params, trial, score(spec.metric, pipe, xv, yv), time.monotonic() - started))
     if len(ranked) < 2:
-        return None, ranked, len(train), len(valid)
-    best = max(ranked, key=lambda p: p.score if maximise_ else -p.score)
-    return best.trial, ranked, len(train), len(valid)
+        return LastRung(None, ranked, len(train), len(valid))
+    order = sorted(ranked, key=lambda p: -p.score if maximise_ else p.score)
+    winner = next((p for p in order if time.monotonic() + final_s(p.fit_s) <= end), ranked[0])
+    if winner.trial is not None:
+        return LastRung(winner.trial, ranked, len(train), len(valid))
+    distributions = {name: best.distributions[name] for name in winner.params}
+    study.add_trial(
+        optuna.trial.create_trial(
+            params=winner.params,
+            distributions=distributions,
+            value=winner.score,
+            user_attrs={"fit_s_per_row": winner.fit_s / len(train), "grown_from": best.number},
+        )
+    )
+    return LastRung(study.trials[-1], ranked, len(train), len(valid))
 
 
 def _same_configuration(trial: optuna.Trial) -> optuna.trial.FrozenTrial | None:
