@@ -367,7 +367,11 @@ def promote(
             need = fit_cost(trial, len(train))
         else:
             need = ranked[0].fit_s * _size_ratio(best.params, params) * FINAL_FIT_MARGIN if ranked else math.inf
-        planned_final = final_s(ranked[0].fit_s) if ranked else fit_cost(best, final_rows)
+        # The final fits: at the cost per row measured here once a candidate was fit; before, at the
+        # trials' (single-threaded, on small fits: an overestimate; no margin on it).
+        planned_final = (
+            final_s(ranked[0].fit_s) if ranked else float(best.user_attrs.get("fit_s_per_row", 0.0)) * final_rows + 1.0
+        )
         if time.monotonic() + need + planned_final > end:
             continue
         family = FAMILIES[str(params["family"])]
