@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from miniml.orchestration.trainer import thread_budget
 
 # Two trial threads, each fitting HistGradientBoosting (OpenMP) and reading what its libraries
@@ -84,3 +86,38 @@ def test_cores_follow_the_cgroup_quota_not_the_nodes_count(tmp_path: Path) -> No
     (v2 / "cpu.max").write_text("garbage\n")
     assert available_cores(v2) == mine
     assert thread_budget(0, cores=available_cores(tmp_path / "none"))["MINIML_REFIT_THREADS"] == str(mine)
+
+
+def test_a_fit_that_runs_alone_uses_every_core_and_the_model_serves_on_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Trials fit the boosters on one thread each (many run at once); the final fit, alone, on the
+    refit's threads; the served model predicts on one thread again."""
+    import numpy as np
+    import optuna
+    import pandas as pd
+
+    from miniml.domain.tasks import Task
+    from miniml.training.data import Features
+    from miniml.training.families import FAMILIES
+    from miniml.training.search import _threaded, build_pipeline
+
+    monkeypatch.setenv("MINIML_REFIT_THREADS", "4")
+    x = pd.DataFrame(np.random.default_rng(0).normal(size=(300, 3)), columns=["a", "b", "c"])
+    y = np.where(x["a"] > 0, "yes", "no")
+    for name in ("xgboost", "lightgbm", "random_forest"):
+        family = FAMILIES[name]
+        estimator = family.build(optuna.trial.FixedTrial(dict(family.defaults)), Task.classification, 0)
+        pipe = build_pipeline(Features(numeric=["a", "b", "c"], categorical=[]), family, estimator)
+
+        def threads() -> set[int]:
+            model = pipe.steps[-1][0]
+            return {v for k, v in pipe.get_params(deep=True).items() if k.startswith(model) and k.endswith("n_jobs")}
+
+        assert threads() == {1}
+        with _threaded(pipe):
+            assert threads() == {4}, name
+            pipe.fit(x, y)
+        assert threads() == {1}, name
+        fitted = getattr(pipe[-1], "estimator_", None)  # LabelEncodedClassifier's fitted booster
+        assert fitted is None or fitted.get_params().get("n_jobs", 1) == 1, name
+        assert (pipe.predict(x) == y).mean() > 0.9
+        assert all(v is None for k, v in pipe.get_params().items() if k.endswith("n_jobs") and k.startswith("prep"))

@@ -377,7 +377,7 @@ def promote(
         family = FAMILIES[str(params["family"])]
         pipe = build_pipeline(features, family, family.build(optuna.trial.FixedTrial(params), spec.task, spec.seed))
         started = time.monotonic()
-        with _all_cores():
+        with _all_cores(), _threaded(pipe):
             pipe.fit(x, y)
         ranked.append(Promoted(params, trial, score(spec.metric, pipe, xv, yv), time.monotonic() - started))
     if len(ranked) < 2:
@@ -762,9 +762,36 @@ def refit(
     family = FAMILIES[str(trial.params["family"])]
     fixed = optuna.trial.FixedTrial(trial.params)
     pipe = build_pipeline(features, family, family.build(fixed, spec.task, spec.seed))
-    with _all_cores():
+    with _all_cores(), _threaded(pipe):
         _fit_all(pipe, data, every_row=every_row)
     return pipe, family
+
+
+@contextmanager
+def _threaded(pipe: Pipeline) -> Iterator[None]:
+    """A fit that runs alone uses every core: the families' ``n_jobs=1`` (one thread per parallel
+    trial) is raised to the refit's threads while it fits (the boosters, the random forest), and
+    set back after, so the served model predicts on one thread as before."""
+    import os
+
+    cores = int(os.environ.get("MINIML_REFIT_THREADS", "0"))
+    model = pipe.steps[-1][0]  # the estimator's threads only: the preprocessing's n_jobs would start processes
+    before = {
+        name: value
+        for name, value in pipe.get_params(deep=True).items()
+        if name.startswith(f"{model}__") and name.endswith("n_jobs")
+    }
+    if cores > 1 and before:
+        pipe.set_params(**dict.fromkeys(before, cores))
+    try:
+        yield
+    finally:
+        if cores > 1 and before:
+            pipe.set_params(**before)
+            for step in pipe.named_steps.values():  # a wrapper's fitted copy (LabelEncodedClassifier's)
+                inner = getattr(step, "estimator_", None)
+                if inner is not None and "n_jobs" in inner.get_params(deep=False):
+                    inner.set_params(n_jobs=1)
 
 
 @contextmanager
