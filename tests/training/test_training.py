@@ -335,22 +335,28 @@ def test_the_last_rung_ranks_the_best_few_on_rows_no_trial_saw(tmp_path: Path) -
     frame = pd.DataFrame(x, columns=["a", "b", "c", "d"]).assign(label=label)
     data, features, task = prepare(write_csv(tmp_path, frame, "ring.csv"), "label")
     spec = SearchSpec(task=task, metric="f1_macro", families=["linear", "lightgbm"], trial_rows=3_000)
-    study = optuna.create_study(direction="maximize")
     configurations = [
         ({"family": "linear", "linear.C": 1.0}, 0.99),  # flattered on the sample
         ({"family": "lightgbm", **dict(FAMILIES["lightgbm"].defaults)}, 0.90),
         ({"family": "linear", "linear.C": 0.01}, 0.80),
         ({"family": "linear", "linear.C": 10.0}, 0.70),  # not among the best three: never refit
     ]
-    for params, value in configurations:
-        study.add_trial(
-            optuna.trial.create_trial(
-                params=params,
-                distributions={k: optuna.distributions.CategoricalDistribution([v]) for k, v in params.items()},
-                value=value,
-                user_attrs={"fit_s_per_row": 1e-6},
+
+    def studied(done: list[tuple[dict[str, object], float]]) -> optuna.Study:
+        """A study with these trials done (the search's, as far as the last rung reads them)."""
+        study = optuna.create_study(direction="maximize")
+        for params, value in done:
+            study.add_trial(
+                optuna.trial.create_trial(
+                    params=params,
+                    distributions={k: optuna.distributions.CategoricalDistribution([v]) for k, v in params.items()},
+                    value=value,
+                    user_attrs={"fit_s_per_row": 1e-6},
+                )
             )
-        )
+        return study
+
+    study = studied(configurations)
     fit_rows, valid_rows = promotion_rows(data, spec)
     assert fit_rows == 9_000 and valid_rows == min(100_000, (len(data.x_train) - 3_000) // 2)
     rows = len(data.x_train) * 2
@@ -371,16 +377,7 @@ def test_the_last_rung_ranks_the_best_few_on_rows_no_trial_saw(tmp_path: Path) -
 
     # The best trial a booster's defaults: the same grown to its family's largest size is ranked too,
     # and joins the study as a trial of its own when it wins.
-    boosted = optuna.create_study(direction="maximize")
-    for params, value in configurations[1:3]:
-        boosted.add_trial(
-            optuna.trial.create_trial(
-                params=params,
-                distributions={k: optuna.distributions.CategoricalDistribution([v]) for k, v in params.items()},
-                value=value,
-                user_attrs={"fit_s_per_row": 1e-6},
-            )
-        )
+    boosted = studied(configurations[1:3])
     largest = dict(FAMILIES["lightgbm"].largest)
     rung = promote(boosted, data, features, spec, end=time.monotonic() + 300, final_rows=rows)
     (big,) = [p for p in rung.ranked if p.trial is None]
