@@ -1,6 +1,6 @@
 """The platform against FLAML at the same wall budget, on the same rows, scored on the same held-out rows.
 
-    .venv/bin/uv pip install "flaml[automl]"      # once; FLAML is not a dependency of miniml
+    .venv/bin/uv pip install flaml==2.7.0     # once; FLAML is not a dependency of miniml (the lock has its learners)
     .venv/bin/python -m bench.versus_flaml [--budget 60] [--datasets breast_cancer,wine,...]
     .venv/bin/python -m bench.versus_flaml --budget 120 --datasets large    # 2,000,000 rows
 
@@ -191,7 +191,7 @@ def main() -> None:
                 )
                 print(
                     f"{name:22s} {'f1_macro' if task == 'classification' else 'rmse':8s} miniml {platform_score:9.4f}  "
-                    f"FLAML {flaml_score:9.4f}  score ratio {ratio:5.3f}  wall: miniml {platform_wall:6.1f}s "
+                    f"FLAML {flaml_score:9.4f}  score ratio {ratio:6.4f}  wall: miniml {platform_wall:6.1f}s "
                     f"FLAML {flaml_wall:6.1f}s  ratio {platform_wall / flaml_wall:5.2f}  "
                     f"trials {len(configurations)} (duplicates {duplicates}), first trial {first_trial:.2f}s after submit",
                     flush=True,
@@ -200,7 +200,7 @@ def main() -> None:
             sup.stop_all()
     print(f"budget {args.budget:.0f}s each, {cores} cores; score ratio above 1: miniml did better on held-out rows")
     print(
-        f"score ratio: min {min(r[4] for r in rows):.3f}, geometric mean {math.exp(np.mean([math.log(r[4]) for r in rows])):.3f}"
+        f"score ratio: min {min(r[4] for r in rows):.4f}, geometric mean {math.exp(np.mean([math.log(r[4]) for r in rows])):.4f}"
     )
     print(f"wall ratio (submit to registered / FLAML fit): max {max(r[5] / r[6] for r in rows):.2f}")
     print(

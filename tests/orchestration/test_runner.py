@@ -410,7 +410,11 @@ def test_the_time_budget_holds_when_a_family_is_slow(live: tuple[LiveApi, Client
     logs = " ".join(line.message for line in client.jobs.logs("demo", job.id))
     assert "trials fit on a sample of 25000 of the 40000 training rows" in logs, logs
     # The model learnt from more rows than the trials' sample: every row when the budget left time
-    # for that fit (on a busy machine it may not), else the training rows; the log says which.
+    # for that fit (on a busy machine it may not), else as many as it left, else the last rung's
+    # fit (on 32,500 training rows); the log says which.
     trained = MlflowClient(api.settings.mlflow_uri).get_run(str(done.mlflow_run_id)).data.params["best.training_rows"]
-    said = {"50000": "final fit on all 50000 rows", "40000": "learnt from the 40000 training rows is registered"}
-    assert trained in said and said[trained] in logs, (trained, logs)
+    said = {
+        "50000": "final fit on all 50000 rows",
+        "32500": "learnt from 32500 training rows is registered",
+    }.get(trained, f"final fit on {trained} of the 50000 rows")
+    assert int(trained) > 25_000 and said in logs, (trained, logs)

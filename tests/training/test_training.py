@@ -45,7 +45,14 @@ def prepare(path: Path, target: str, task: Task | None = None):  # type: ignore[
 
 
 def search(
-    tmp_path: Path, data, features: Features, task: Task, families: list[str], trials: int, metric: str | None = None
+    tmp_path: Path,
+    data,
+    features: Features,
+    task: Task,
+    families: list[str],
+    trials: int,
+    metric: str | None = None,
+    trial_rows: int | None = None,
 ):  # type: ignore[no-untyped-def]
     lock = threading.Lock()
     claimed = [0]
@@ -64,6 +71,7 @@ def search(
         families=families,
         n_jobs=2,
         cv_folds=3,
+        trial_rows=trial_rows,
     )
     storage = make_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
     run_search(storage, "s", data, features, spec, SearchControl(claim=claim, on_trial=results.append))
@@ -216,7 +224,27 @@ def test_a_search_starts_from_each_familys_defaults_cheapest_first(tmp_path: Pat
         defaults = {k.split(".", 1)[1]: v for k, v in FAMILIES[r.family].defaults}
         assert {k.split(".", 1)[1]: v for k, v in r.params.items()}.items() <= defaults.items(), r
     explored = ordered[3]
-    assert {k: v for k, v in explored.params.items()} != dict(FAMILIES[explored.family].defaults)
+    family = FAMILIES[explored.family]
+    assert explored.params not in (
+        dict(family.defaults),
+        {**dict(family.defaults), **dict(family.largest)},  # grown defaults: only when trials fit on a sample
+    )
+
+
+def test_when_trials_fit_on_a_sample_the_boosters_defaults_grown_come_next(tmp_path: Path, diabetes_csv: Path) -> None:
+    """More rows favour larger models: when trials see a sample, each family's defaults are
+    followed by the same grown to the family's largest size (families with sizes, cheapest first)."""
+    data, features, task = prepare(diabetes_csv, "progression")
+    families = ["random_forest", "linear", "lightgbm"]
+    _study, _spec, results = search(tmp_path, data, features, task, families, trials=6, trial_rows=200)
+    assert len(data.x_train) > 200
+    ordered = sorted(results, key=lambda r: r.number)
+    assert [r.family for r in ordered[:5]] == ["linear", "lightgbm", "random_forest", "lightgbm", "random_forest"]
+    for r in ordered[3:5]:
+        family = FAMILIES[r.family]
+        want = {**dict(family.defaults), **dict(family.largest)}
+        assert r.params == want, r
+    assert ordered[5].number == 5
 
 
 def test_the_rungs_grow_within_fold_zero_and_keep_every_class_in_proportion() -> None:
@@ -321,8 +349,8 @@ def test_a_configuration_is_never_tried_twice_even_when_the_space_runs_out(
 
 
 def test_the_last_rung_ranks_the_best_few_on_rows_no_trial_saw(tmp_path: Path) -> None:
-    """Trials fit on a sample: the best three by cross-validation (and the best grown to its family's
-    largest size) refit on three times as many rows and are ranked on training rows outside both. A
+    """Trials fit on a sample: the best three by cross-validation (each booster also grown to its
+    family's largest size) refit on three times as many rows and are ranked on training rows outside both. A
     configuration the sample flattered (here a linear model given the best CV score by hand) loses
     to one that learns the data's curve."""
     import optuna
@@ -361,15 +389,23 @@ def test_the_last_rung_ranks_the_best_few_on_rows_no_trial_saw(tmp_path: Path) -
     assert fit_rows == 9_000 and valid_rows == min(100_000, (len(data.x_train) - 3_000) // 2)
     rows = len(data.x_train) * 2
     rung = promote(study, data, features, spec, end=time.monotonic() + 300, final_rows=rows)
-    assert [p.trial.number for p in rung.ranked if p.trial] == [0, 1, 2] and len(rung.ranked) == PROMOTED
+    assert [p.trial.number for p in rung.ranked if p.trial] == list(range(PROMOTED))
+    # The one booster among them is also fit grown, right after itself; the linear models have no size.
+    assert [(p.trial.number if p.trial else f"{p.base.number} grown") for p in rung.ranked] == [0, 1, "1 grown", 2]
     assert rung.winner is not None and rung.winner.params["family"] == "lightgbm"
+    # The winner's fit here is the held-out model: fitted on the rung's rows, its final fit planned.
+    assert rung.pipe is not None and rung.pipe.predict(data.x_test).shape == (len(data.x_test),)
+    assert rung.pipe is next(p.pipe for p in rung.ranked if p.params == rung.winner.params)
+    assert 1.0 < rung.final_s < 300
     assert max(rung.ranked, key=lambda p: p.score).params["family"] == "lightgbm" and rung.ranked[1].score > 0.9
     assert (rung.fit_rows, rung.valid_rows) == (fit_rows, valid_rows)
     sample = trial_sample(data, spec)
     assert sample is not None and len(sample) == 3_000
-    # No time: nothing is refit and the search's own best stands.
+    # No time: only the search's own best is fit (the held-out model, in place of a costlier fit on
+    # the whole training split), and it stands.
     late = promote(study, data, features, spec, end=time.monotonic(), final_rows=rows)
-    assert (late.winner, late.ranked) == (None, [])
+    assert [p.trial.number for p in late.ranked if p.trial] == [0] and len(late.ranked) == 1
+    assert late.winner is not None and late.winner.number == 0 and late.pipe is late.ranked[0].pipe
     # Trials on every row: there is no larger rung.
     whole = SearchSpec(task=task, metric="f1_macro", families=["linear"], trial_rows=None)
     assert promotion_rows(data, whole) == (0, 0)
@@ -416,3 +452,61 @@ def test_a_trial_whose_remaining_fits_would_pass_the_deadline_stops_at_once(tmp_
     assert time.monotonic() - started < 30  # the whole forest would take far longer
     cheap = run("linear", 600)
     assert cheap.state == optuna.trial.TrialState.COMPLETE and "error" not in cheap.user_attrs
+
+
+@pytest.mark.parametrize("labels", [["setosa", "versicolor", "virginica"], [3, 1, 2], ["b", "a"]])
+def test_held_out_metrics_from_one_prediction_match_scikit_learns(labels: list[object]) -> None:
+    """The held-out metrics compare labels as codes from one predict and one predict_proba: they
+    must be scikit-learn's own figures, for text and number labels, two classes or more."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import accuracy_score, f1_score, log_loss, roc_auc_score
+
+    from miniml.training.data import Split
+    from miniml.training.search import scores
+
+    rng = np.random.default_rng(1)
+    x = pd.DataFrame(rng.normal(size=(600, 3)), columns=["a", "b", "c"])
+    y = np.array(labels)[(x["a"] + rng.normal(0, 0.8, 600) > 0).astype(int) + (x["b"] > 1) * (len(labels) > 2)]
+    model = LogisticRegression().fit(x[:400], y[:400])
+    xt, yt = x[400:], y[400:]
+    got = holdout_metrics(model, Split(x[:400], x[400:], y[:400], yt), Task.classification)  # type: ignore[arg-type]
+    proba, pred = model.predict_proba(xt), model.predict(xt)
+    auc = (
+        roc_auc_score(yt, proba[:, 1])
+        if len(labels) == 2
+        else roc_auc_score(yt, proba, multi_class="ovr", labels=model.classes_)
+    )
+    want = {
+        "f1_macro": f1_score(yt, pred, average="macro"),
+        "accuracy": accuracy_score(yt, pred),
+        "roc_auc": auc,
+        "log_loss": log_loss(yt, proba, labels=model.classes_),
+    }
+    assert got.keys() == want.keys() and all(math.isclose(got[k], want[k], rel_tol=1e-9) for k in want), (got, want)
+    assert 0.5 < got["accuracy"] < 1.0  # a model that errs: the codes must line up with the labels
+    assert scores(["accuracy"], model, xt, yt) == {"accuracy": got["accuracy"]}
+
+
+def test_a_final_fit_short_of_time_learns_from_a_stratified_sample_of_every_row() -> None:
+    """The final fit on ``rows`` of the training and test rows together: exactly that many, drawn
+    from both, every class kept (a rare one too); without ``rows``, all of them."""
+    from miniml.training.data import Split
+    from miniml.training.search import _fit_all
+
+    class Spy:
+        def fit(self, x: pd.DataFrame, y: np.ndarray) -> None:
+            self.x, self.y = x, y
+
+    rng = np.random.default_rng(0)
+    y = np.where(rng.random(10_000) < 0.01, "rare", "common")
+    x = pd.DataFrame({"a": np.arange(10_000)})
+    data = Split(x.iloc[:8_000], x.iloc[8_000:], y[:8_000], y[8_000:])
+    spec = SearchSpec(task=Task.classification, metric="f1_macro", families=["linear"])
+    spy = Spy()
+    _fit_all(spy, data, every_row=True, rows=3_000, spec=spec)  # type: ignore[arg-type]
+    assert len(spy.x) == len(spy.y) == 3_000 and spy.x["a"].is_unique
+    assert (spy.x["a"] >= 8_000).any() and (spy.x["a"] < 8_000).any()  # from the test rows too
+    assert abs((spy.y == "rare").mean() - (y == "rare").mean()) < 0.002
+    assert (spy.y == y[spy.x["a"].to_numpy()]).all()  # each row keeps its own label
+    _fit_all(spy, data, every_row=True, rows=None, spec=spec)  # type: ignore[arg-type]
+    assert len(spy.x) == 10_000

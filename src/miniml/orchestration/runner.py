@@ -37,9 +37,11 @@ from miniml.tracking.runs import Tracker
 from miniml.tracking.signing import load_verified, signing_key
 from miniml.training import plots
 from miniml.training.data import Features, Split, features_from_profile, load_frame, split
+from miniml.training.families import FAMILIES
 from miniml.training.search import (
     PROMOTED,
     Cancelled,
+    LastRung,
     Promoted,
     SearchControl,
     SearchSpec,
@@ -48,7 +50,7 @@ from miniml.training.search import (
     best_trial,
     end_running_trials,
     fit_cost,
-    holdout_metrics,
+    holdout,
     make_storage,
     promote,
     promotion_rows,
@@ -159,6 +161,10 @@ def run_job(
                 return None
 
 
+# Seconds kept for logging and registering the model after the final fit.
+REGISTER_S = 3.0
+
+
 def _last_rung(
     reports: Any,
     project: str,
@@ -170,29 +176,32 @@ def _last_rung(
     best: optuna.trial.FrozenTrial,
     began: float,
     budget: float | None,
-) -> optuna.trial.FrozenTrial:
-    """Trials fit on a sample: rank the best few (and the best one grown) on more rows
-    (``search.promote``) and keep the winner there."""
+) -> tuple[optuna.trial.FrozenTrial, LastRung]:
+    """Trials fit on a sample: rank the best few (and each grown) on more rows (``search.promote``)
+    and keep the winner there."""
     end = began + budget if budget else math.inf
-    rung = promote(study, data, features, search, end=end, final_rows=len(data.x_train) * 2 + len(data.x_test))
+    rows = len(data.x_train) + len(data.x_test)
+    rung = promote(study, data, features, search, end=end, final_rows=rows)
     if not rung.ranked:
-        return best
+        return best, rung
 
     def name(p: Promoted) -> str:
-        return f"trial {p.trial.number}" if p.trial is not None else f"trial {best.number} grown"
+        if p.trial is not None:
+            return f"trial {p.trial.number}"
+        return f"trial {p.base.number if p.base is not None else best.number} grown"
 
-    scores = ", ".join(f"{name(p)} ({p.params['family']}) {p.score:.4f}" for p in rung.ranked)
+    scores = ", ".join(f"{name(p)} ({p.params['family']}) {p.score:.4f} in {p.fit_s:.1f}s" for p in rung.ranked)
     message = (
         f"last rung: {rung.fit_rows:,} rows each, ranked on {rung.valid_rows:,} training rows no trial saw: {scores}"
     )
     winner = rung.winner
     if winner is None or winner.number == best.number:
         reports.log(project, job_id, message)
-        return best
+        return best, rung
     grown_from = winner.user_attrs.get("grown_from")
     what = f"trial {winner.number}" + (f" (trial {grown_from} grown)" if grown_from is not None else "")
     reports.log(project, job_id, f"{message}; {what} goes on to the final fit")
-    return winner
+    return winner, rung
 
 
 def _check_gpus(client: Client, job: JobRead, worker: str) -> None:
@@ -429,7 +438,8 @@ def train(
         trial_rows=trial_rows_for(budget),
     )
     promoted_rows, _ = promotion_rows(data, search)
-    search.final_fit_rows += PROMOTED * promoted_rows  # the last rung's fits, before the final ones
+    if promoted_rows:  # the last rung's fits; its winner's fit is the held-out model
+        search.final_fit_rows = rows + PROMOTED * promoted_rows
     if search.trial_rows and len(data.x_train) > search.trial_rows:
         reports.log(
             project,
@@ -486,20 +496,32 @@ def train(
                 f"{fit_cost(top, len(data.x_train)):.0f}s for its final fit and {max(0.0, left):.0f}s of the "
                 f"budget are left: trial {best.number} ({best.params['family']}) is refit instead",
             )
+    rung = LastRung(None, [], 0, 0)
     if best is not None and promoted_rows:
-        best = _last_rung(reports, project, job_id, study, data, features, search, best, began, budget)
+        best, rung = _last_rung(reports, project, job_id, study, data, features, search, best, began, budget)
     if best is None:
         errors = sorted({str(t.user_attrs.get("error")) for t in study.trials if t.user_attrs.get("error")})
         hint = f" within the time budget of {budget:.0f}s (raise timeout_s)" if budget else ""
         raise RuntimeError(f"no trial completed{hint}" + (f"; errors: {'; '.join(errors)[:1500]}" if errors else ""))
-    reports.log(
-        project,
-        job_id,
-        f"best: trial {best.number} ({best.params['family']}), CV {spec['metric']} {best.value:.4f}; refitting",
-    )
-    pipe, family = refit(best, data, features, search)
-    metrics = holdout_metrics(pipe, data, task)
-    predictions = pipe.predict(data.x_test)
+    if rung.pipe is not None:
+        # The last rung fit the winner on part of the training split: the held-out rows score that fit.
+        pipe, family = rung.pipe, FAMILIES[str(best.params["family"])]
+        held_out_rows, final_s = rung.fit_rows, rung.final_s
+        reports.log(
+            project,
+            job_id,
+            f"best: trial {best.number} ({best.params['family']}), CV {spec['metric']} {best.value:.4f}; "
+            f"scored on the held-out rows as the last rung fit it, on {held_out_rows:,} training rows",
+        )
+    else:
+        reports.log(
+            project,
+            job_id,
+            f"best: trial {best.number} ({best.params['family']}), CV {spec['metric']} {best.value:.4f}; refitting",
+        )
+        pipe, family = refit(best, data, features, search)
+        held_out_rows, final_s = len(data.x_train), fit_cost(best, rows)
+    metrics, predictions = holdout(pipe, data, task)
     figures = {
         "optimisation_history": plots.optimisation_history(study, spec["maximise"]),
         "parameter_importances": plots.parameter_importances(study),
@@ -513,21 +535,29 @@ def train(
     # The served model learns from every row: the test rows only measured the configuration. Under
     # a time budget with no time left for that fit, the held-out model is the one registered.
     left = budget - (time.monotonic() - began) if budget else math.inf
-    if fit_cost(best, rows) <= overrun_end - time.monotonic():
-        reports.log(
-            project,
-            job_id,
-            f"test {spec['metric']} {metrics.get(spec['metric'], float('nan')):.4f}; final fit on all {rows} rows",
-        )
+    # Short of time for every row, as many as the budget's end allows (rows cost alike), when that
+    # is clearly more than the held-out model saw.
+    affordable = int(rows * max(0.0, left - REGISTER_S - 1.0) / max(1e-9, final_s - 1.0)) if budget else rows
+    tested = f"test {spec['metric']} {metrics.get(spec['metric'], float('nan')):.4f}"
+    if final_s <= overrun_end - time.monotonic():
+        reports.log(project, job_id, f"{tested}; final fit on all {rows} rows")
         pipe, family = refit(best, data, features, search, every_row=True)
-    else:
-        rows = len(data.x_train)
+    elif affordable >= held_out_rows * 1.5:
         reports.log(
             project,
             job_id,
-            f"test {spec['metric']} {metrics.get(spec['metric'], float('nan')):.4f}; the fit on every row would "
-            f"need about {fit_cost(best, len(data.x_train) + len(data.x_test)):.0f}s and {max(0.0, left):.0f}s of the "
-            f"budget are left: the model that learnt from the {rows} training rows is registered",
+            f"{tested}; the fit on every row would need about {final_s:.0f}s and {max(0.0, left):.0f}s of the budget "
+            f"are left: final fit on {affordable} of the {rows} rows",
+        )
+        rows = affordable
+        pipe, family = refit(best, data, features, search, every_row=True, rows=rows)
+    else:
+        rows = held_out_rows
+        reports.log(
+            project,
+            job_id,
+            f"{tested}; the fit on every row would need about {final_s:.0f}s and {max(0.0, left):.0f}s of the "
+            f"budget are left: the model that learnt from {rows} training rows is registered",
         )
     commit()
     tracker.log_figures(run_id, figures)

@@ -78,7 +78,7 @@ def _lightgbm(trial: optuna.Trial | optuna.trial.FixedTrial, task: Task, seed: i
     return cls(
         n_estimators=trial.suggest_int("lightgbm.n_estimators", 50, 300, step=50),
         learning_rate=trial.suggest_float("lightgbm.learning_rate", 0.01, 0.3, log=True),
-        num_leaves=trial.suggest_int("lightgbm.num_leaves", 8, 64, log=True),
+        num_leaves=trial.suggest_int("lightgbm.num_leaves", 8, 256, log=True),
         min_child_samples=trial.suggest_int("lightgbm.min_child_samples", 2, 30),
         subsample=trial.suggest_float("lightgbm.subsample", 0.6, 1.0),
         subsample_freq=1,
@@ -163,7 +163,7 @@ FAMILIES: dict[str, Family] = {
                 ("lightgbm.subsample", 1.0),
                 ("lightgbm.colsample_bytree", 1.0),
             ),
-            largest=(("lightgbm.n_estimators", 300), ("lightgbm.num_leaves", 64)),
+            largest=(("lightgbm.n_estimators", 300), ("lightgbm.num_leaves", 256)),
         ),
         Family(
             "hist_gradient_boosting",

@@ -23,7 +23,6 @@ import sqlalchemy.exc
 from sklearn.compose import ColumnTransformer
 from sklearn.impute import SimpleImputer
 from sklearn.metrics import (
-    accuracy_score,
     f1_score,
     log_loss,
     mean_absolute_error,
@@ -65,6 +64,8 @@ class SearchSpec:
 
 # A final fit is planned at this multiple of its per-row cost in the trials (plus a second).
 FINAL_FIT_MARGIN = 1.5
+# ... and at this multiple of its per-row cost in the last rung's fit, which ran alone as it will.
+RUNG_FIT_MARGIN = 1.15
 
 # Data-size fidelity, successive halving as in ASHA: when a fold trains on at least
 # MIN_RUNG_ROWS / RUNG_FRACTIONS[0] rows, a trial first fits on these fractions of fold 0's training
@@ -93,9 +94,23 @@ def trial_rows_for(timeout_s: float | None) -> int | None:
     return max(20_000, int(timeout_s * 1_000)) if timeout_s else None
 
 
+def refit_threads() -> int:
+    """The threads a fit that runs alone uses (``trainer.thread_budget`` says; 1 when unset)."""
+    import os
+
+    return max(1, int(os.environ.get("MINIML_REFIT_THREADS", "0") or 0))
+
+
+def alone_factor() -> float:
+    """A fit that runs alone (the last rung's, the final ones) on every core, against the trials'
+    cost per row (each fit on one core, beside the other trials'): planned at FINAL_FIT_MARGIN over
+    a speed-up of cores^0.75 (the boosters do not scale linearly), 8 cores at most."""
+    return float(FINAL_FIT_MARGIN / min(refit_threads(), 8) ** 0.75)
+
+
 def fit_cost(trial: optuna.trial.FrozenTrial, rows: int) -> float:
-    """Seconds a fit of ``trial``'s configuration on ``rows`` rows should take, from its trial's fits."""
-    return float(trial.user_attrs.get("fit_s_per_row", 0.0)) * rows * FINAL_FIT_MARGIN + 1.0
+    """Seconds a fit of ``trial``'s configuration on ``rows`` rows, run alone, should take, from its trial's fits."""
+    return float(trial.user_attrs.get("fit_s_per_row", 0.0)) * rows * alone_factor() + 1.0
 
 
 @dataclass
@@ -148,28 +163,65 @@ def build_pipeline(features: Features, family: Family, estimator: Any) -> Pipeli
     return Pipeline([("preprocess", pre), ("model", estimator)])
 
 
+CLASSIFICATION_METRICS = ("f1_macro", "accuracy", "roc_auc", "log_loss")
+REGRESSION_METRICS = ("rmse", "mae", "r2")
+
+
 def score(metric: str, model: Any, x: Any, y: np.ndarray) -> float:
-    if metric in ("roc_auc", "log_loss"):
+    return scores([metric], model, x, y)[metric]
+
+
+def scores(metrics: list[str] | tuple[str, ...], model: Any, x: Any, y: np.ndarray) -> dict[str, float]:
+    """``metrics`` of ``model`` on ``(x, y)``, from one ``predict`` and one ``predict_proba``. Labels
+    are compared as integer codes (text labels made each metric sort every row's string again)."""
+    return _scores(metrics, model, x, y)[0]
+
+
+def _scores(
+    metrics: list[str] | tuple[str, ...], model: Any, x: Any, y: np.ndarray
+) -> tuple[dict[str, float], np.ndarray | None]:
+    """``scores``, and the predictions when a metric needed them."""
+    import pandas as pd
+
+    out: dict[str, float] = {}
+    for metric in metrics:
+        if metric not in (*CLASSIFICATION_METRICS, *REGRESSION_METRICS):
+            raise ValueError(f"unknown metric {metric}")
+    if any(m in ("roc_auc", "log_loss") for m in metrics):
         proba = model.predict_proba(x)
         classes = list(model.classes_)
-        if metric == "log_loss":
-            return float(log_loss(y, proba, labels=classes))
-        if len(classes) == 2:
-            return float(roc_auc_score(y, proba[:, 1]))
-        return float(roc_auc_score(y, proba, multi_class="ovr", labels=classes))
-    pred = model.predict(x)
-    match metric:
-        case "f1_macro":
-            return float(f1_score(y, pred, average="macro"))
-        case "accuracy":
-            return float(accuracy_score(y, pred))
-        case "rmse":
-            return float(math.sqrt(mean_squared_error(y, pred)))
-        case "mae":
-            return float(mean_absolute_error(y, pred))
-        case "r2":
-            return float(r2_score(y, pred))
-    raise ValueError(f"unknown metric {metric}")
+        index = {label: i for i, label in enumerate(classes)}
+        codes = np.array([index.get(label, -1) for label in pd.unique(y)])
+        y_codes = codes[pd.factorize(y, sort=False)[0]] if len(y) else np.array([], dtype=int)
+        if (y_codes < 0).any():
+            raise ValueError("the labels hold a class the model never learnt")
+        labels = list(range(len(classes)))
+        if "log_loss" in metrics:
+            out["log_loss"] = float(log_loss(y_codes, proba, labels=labels))
+        if "roc_auc" in metrics:
+            if len(classes) == 2:
+                out["roc_auc"] = float(roc_auc_score(y_codes, proba[:, 1]))
+            else:
+                out["roc_auc"] = float(roc_auc_score(y_codes, proba, multi_class="ovr", labels=labels))
+    rest = [m for m in metrics if m not in ("roc_auc", "log_loss")]
+    if not rest:
+        return out, None
+    pred = np.asarray(model.predict(x))
+    if any(m in CLASSIFICATION_METRICS for m in rest):
+        # f1 and accuracy depend on which rows agree, not on the labels' names: compare codes.
+        both, _ = pd.factorize(np.concatenate([np.asarray(y, dtype=object), np.asarray(pred, dtype=object)]))
+        truth, guess = both[: len(y)], both[len(y) :]
+        if "f1_macro" in rest:
+            out["f1_macro"] = float(f1_score(truth, guess, average="macro"))
+        if "accuracy" in rest:
+            out["accuracy"] = float(np.mean(truth == guess)) if len(truth) else float("nan")
+    if "rmse" in rest:
+        out["rmse"] = float(math.sqrt(mean_squared_error(y, pred)))
+    if "mae" in rest:
+        out["mae"] = float(mean_absolute_error(y, pred))
+    if "r2" in rest:
+        out["r2"] = float(r2_score(y, pred))
+    return out, pred
 
 
 class Cancelled(Exception):
@@ -290,17 +342,24 @@ def promotion_rows(data: Split, spec: SearchSpec) -> tuple[int, int]:
 @dataclass
 class Promoted:
     params: dict[str, Any]
-    trial: optuna.trial.FrozenTrial | None  # None: the best configuration grown (Family.largest)
+    trial: optuna.trial.FrozenTrial | None  # None: a configuration grown (Family.largest) from ``base``
     score: float
     fit_s: float
+    pipe: Pipeline | None = None
+    base: optuna.trial.FrozenTrial | None = None
 
 
 @dataclass
 class LastRung:
-    winner: optuna.trial.FrozenTrial | None  # None: nothing was learnt (fewer than two ranked)
+    winner: optuna.trial.FrozenTrial | None  # None: nothing was fit
     ranked: list[Promoted]
     fit_rows: int
     valid_rows: int
+    # The winner's fit here, on ``fit_rows`` training rows: the held-out rows score it, so no second
+    # fit on the training split is needed before the one on every row. None when nothing was fit.
+    pipe: Pipeline | None = None
+    # Seconds the final fit on every row should take, at the cost per row measured here.
+    final_s: float = math.inf
 
 
 def grown(trial: optuna.trial.FrozenTrial) -> dict[str, Any] | None:
@@ -311,24 +370,46 @@ def grown(trial: optuna.trial.FrozenTrial) -> dict[str, Any] | None:
 
 
 def _size_ratio(small: dict[str, Any], large: dict[str, Any]) -> float:
-    """How many times costlier ``large``'s fits should be: the product of its size parameters' growth."""
+    """How many times costlier ``large``'s fits should be than ``small``'s: the product of its size
+    parameters' growth. A tree's leaves count by their depth (a row passes one split per level)."""
     ratio = 1.0
     for name, value in large.items():
-        if isinstance(value, int | float) and isinstance(small.get(name), int | float) and small[name] > 0:
-            ratio *= max(1.0, float(value) / float(small[name]))
+        before = small.get(name)
+        if not (isinstance(value, int | float) and isinstance(before, int | float)) or before <= 0:
+            continue
+        if name.endswith(("leaves", "leaf_nodes")) and before > 1:
+            ratio *= max(1.0, math.log2(value) / math.log2(before))
+        else:
+            ratio *= max(1.0, float(value) / float(before))
     return ratio
+
+
+def _candidates(
+    complete: list[optuna.trial.FrozenTrial],
+) -> list[tuple[dict[str, Any], optuna.trial.FrozenTrial | None, optuna.trial.FrozenTrial]]:
+    """(params, trial or None when grown, the trial it comes from): the best PROMOTED trials, each
+    followed by itself grown, best first."""
+    out: list[tuple[dict[str, Any], optuna.trial.FrozenTrial | None, optuna.trial.FrozenTrial]] = []
+    for trial in complete[:PROMOTED]:
+        out.append((trial.params, trial, trial))
+        bigger = grown(trial)
+        if bigger is not None and all(t.params != bigger for t in complete) and all(c[0] != bigger for c in out):
+            out.append((bigger, None, trial))
+    return out
 
 
 def promote(
     study: optuna.Study, data: Split, features: Features, spec: SearchSpec, *, end: float, final_rows: int
 ) -> LastRung:
-    """The last rung: the best trial, the same configuration grown to its family's largest size,
-    and the next best trials by cross-validation score (PROMOTED in all), each fit on a larger
-    sample of the training rows and ranked on training rows no trial saw.
+    """The last rung: the best PROMOTED trials by cross-validation score, each followed by the same
+    configuration grown to its family's largest size, fit on a larger sample of the training rows
+    and ranked on training rows no trial saw.
 
-    A candidate is fit only when its fit and then the final fits (``final_rows`` rows, at the best
-    one's measured cost) still end by ``end``; the winner likewise. A grown winner joins the study
-    as a trial of its own (``grown_from``), its cost per row measured here."""
+    The best is always fit (its fit is the held-out model). Another candidate is fit only when its
+    fit and then the final fit (``final_rows`` rows) still end by ``end``. Its cost is planned from the trials' cost per row until a fit here measured what a fit
+    that runs alone costs; the final fit, at the best one's cost per row measured here. The winner
+    is the best one whose final fit still ends by ``end``. A grown winner joins the study as a trial
+    of its own (``grown_from``)."""
     fit_rows, valid_rows = promotion_rows(data, spec)
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None]
     if not fit_rows or not complete:
@@ -336,11 +417,6 @@ def promote(
     maximise_ = study.direction == optuna.study.StudyDirection.MAXIMIZE
     complete.sort(key=lambda t: (-float(t.value) if maximise_ else float(t.value), t.number))  # type: ignore[arg-type]
     best = complete[0]
-    candidates: list[tuple[dict[str, Any], optuna.trial.FrozenTrial | None]] = [(best.params, best)]
-    bigger = grown(best)
-    if bigger is not None and all(t.params != bigger for t in complete):
-        candidates.append((bigger, None))
-    candidates += [(t.params, t) for t in complete[1:]][: PROMOTED - len(candidates)]
     keep = trial_sample(data, spec)
     assert keep is not None
     rng = np.random.default_rng(spec.seed + 1)
@@ -358,44 +434,73 @@ def promote(
     x, y = data.x_train.iloc[train], data.y_train[train]
     xv, yv = data.x_train.iloc[np.sort(valid)], data.y_train[np.sort(valid)]
 
-    def final_s(fit_s: float) -> float:  # the final fits, at a cost per row measured here
-        return fit_s / len(train) * final_rows * FINAL_FIT_MARGIN + 1.0
+    def final_s(p: Promoted) -> float:  # the final fit, at the cost per row measured here
+        return p.fit_s / len(train) * final_rows * RUNG_FIT_MARGIN + 1.0
 
     ranked: list[Promoted] = []
-    for params, trial in candidates:
-        if trial is not None:
-            need = fit_cost(trial, len(train))
+    # Measured here / planned from the trials (a trial's fits each had one core, beside the others).
+    calibration: list[float] = []
+
+    def need(params: dict[str, Any], trial: optuna.trial.FrozenTrial | None, base: optuna.trial.FrozenTrial) -> float:
+        measured = next((p for p in ranked if p.trial is not None and p.trial.number == base.number), None)
+        if measured is not None:
+            seconds = measured.fit_s
         else:
-            need = ranked[0].fit_s * _size_ratio(best.params, params) * FINAL_FIT_MARGIN if ranked else math.inf
-        # The final fits: at the cost per row measured here once a candidate was fit; before, at the
-        # trials' (single-threaded, on small fits: an overestimate; no margin on it).
-        planned_final = (
-            final_s(ranked[0].fit_s) if ranked else float(best.user_attrs.get("fit_s_per_row", 0.0)) * final_rows + 1.0
-        )
-        if time.monotonic() + need + planned_final > end:
-            continue
+            seconds = fit_cost(base, len(train)) - 1.0
+            if calibration:
+                seconds *= max(calibration) * FINAL_FIT_MARGIN
+        return seconds * (_size_ratio(base.params, params) * FINAL_FIT_MARGIN if trial is None else 1.0) + 0.5
+
+    pending = _candidates(complete)
+    while pending:
+        # The first candidate, by rank, that still fits: after each fit, from the top again, planned
+        # with what that fit measured (a better one skipped on the trials' estimate may fit now).
+        # Fit a candidate only if the final fit of the one leading so far still fits after it, and
+        # its own would too (else it could not win).
+        leader = min(ranked, key=lambda p: -p.score if maximise_ else p.score) if ranked else None
+        planned_final = final_s(leader) if leader is not None else fit_cost(best, final_rows)
+        now = time.monotonic()
+        fits = [c for c in pending if now + need(*c) + max(planned_final, need(*c) * final_rows / len(train)) <= end]
+        if not ranked:
+            # The best is fit whatever the plan says: its fit here is the held-out model, which
+            # otherwise a fit on the whole training split, costlier still, would have to be.
+            fits = pending[:1]
+        if not fits:
+            break
+        params, trial, base = fits[0]
+        pending.remove(fits[0])
         family = FAMILIES[str(params["family"])]
         pipe = build_pipeline(features, family, family.build(optuna.trial.FixedTrial(params), spec.task, spec.seed))
         started = time.monotonic()
         with _all_cores(), _threaded(pipe):
             pipe.fit(x, y)
-        ranked.append(Promoted(params, trial, score(spec.metric, pipe, xv, yv), time.monotonic() - started))
-    if len(ranked) < 2:
-        return LastRung(None, ranked, len(train), len(valid))
+        fit_s = time.monotonic() - started
+        if trial is not None:
+            calibration.append(fit_s / max(1e-3, fit_cost(trial, len(train)) - 1.0))
+        ranked.append(Promoted(params, trial, score(spec.metric, pipe, xv, yv), fit_s, pipe, base))
+    if not ranked:
+        return LastRung(None, [], len(train), len(valid))
     order = sorted(ranked, key=lambda p: -p.score if maximise_ else p.score)
-    winner = next((p for p in order if time.monotonic() + final_s(p.fit_s) <= end), ranked[0])
+    # The best whose final fit still fits; when none does, no final fit follows: the best fit here.
+    winner = next((p for p in order if time.monotonic() + final_s(p) <= end), order[0])
+    rung = LastRung(winner.trial, ranked, len(train), len(valid), winner.pipe, final_s(winner))
     if winner.trial is not None:
-        return LastRung(winner.trial, ranked, len(train), len(valid))
-    distributions = {name: best.distributions[name] for name in winner.params}
+        return rung
+    assert winner.base is not None
+    distributions = {name: winner.base.distributions[name] for name in winner.params}
     study.add_trial(
         optuna.trial.create_trial(
             params=winner.params,
             distributions=distributions,
             value=winner.score,
-            user_attrs={"fit_s_per_row": winner.fit_s / len(train), "grown_from": best.number},
+            user_attrs={
+                "fit_s_per_row": winner.fit_s / len(train) / alone_factor(),
+                "grown_from": winner.base.number,
+            },
         )
     )
-    return LastRung(study.trials[-1], ranked, len(train), len(valid))
+    rung.winner = study.trials[-1]
+    return rung
 
 
 def _same_configuration(trial: optuna.Trial) -> optuna.trial.FrozenTrial | None:
@@ -478,7 +583,12 @@ def make_storage(url: str) -> optuna.storages.RDBStorage:
     raise AssertionError("unreachable")
 
 
-def new_study(storage: optuna.storages.BaseStorage, name: str, spec: SearchSpec) -> optuna.Study:
+def new_study(
+    storage: optuna.storages.BaseStorage, name: str, spec: SearchSpec, *, grown: bool = False
+) -> optuna.Study:
+    """The job's study. ``grown``: trials fit on a sample of more rows, so after each family's
+    defaults the boosters' defaults grown to their largest size are tried too (more rows favour
+    larger models; the last rung then ranks them on more rows)."""
     return optuna.create_study(
         study_name=name,
         storage=storage,
@@ -492,6 +602,7 @@ def new_study(storage: optuna.storages.BaseStorage, name: str, spec: SearchSpec)
                 constant_liar=True,
             ),
             spec.families,
+            grown=grown,
         ),
         pruner=FidelityPruner(protected=len(spec.families)),
         load_if_exists=True,
@@ -505,9 +616,15 @@ class DefaultsFirst(optuna.samplers.BaseSampler):
     one job share the list and none runs a default twice (Optuna's queue of enqueued trials can
     hand one to two threads at once)."""
 
-    def __init__(self, base: optuna.samplers.BaseSampler, families: list[str]) -> None:
+    def __init__(self, base: optuna.samplers.BaseSampler, families: list[str], *, grown: bool = False) -> None:
         self.base = base
         self.defaults = [{"family": name, **dict(FAMILIES[name].defaults)} for name in by_cost(families)]
+        if grown:  # then the same grown, where a family has sizes to grow (cheapest family first)
+            self.defaults += [
+                {**d, **dict(FAMILIES[str(d["family"])].largest)}
+                for d in self.defaults
+                if FAMILIES[str(d["family"])].largest
+            ]
 
     def _default(self, trial: optuna.trial.FrozenTrial) -> dict[str, Any] | None:
         return self.defaults[trial.number] if trial.number < len(self.defaults) else None
@@ -604,7 +721,8 @@ def run_search(
     running: dict[int, int] = {}  # thread's native id -> number of the trial it runs
     # One study, so one sampler and one random stream, shared by every trial thread: each trial
     # draws the next configuration. (A study per thread, seeded alike, drew the same ones.)
-    study = new_study(storage, study_name, spec)
+    sampled = spec.trial_rows is not None and len(data.x_train) > spec.trial_rows  # as trial_sample decides
+    study = new_study(storage, study_name, spec, grown=sampled)
 
     def tracked(trial: optuna.Trial) -> float:
         running[threading.get_native_id()] = trial.number
@@ -754,16 +872,23 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
 
 
 def refit(
-    trial: optuna.trial.FrozenTrial, data: Split, features: Features, spec: SearchSpec, *, every_row: bool = False
+    trial: optuna.trial.FrozenTrial,
+    data: Split,
+    features: Features,
+    spec: SearchSpec,
+    *,
+    every_row: bool = False,
+    rows: int | None = None,
 ) -> tuple[Pipeline, Family]:
     """Rebuild the best configuration and fit it on the whole training split, or with ``every_row``
     on the training and test rows together (the model that is served: the test score is measured
-    before, on the split's model)."""
+    before, on the split's model); ``rows``: on a sample of that many of them (stratified), when
+    the time left does not allow them all."""
     family = FAMILIES[str(trial.params["family"])]
     fixed = optuna.trial.FixedTrial(trial.params)
     pipe = build_pipeline(features, family, family.build(fixed, spec.task, spec.seed))
     with _all_cores(), _threaded(pipe):
-        _fit_all(pipe, data, every_row=every_row)
+        _fit_all(pipe, data, every_row=every_row, rows=rows, spec=spec)
     return pipe, family
 
 
@@ -772,37 +897,38 @@ def _threaded(pipe: Pipeline) -> Iterator[None]:
     """A fit that runs alone uses every core: the families' ``n_jobs=1`` (one thread per parallel
     trial) is raised to the refit's threads while it fits (the boosters, the random forest), and
     set back after, so the served model predicts on one thread as before."""
-    import os
-
-    cores = int(os.environ.get("MINIML_REFIT_THREADS", "0"))
+    cores = refit_threads()
     model = pipe.steps[-1][0]  # the estimator's threads only: the preprocessing's n_jobs would start processes
     before = {
         name: value
         for name, value in pipe.get_params(deep=True).items()
         if name.startswith(f"{model}__") and name.endswith("n_jobs")
     }
+
+    def fitted_copies(threads: int) -> None:  # a wrapper's fitted copy (LabelEncodedClassifier's)
+        for step in pipe.named_steps.values():
+            inner = getattr(step, "estimator_", None)
+            if inner is not None and "n_jobs" in inner.get_params(deep=False):
+                inner.set_params(n_jobs=threads)
+
     if cores > 1 and before:
         pipe.set_params(**dict.fromkeys(before, cores))
+        fitted_copies(cores)  # a fitted model predicting alone
     try:
         yield
     finally:
         if cores > 1 and before:
             pipe.set_params(**before)
-            for step in pipe.named_steps.values():  # a wrapper's fitted copy (LabelEncodedClassifier's)
-                inner = getattr(step, "estimator_", None)
-                if inner is not None and "n_jobs" in inner.get_params(deep=False):
-                    inner.set_params(n_jobs=1)
+            fitted_copies(1)
 
 
 @contextmanager
 def _all_cores() -> Iterator[None]:
     """The refit runs alone: lift the per-trial thread limit (``trainer.thread_budget``) for it."""
-    import os
-
     from threadpoolctl import threadpool_limits
 
-    cores = int(os.environ.get("MINIML_REFIT_THREADS", "0"))
-    if not cores:
+    cores = refit_threads()
+    if cores <= 1:
         yield
         return
     torch = sys.modules.get("torch")
@@ -817,21 +943,49 @@ def _all_cores() -> Iterator[None]:
                 torch.set_num_threads(before)
 
 
-def _fit_all(pipe: Pipeline, data: Split, *, every_row: bool) -> None:
+def _fit_all(pipe: Pipeline, data: Split, *, every_row: bool, rows: int | None, spec: SearchSpec) -> None:
     import pandas as pd
 
-    if every_row:
-        pipe.fit(pd.concat([data.x_train, data.x_test]), np.concatenate([data.y_train, data.y_test]))
-    else:
-        pipe.fit(data.x_train, data.y_train)
+    x, y = (
+        (pd.concat([data.x_train, data.x_test]), np.concatenate([data.y_train, data.y_test]))
+        if every_row
+        else (
+            data.x_train,
+            data.y_train,
+        )
+    )
+    if rows is not None and rows < len(x):
+        from sklearn.model_selection import train_test_split
+
+        stratify = y if spec.task is Task.classification else None
+        try:
+            keep, _ = train_test_split(np.arange(len(x)), train_size=rows, random_state=spec.seed, stratify=stratify)
+        except ValueError:  # a class too rare to stratify on
+            keep, _ = train_test_split(np.arange(len(x)), train_size=rows, random_state=spec.seed)
+        keep = np.sort(keep)
+        x, y = x.iloc[keep], y[keep]
+    pipe.fit(x, y)
 
 
 def holdout_metrics(pipe: Pipeline, data: Split, task: Task) -> dict[str, float]:
-    metrics = ["f1_macro", "accuracy", "roc_auc", "log_loss"] if task is Task.classification else ["rmse", "mae", "r2"]
-    out = {}
-    for m in metrics:
+    return holdout(pipe, data, task)[0]
+
+
+def holdout(pipe: Pipeline, data: Split, task: Task) -> tuple[dict[str, float], np.ndarray]:
+    """The held-out metrics of ``pipe`` and its predictions of the held-out rows, predicted on
+    every core (the model predicts alone here; served, it keeps one thread)."""
+    metrics = CLASSIFICATION_METRICS if task is Task.classification else REGRESSION_METRICS
+    with _all_cores(), _threaded(pipe):
         try:
-            out[m] = score(m, pipe, data.x_test, data.y_test)
+            out, pred = _scores(metrics, pipe, data.x_test, data.y_test)
+            if pred is not None:
+                return out, pred
         except (ValueError, AttributeError):  # e.g. roc_auc with one class in the test split
-            continue
-    return out
+            pass
+        found = {}
+        for m in metrics:
+            try:
+                found[m] = score(m, pipe, data.x_test, data.y_test)
+            except (ValueError, AttributeError):
+                continue
+        return found, np.asarray(pipe.predict(data.x_test))
