@@ -50,3 +50,71 @@ def test_a_flow_run_forks_from_a_process_that_imported_the_jobs_code(tmp_path: P
     assert _run_probe(tmp_path, prefect_api, "fork") == ["True", "ForkServerProcess"]
     # The same flow run as Prefect starts it without the worker's forkserver: a new interpreter.
     assert _run_probe(tmp_path, prefect_api, "spawn") == ["False", "SpawnProcess"]
+
+
+OUTAGE = textwrap.dedent(
+    """
+    import sys, time, uuid
+    from unittest import mock
+
+    import anyio
+    from prefect.client.orchestration import PrefectClient
+    from prefect.runner._scheduled_run_poller import ScheduledRunPoller
+    from prefect.utilities.services import critical_service_loop
+
+    async def main() -> None:
+        if sys.argv[1] == "outlast":
+            from miniml.orchestration.flows import outlast_prefect_outages
+
+            outlast_prefect_outages()
+        async with PrefectClient(api="http://127.0.0.1:9/api") as client:  # nothing answers there
+            registry = mock.Mock()
+            registry.get_deployment_ids.return_value = [uuid.uuid4()]
+            others = dict.fromkeys(
+                ["limit_manager", "resolve_starter", "runs_task_group", "process_manager", "state_proposer",
+                 "hook_runner", "cancellation_manager", "get_attempt_conclusion"]
+            )
+            poller = ScheduledRunPoller(
+                query_seconds=0.05, prefetch_seconds=10, client=client, deployment_registry=registry,
+                storage_objs=[], **{k: mock.Mock() for k in others},
+            )
+            outcome = "still polling"
+            with anyio.move_on_after(float(sys.argv[2])):  # the runner's own poll loop
+                try:
+                    await critical_service_loop(workload=poller._get_and_submit_flow_runs, interval=0.05)
+                    outcome = "ended"
+                except anyio.get_cancelled_exc_class():
+                    raise
+                except BaseException as exc:
+                    outcome = f"ended: {type(exc).__name__}"
+            print(outcome, flush=True)
+
+    anyio.run(main)
+    """
+)
+
+
+def test_the_worker_keeps_polling_through_a_prefect_outage(tmp_path: Path) -> None:
+    """Prefect's runner polls in a loop that ends after a few failed polls in a row (about 5 s of
+    outage), and the worker with it. With ``outlast_prefect_outages`` the same loop, polling a
+    Prefect that does not answer, says so and goes on."""
+    script = tmp_path / "outage.py"
+    script.write_text(OUTAGE)
+    env = os.environ | {"PREFECT_CLIENT_MAX_RETRIES": "0"}
+
+    def run(mode: str, seconds: float) -> str:
+        done = subprocess.run(
+            [sys.executable, str(script), mode, str(seconds)],
+            check=False,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    assert "ended: RuntimeError" in run("plain", 30)  # Prefect's own loop gives up well within 30 s
+    kept = run("outlast", 10)
+    assert "Prefect is unreachable (ConnectError); polling again until it answers." in kept
+    assert kept.strip().endswith("still polling"), kept

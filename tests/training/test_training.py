@@ -467,7 +467,9 @@ def test_held_out_metrics_from_one_prediction_match_scikit_learns(labels: list[o
     rng = np.random.default_rng(1)
     x = pd.DataFrame(rng.normal(size=(600, 3)), columns=["a", "b", "c"])
     y = np.array(labels)[(x["a"] + rng.normal(0, 0.8, 600) > 0).astype(int) + (x["b"] > 1) * (len(labels) > 2)]
-    model = LogisticRegression().fit(x[:400], y[:400])
+    from sklearn.pipeline import make_pipeline
+
+    model = make_pipeline(LogisticRegression()).fit(x[:400], y[:400])
     xt, yt = x[400:], y[400:]
     got = holdout_metrics(model, Split(x[:400], x[400:], y[:400], yt), Task.classification)  # type: ignore[arg-type]
     proba, pred = model.predict_proba(xt), model.predict(xt)

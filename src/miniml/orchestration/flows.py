@@ -90,6 +90,40 @@ def wait_for_prefect(settings: Settings, timeout_s: float = 120) -> None:
         time.sleep(1)
 
 
+def outlast_prefect_outages() -> None:
+    """Keep the worker through a Prefect outage: its poll for runs says so and tries again.
+
+    Prefect's runner polls in a service loop that ends after a few failures in a row (a second or
+    two at ``worker.poll_s``), and the runner then shuts down with it: a Prefect restart ended the
+    worker, and the job it was running with it. Here a poll that cannot reach Prefect is not a
+    failure of the loop: the runner lives on, its running flow runs too, and polls again."""
+    import httpx
+    from prefect.exceptions import PrefectHTTPStatusError
+    from prefect.runner._scheduled_run_poller import ScheduledRunPoller
+
+    poll = ScheduledRunPoller._get_and_submit_flow_runs
+    if getattr(poll, "outlasts_outages", False):
+        return
+    unreachable = [False]
+
+    async def polled(self: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            await poll(self, *args, **kwargs)
+        except (httpx.HTTPError, OSError, PrefectHTTPStatusError) as exc:
+            if isinstance(exc, PrefectHTTPStatusError) and exc.response.status_code < 500:
+                raise
+            if not unreachable[0]:
+                print(f"Prefect is unreachable ({type(exc).__name__}); polling again until it answers.", flush=True)
+            unreachable[0] = True
+            return
+        if unreachable[0]:
+            print("Prefect answers again.", flush=True)
+        unreachable[0] = False
+
+    polled.outlasts_outages = True  # type: ignore[attr-defined]
+    ScheduledRunPoller._get_and_submit_flow_runs = polled  # type: ignore[method-assign]
+
+
 # What a flow run imports before its job can start: imported once, by the forkserver.
 FLOW_PRELOAD = [
     "prefect.flow_engine",
@@ -150,6 +184,7 @@ def serve(settings: Settings) -> None:
     fork_flow_runs()
     if not wait_server(os.environ[SERVER_ENV], 120):  # the first job then starts as fast as the next
         print("The trainer server is not up after 120 s: jobs spawn their trainers until it is.", flush=True)
+    outlast_prefect_outages()
     runner = Runner(limit=settings.worker.concurrency, query_seconds=settings.worker.poll_s, pause_on_shutdown=True)
     for flow_ in (train_job_flow, drift_check_flow, evaluate_flow):
         # Added as flows, not as deployments: the runner then starts a run from the flow in memory
