@@ -25,6 +25,7 @@ from miniml.sdk.client import Client
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--jobs", type=int, default=4)
+    parser.add_argument("--verbose", action="store_true", help="Print each job's log lines, timed from submit.")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="miniml-latency-") as tmp:
         settings = platform_settings(Path(tmp) / "platform")
@@ -48,6 +49,9 @@ def main() -> None:
                 first = min(t.finished_at.timestamp() - t.duration_s for t in done.leaderboard if t.finished_at)
                 running = done.started_at.timestamp() - submitted if done.started_at else float("nan")
                 firsts.append(first - submitted)
+                if args.verbose:
+                    for line in client.jobs.logs("latency", job.id):
+                        print(f"    +{line.at.timestamp() - submitted:5.2f}s {line.message[:160]}")
                 print(
                     f"job {job.id}: submit -> running {running:.2f} s, -> first trial started {first - submitted:.2f} s, "
                     f"-> {done.state} {total:.2f} s (first trial at {(first - submitted) / total:.0%} of the job)",
