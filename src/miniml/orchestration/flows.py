@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -169,6 +170,16 @@ def fork_flow_runs(preload: list[str] = FLOW_PRELOAD) -> None:
     setattr(engine, "multiprocessing", _ForkingMultiprocessing(multiprocessing, context))  # noqa: B010
 
 
+def _make_optuna_tables(url: str) -> None:
+    try:
+        from miniml.training.search import make_storage
+
+        storage = make_storage(url)
+        storage.engine.dispose()
+    except Exception as exc:  # the first job makes them then
+        print(f"Optuna's tables not made ahead of the first job: {str(exc)[:200]}", flush=True)
+
+
 def serve(settings: Settings) -> None:
     """`miniml worker`: register the deployments (train, drift check, evaluate) and run their flow runs."""
     import asyncio
@@ -182,6 +193,8 @@ def serve(settings: Settings) -> None:
     # Jobs' trainers fork from it: their imports are done once, not per job (the flow runs inherit its name).
     start_server(settings.worker.trial_threads)
     fork_flow_runs()
+    # Optuna's tables exist before the first job opens its study (a first job paid for making them).
+    threading.Thread(target=_make_optuna_tables, args=(settings.db_url,), name="optuna-tables", daemon=True).start()
     if not wait_server(os.environ[SERVER_ENV], 120):  # the first job then starts as fast as the next
         print("The trainer server is not up after 120 s: jobs spawn their trainers until it is.", flush=True)
     outlast_prefect_outages()
