@@ -16,6 +16,7 @@ class TcpProxy:
         self.port = int(self.listener.getsockname()[1])
         self.listener.listen(64)
         self.up = True
+        self.allow: int | None = None  # connections left before it refuses (None: no limit)
         self.conns: list[socket.socket] = []
         self.lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
@@ -36,6 +37,9 @@ class TcpProxy:
                 continue
             with self.lock:
                 self.conns += [client, upstream]
+                if self.allow is not None:
+                    self.allow -= 1
+                    self.up = self.allow > 0
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
@@ -58,8 +62,12 @@ class TcpProxy:
                     s.close()
             self.conns.clear()
 
+    def refuse_after(self, connections: int) -> None:
+        """Let ``connections`` more through, then refuse new ones (the open ones go on)."""
+        self.allow = connections
+
     def restore(self) -> None:
-        self.up = True
+        self.allow, self.up = None, True
 
     def close(self) -> None:
         self.cut()

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+
+import httpx
+import pytest
 
 PROBE = textwrap.dedent(
     """
@@ -118,3 +122,90 @@ def test_the_worker_keeps_polling_through_a_prefect_outage(tmp_path: Path) -> No
     kept = run("outlast", 10)
     assert "Prefect is unreachable (ConnectError); polling again until it answers." in kept
     assert kept.strip().endswith("still polling"), kept
+
+
+SERVE = textwrap.dedent(
+    """
+    from prefect import flow
+
+    from miniml.config import Settings
+    from miniml.orchestration.flows import serve_flows
+
+    @flow(name="miniml-outage-probe")
+    def probe() -> None:
+        pass
+
+    serve_flows(Settings(), (probe,))
+    """
+)
+
+
+def test_the_worker_registers_again_when_prefect_goes_away_as_it_starts(tmp_path: Path, prefect_api: str) -> None:
+    """Prefect answers the worker's health check, then goes away before the flows are registered
+    (``miniml up`` restarting it, compose starting it late): the worker says so, waits, and
+    registers once Prefect is back, instead of exiting with a traceback."""
+    from tests.tcpproxy import TcpProxy
+
+    url = httpx.URL(prefect_api)
+    proxy = TcpProxy(url.host, url.port or 80)
+    proxy.refuse_after(1)  # the health check goes through; the registration finds nothing there
+    script = tmp_path / "serve.py"
+    script.write_text(SERVE)
+    through = f"http://127.0.0.1:{proxy.port}/api"
+    env = os.environ | {
+        "PREFECT_API_URL": through,
+        "MINIML_PREFECT__API_URL": through,
+        "PREFECT_CLIENT_MAX_RETRIES": "0",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, str(script)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=tmp_path,
+    )
+    lines: list[str] = []
+
+    def read_until(text: str) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # ends (and fails below) if the worker exits
+            lines.append(line)
+            if text in line:
+                return
+        raise AssertionError(f"the worker exited ({proc.wait()}) before saying {text!r}: {''.join(lines)[-3000:]}")
+
+    try:
+        read_until("Prefect went away while the worker registered or ran its flows")
+        assert proc.poll() is None
+        assert not any("are being served" in line for line in lines)
+        proxy.restore()
+        read_until("miniml-outage-probe (deployment miniml) are being served")
+        deployment = httpx.get(f"{prefect_api}/deployments/name/miniml-outage-probe/miniml", timeout=10)
+        assert deployment.status_code == 200, deployment.text
+        proc.terminate()  # SIGTERM still stops it (the runner's handler, or the default one before it)
+        assert proc.wait(timeout=60) in (0, -signal.SIGTERM), "".join(lines)[-3000:]
+    finally:
+        proc.kill()
+        proxy.close()
+
+
+@pytest.mark.parametrize(
+    ("error", "unreachable"),
+    [
+        (httpx.ConnectError("refused"), True),
+        (RuntimeError("Runner failed to start"), False),
+        (ValueError("a bug"), False),
+    ],
+)
+def test_only_an_unreachable_prefect_is_waited_out(error: Exception, unreachable: bool) -> None:
+    """What ``serve_flows`` waits out (Prefect not answering, also wrapped or in a group) and what
+    it lets end the worker (anything else: a bug is not retried forever)."""
+    from miniml.orchestration.flows import prefect_unreachable
+
+    assert prefect_unreachable(error) is unreachable
+    try:
+        raise RuntimeError("Runner failed to start: client") from error
+    except RuntimeError as wrapped:
+        assert prefect_unreachable(wrapped) is unreachable
+    assert prefect_unreachable(ExceptionGroup("runner", [ValueError("other"), error])) is unreachable

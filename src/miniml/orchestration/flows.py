@@ -182,14 +182,8 @@ def _make_optuna_tables(url: str) -> None:
 
 def serve(settings: Settings) -> None:
     """`miniml worker`: register the deployments (train, drift check, evaluate) and run their flow runs."""
-    import asyncio
-
-    from prefect.exceptions import TerminationSignal
-    from prefect.runner import Runner
-
     from miniml.orchestration.trainer import SERVER_ENV, start_server, wait_server
 
-    wait_for_prefect(settings)
     # Jobs' trainers fork from it: their imports are done once, not per job (the flow runs inherit its name).
     start_server(settings.worker.trial_threads)
     fork_flow_runs()
@@ -198,17 +192,71 @@ def serve(settings: Settings) -> None:
     if not wait_server(os.environ[SERVER_ENV], 120):  # the first job then starts as fast as the next
         print("The trainer server is not up after 120 s: jobs spawn their trainers until it is.", flush=True)
     outlast_prefect_outages()
-    runner = Runner(limit=settings.worker.concurrency, query_seconds=settings.worker.poll_s, pause_on_shutdown=True)
-    for flow_ in (train_job_flow, drift_check_flow, evaluate_flow):
-        # Added as flows, not as deployments: the runner then starts a run from the flow in memory
-        # (a fork, above) instead of `python -m prefect.engine` loading it from storage again.
-        runner.add_flow(flow_, name=DEPLOYMENT_NAME)
-    print(
-        f"Flows {FLOW_NAME}, {DRIFT_FLOW} and {EVALUATE_FLOW} (deployment {DEPLOYMENT_NAME}) are being served; "
-        f"asking Prefect for runs every {settings.worker.poll_s:g}s. Ctrl-C stops the worker.",
-        flush=True,
-    )
-    try:
-        asyncio.run(runner.start())
-    except (KeyboardInterrupt, TerminationSignal):
-        print("Worker stopped.")
+    serve_flows(settings, (train_job_flow, drift_check_flow, evaluate_flow))
+
+
+def prefect_unreachable(exc: BaseException) -> bool:
+    """True when ``exc`` (or what caused it, or one of a group) says Prefect did not answer: a
+    refused or broken connection, a websocket that closed, or a 5xx while it restarts."""
+    import httpx
+    from prefect.exceptions import PrefectHTTPStatusError
+    from websockets.exceptions import WebSocketException
+
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        err = todo.pop()
+        if id(err) in seen:
+            continue
+        seen.add(id(err))
+        if isinstance(err, PrefectHTTPStatusError):
+            if err.response.status_code >= 500:
+                return True
+        elif isinstance(err, (httpx.TransportError, OSError, WebSocketException)):
+            return True
+        if isinstance(err, BaseExceptionGroup):
+            todo.extend(err.exceptions)
+        todo.extend(e for e in (err.__cause__, err.__context__) if e is not None)
+    return False
+
+
+def serve_flows(settings: Settings, flows: tuple[Any, ...]) -> None:
+    """Register ``flows`` with Prefect and run their flow runs until stopped.
+
+    Prefect may go away at any moment, also between its health check and the registration, or
+    while the runner starts (``miniml up`` restarts it, compose may start it late): the worker
+    then says so, waits until Prefect answers and registers again, instead of exiting."""
+    import asyncio
+    import signal
+
+    from prefect.exceptions import TerminationSignal
+    from prefect.runner import Runner
+
+    on_sigterm = signal.getsignal(signal.SIGTERM)
+    while True:
+        signal.signal(signal.SIGTERM, on_sigterm)  # not a runner's that ended: SIGTERM still stops the worker
+        wait_for_prefect(settings)
+        runner = Runner(limit=settings.worker.concurrency, query_seconds=settings.worker.poll_s, pause_on_shutdown=True)
+        try:
+            for flow_ in flows:
+                # Added as flows, not as deployments: the runner then starts a run from the flow in memory
+                # (a fork, above) instead of `python -m prefect.engine` loading it from storage again.
+                runner.add_flow(flow_, name=DEPLOYMENT_NAME)
+            print(
+                f"Flows {', '.join(f.name for f in flows)} (deployment {DEPLOYMENT_NAME}) are being served; "
+                f"asking Prefect for runs every {settings.worker.poll_s:g}s. Ctrl-C stops the worker.",
+                flush=True,
+            )
+            asyncio.run(runner.start())
+            return
+        except (KeyboardInterrupt, TerminationSignal):
+            print("Worker stopped.")
+            return
+        except Exception as exc:
+            if not prefect_unreachable(exc):
+                raise
+            print(
+                f"Prefect went away while the worker registered or ran its flows ({type(exc).__name__}); "
+                "registering again once it answers.",
+                flush=True,
+            )
