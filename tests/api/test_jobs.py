@@ -168,6 +168,11 @@ def test_seed_train_route(jc: tuple[TestClient, dict[str, str]]) -> None:
         ({"dataset": "iris", "version": 10**30, "target": "target"}, ["version", "less than or equal to 2147483647"]),
         ({"dataset": "iris", "target": "target", "parallelism": 10**6}, ["parallelism", "less than or equal to 32"]),
         ({"dataset": "iris", "target": "target", "timeout_s": 1e30}, ["timeout_s", "less than or equal to"]),
+        (
+            {"dataset": "iris", "target": "target", "reproducible": True, "parallelism": 2},
+            ["reproducible", "parallelism is 2", "set parallelism to 1"],
+        ),
+        ({"dataset": "iris", "target": "target", "reproducible": "maybe"}, ["reproducible", "boolean"]),
         ({"dataset": "iris", "target": "target", "max_trials": -3}, ["max_trials"]),
         ({"dataset": "iris", "target": "target", "model_name": "../evil"}, ["not valid"]),
         ({"dataset": "iris", "target": "target", "cv_folds": 1}, ["cv_folds"]),

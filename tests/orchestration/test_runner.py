@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import threading
@@ -89,6 +90,36 @@ def test_the_served_model_learnt_from_every_row(live: tuple[LiveApi, Client], ml
     assert scaler.n_samples_seen_ == rows  # the split's model saw only the training rows
     assert MlflowClient(mlflow_uri).get_run(done.mlflow_run_id).data.params["best.training_rows"] == str(rows)  # type: ignore[arg-type]
     assert any(f"final fit on all {rows} rows" in line.message for line in client.jobs.logs("demo", job.id))
+
+
+def test_a_reproducible_job_repeats_its_leaderboard(live: tuple[LiveApi, Client]) -> None:
+    """``reproducible``: trials one at a time (the worker's two trial threads are not used), so the
+    same data and seed give the same trials, configurations and scores, and the same model."""
+    api, client = live
+    boards, tests = [], []
+    for name in ("first", "again"):
+        job = client.jobs.create(
+            "demo",
+            dataset="iris",
+            target="target",
+            max_trials=8,
+            seed=5,
+            reproducible=True,
+            families=["linear", "lightgbm", "random_forest"],
+            model_name=name,
+        )
+        assert job.spec["reproducible"] is True
+        done = run_job(api.worker_client(), api.settings, job.id, "demo")
+        assert done is not None and done.state == "succeeded", (done, client.jobs.logs("demo", job.id))
+        trials = sorted(done.leaderboard, key=lambda t: t.number)
+        assert len(trials) == 8
+        # One at a time: each trial started after the one before it finished.
+        spans = [(t.finished_at.timestamp() - t.duration_s, t.finished_at.timestamp()) for t in trials if t.finished_at]
+        assert all(later[0] >= earlier[1] - 0.05 for earlier, later in itertools.pairwise(spans)), spans
+        boards.append([(t.number, t.family, t.params, t.state, t.score) for t in trials])
+        tests.append(done.test_metrics)
+    assert boards[1] == boards[0]
+    assert tests[1] == tests[0]
 
 
 def test_cancel_stops_a_running_job_within_seconds(live: tuple[LiveApi, Client]) -> None:

@@ -60,6 +60,10 @@ def create(
     timeout_s: float | None = typer.Option(None),
     model_name: str | None = typer.Option(None),
     promote_to: str = typer.Option("staging", help="staging, production or none."),
+    seed: int | None = typer.Option(None, help="Seeds the split, the search and the models; default 0."),
+    reproducible: bool = typer.Option(
+        False, "--reproducible", help="Trials one at a time: the same data and seed give the same leaderboard."
+    ),
     cpu: float | None = typer.Option(None, help="CPU cores per flow run (Kubernetes work pool)."),
     memory: str | None = typer.Option(None, help="Memory per flow run, e.g. 4Gi (Kubernetes work pool)."),
     gpu: int = typer.Option(0, help="NVIDIA GPUs per flow run; the PyTorch family trains on CUDA."),
@@ -79,6 +83,8 @@ def create(
         "timeout_s": timeout_s,
         "model_name": model_name,
         "promote_to": promote_to,
+        "seed": seed,
+        "reproducible": reproducible or None,
         "resources": resources or None,
     }
     try:

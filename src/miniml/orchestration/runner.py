@@ -109,6 +109,12 @@ def _table(job_file: Path, version: Any) -> TableFile:
     return TableFile(path=job_file, format=FileFormat(version.format), delimiter=version.delimiter, column_types=types)
 
 
+def trial_threads(settings: Settings, spec: dict[str, Any]) -> int:
+    """Trials side by side for this job: one for a reproducible job (each on every core), else the
+    worker's setting (0: one per core)."""
+    return 1 if spec.get("reproducible") else settings.worker.trial_threads
+
+
 def run_job(
     client: Client, settings: Settings, job_id: int, project: str, *, shard: int = 0, created: float | None = None
 ) -> JobRead | None:
@@ -141,7 +147,9 @@ def run_job(
             _check_gpus(client, job, worker)
             # Started first: the child's imports overlap the parent run's creation.
             trainer = stack.enter_context(
-                Trainer(job_id, trial_threads=settings.worker.trial_threads, platform=str(settings.data_dir.resolve()))
+                Trainer(
+                    job_id, trial_threads=trial_threads(settings, job.spec), platform=str(settings.data_dir.resolve())
+                )
             )
             run_id = _ensure_run(client, tracker, job, shard)
             return _supervise(client, settings, tracker, job, run_id, worker, beat, shard, trainer)
@@ -417,7 +425,7 @@ def train(
         f"shard {shard} on {worker}: {len(data.x_train)} training rows, {len(data.x_test)} held out, "
         f"{len(features.columns)} features, families {', '.join(spec['families'])}",
     )
-    threads = settings.worker.trial_threads or available_cores()
+    threads = trial_threads(settings, spec) or available_cores()
     budget: float | None = spec.get("timeout_s")
     # The search keeps the final fits' time back from the budget; a trial that became the best
     # late may still have its fits overrun it a little (a tenth, 30 s at most) rather than give way

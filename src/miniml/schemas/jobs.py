@@ -60,6 +60,13 @@ class JobCreate(StrictModel):
     promote_to: Literal["staging", "production", "none"] = "staging"
     model_name: str | None = Field(default=None, description="Registered model name; default the dataset's name.")
     parallelism: int = Field(default=1, ge=1, le=32, description="Worker processes sharing the study.")
+    reproducible: bool = Field(
+        default=False,
+        description="Run the trials one at a time, each on every core: the same data and seed then give the same "
+        "trials, in the same order, with the same scores (trials side by side draw in the order they finish, "
+        "which timing decides). Needs parallelism 1; a time budget that ends the search early still ends it "
+        "where the time runs out, so set max_trials for a repeatable leaderboard.",
+    )
     resources: JobResources | None = Field(
         default=None, description="CPU, memory and GPUs for each of the job's flow runs; default the work pool's."
     )

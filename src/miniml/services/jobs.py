@@ -137,6 +137,11 @@ def resolve_spec(version: tables.DatasetVersion, body: JobCreate) -> dict[str, A
         # Neither budget named: 20 trials or a time that fits the data, whichever ends first.
         timeout_s = default_timeout_s(int(profile["rows"]), len(columns))
     model_name = check_name(body.model_name or version.dataset.name, what="Model")
+    if body.reproducible and body.parallelism > 1:
+        raise InvalidInput(
+            f"reproducible runs the trials one at a time on one worker, but parallelism is {body.parallelism}: "
+            "set parallelism to 1, or leave reproducible out."
+        )
     return {
         "target": body.target,
         "task": task.value,
@@ -151,6 +156,7 @@ def resolve_spec(version: tables.DatasetVersion, body: JobCreate) -> dict[str, A
         "promote_to": body.promote_to,
         "model_name": model_name,
         "parallelism": body.parallelism,
+        "reproducible": body.reproducible,
         "resources": body.resources.model_dump() if body.resources else None,
     }
 
