@@ -365,12 +365,25 @@ def test_a_queued_job_is_started_and_cancelled_from_the_console(app: tuple[TestC
         "/ui/p/jobs/jobs", data={"csrf": csrf, "dataset": "iris", "target": "target", "timeout_s": "soon"}
     )
     assert bad.status_code == 422 and "timeout_s" in bad.text
+    bad_seed = client.post("/ui/p/jobs/jobs", data={"csrf": csrf, "dataset": "iris", "target": "target", "seed": "x"})
+    assert bad_seed.status_code == 422 and "seed" in bad_seed.text
     made = client.post(
         "/ui/p/jobs/jobs",
-        data={"csrf": csrf, "dataset": "iris", "target": "target", "families": ["linear"], "max_trials": "2"},
+        data={
+            "csrf": csrf,
+            "dataset": "iris",
+            "target": "target",
+            "families": ["linear"],
+            "max_trials": "2",
+            "seed": "7",
+            "reproducible": "1",
+        },
         follow_redirects=False,
     )
     assert made.status_code == 303 and re.fullmatch(r"/ui/p/jobs/jobs/\d+", made.headers["location"])
+    job_id = made.headers["location"].rsplit("/", 1)[1]
+    spec = client.get(f"/api/v1/projects/jobs/jobs/{job_id}", headers={"X-API-Key": admin}).json()["spec"]
+    assert spec["seed"] == 7 and spec["reproducible"] is True
     job_page = client.get(made.headers["location"]).text
     assert "queued" in job_page and "Cancel job" in job_page
     cancelled = client.post(made.headers["location"] + "/cancel", data={"csrf": csrf}, follow_redirects=True)

@@ -367,7 +367,10 @@ async def create_job(request: Request, project: str) -> Response:
             "families": [str(f) for f in form.getlist("families")] or None,
             "promote_to": form.get("promote_to") or "staging",
         }
-        for field, cast in (("metric", str), ("timeout_s", float), ("max_trials", int), ("model_name", str)):
+        if form.get("reproducible"):
+            body["reproducible"] = True
+        fields = (("metric", str), ("timeout_s", float), ("max_trials", int), ("seed", int), ("model_name", str))
+        for field, cast in fields:
             raw = str(form.get(field) or "").strip()
             if raw:
                 try:
