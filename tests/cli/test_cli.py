@@ -133,3 +133,8 @@ def test_datasets_commands(live_api: tuple[str, str], monkeypatch: pytest.Monkey
     bad_memory = runner.invoke(app, [*job_args, "--memory", "4GB"])
     assert bad_memory.exit_code == 1 and "resources.memory" in bad_memory.output, bad_memory.output
     runner.invoke(app, ["jobs", "cancel", "demo", str(json.loads(made.output)["id"])])
+    seeded = runner.invoke(app, [*job_args, "--seed", "9", "--reproducible"])
+    assert seeded.exit_code == 0, seeded.output
+    spec = json.loads(seeded.output)["spec"]
+    assert spec["seed"] == 9 and spec["reproducible"] is True
+    runner.invoke(app, ["jobs", "cancel", "demo", str(json.loads(seeded.output)["id"])])
