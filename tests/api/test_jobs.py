@@ -81,6 +81,7 @@ def test_submit_answers_202_at_once_with_a_queued_job(jc: tuple[TestClient, dict
     assert job["spec"]["families"] == [
         "linear",
         "random_forest",
+        "extra_trees",
         "hist_gradient_boosting",
         "lightgbm",
         "xgboost",

@@ -47,7 +47,7 @@ SECURITY_HEADERS = {
 }
 _NOSNIFF = {"X-Content-Type-Options": "nosniff"}
 ROLES = {"viewer": 1, "engineer": 2, "admin": 3}
-FAMILIES = ["linear", "lightgbm", "hist_gradient_boosting", "xgboost", "random_forest", "torch_mlp"]
+FAMILIES = ["linear", "lightgbm", "hist_gradient_boosting", "xgboost", "extra_trees", "random_forest", "torch_mlp"]
 
 
 def mount(app: FastAPI) -> None:

@@ -68,11 +68,18 @@ class _Forest:
 
 
 def _fast_forest(estimator: Any, probe: np.ndarray) -> Any:
-    """The forest's fast form when it is a single-output scikit-learn random forest and gives the
-    same answers on the probe rows; otherwise the estimator itself."""
-    from sklearn.ensemble import RandomForestClassifier, RandomForestRegressor
+    """The forest's fast form when it is a single-output scikit-learn random forest or extra trees
+    (both average their trees alike) and gives the same answers on the probe rows; otherwise the
+    estimator itself."""
+    from sklearn.ensemble import (
+        ExtraTreesClassifier,
+        ExtraTreesRegressor,
+        RandomForestClassifier,
+        RandomForestRegressor,
+    )
 
-    if type(estimator) not in (RandomForestClassifier, RandomForestRegressor) or estimator.n_outputs_ != 1:
+    forests = (RandomForestClassifier, RandomForestRegressor, ExtraTreesClassifier, ExtraTreesRegressor)
+    if type(estimator) not in forests or estimator.n_outputs_ != 1:
         return estimator
     fast = _Forest(estimator)
     try:

@@ -35,7 +35,15 @@ from miniml.services.projects import read_project
 from miniml.storage import ObjectStore
 from miniml.tracking.registry import Registry, registered_name
 
-ALL_FAMILIES = ["linear", "random_forest", "hist_gradient_boosting", "lightgbm", "xgboost", "torch_mlp"]
+ALL_FAMILIES = [
+    "linear",
+    "random_forest",
+    "extra_trees",
+    "hist_gradient_boosting",
+    "lightgbm",
+    "xgboost",
+    "torch_mlp",
+]
 DEFAULT_MAX_TRIALS = 20
 
 

@@ -44,6 +44,20 @@ def _linear(trial: optuna.Trial | optuna.trial.FixedTrial, task: Task, seed: int
     return Ridge(alpha=trial.suggest_float("linear.alpha", 1e-3, 1e2, log=True), random_state=seed)
 
 
+def _extra_trees(trial: optuna.Trial | optuna.trial.FixedTrial, task: Task, seed: int) -> Any:
+    from sklearn.ensemble import ExtraTreesClassifier, ExtraTreesRegressor
+
+    cls = ExtraTreesClassifier if task is Task.classification else ExtraTreesRegressor
+    return cls(
+        n_estimators=trial.suggest_int("extra_trees.n_estimators", 50, 300, step=50),
+        max_depth=trial.suggest_int("extra_trees.max_depth", 2, 20),
+        min_samples_leaf=trial.suggest_int("extra_trees.min_samples_leaf", 1, 10),
+        max_features=trial.suggest_categorical("extra_trees.max_features", ["sqrt", 0.5, 1.0]),
+        n_jobs=1,
+        random_state=seed,
+    )
+
+
 def _random_forest(trial: optuna.Trial | optuna.trial.FixedTrial, task: Task, seed: int) -> Any:
     from sklearn.ensemble import RandomForestClassifier, RandomForestRegressor
 
@@ -200,6 +214,22 @@ FAMILIES: dict[str, Family] = {
                 ("xgboost.colsample_bytree", 1.0),
             ),
             largest=(("xgboost.n_estimators", 300), ("xgboost.max_depth", 8)),
+        ),
+        Family(
+            # Random splits instead of the best ones: cheaper than a random forest, and often as good
+            # or better on many similar numeric columns (pixels, sensors).
+            "extra_trees",
+            _extra_trees,
+            scale_numeric=False,
+            serialization="skops",
+            trusted_types=(*_SKLEARN_TRUSTED, "sklearn.tree._tree.Tree"),
+            defaults=(
+                ("extra_trees.n_estimators", 100),
+                ("extra_trees.max_depth", 20),
+                ("extra_trees.min_samples_leaf", 1),
+                ("extra_trees.max_features", "sqrt"),
+            ),
+            largest=(("extra_trees.n_estimators", 300),),
         ),
         Family(
             "random_forest",
