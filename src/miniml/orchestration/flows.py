@@ -98,8 +98,6 @@ def outlast_prefect_outages() -> None:
     two at ``worker.poll_s``), and the runner then shuts down with it: a Prefect restart ended the
     worker, and the job it was running with it. Here a poll that cannot reach Prefect is not a
     failure of the loop: the runner lives on, its running flow runs too, and polls again."""
-    import httpx
-    from prefect.exceptions import PrefectHTTPStatusError
     from prefect.runner._scheduled_run_poller import ScheduledRunPoller
 
     poll = ScheduledRunPoller._get_and_submit_flow_runs
@@ -110,8 +108,8 @@ def outlast_prefect_outages() -> None:
     async def polled(self: Any, *args: Any, **kwargs: Any) -> None:
         try:
             await poll(self, *args, **kwargs)
-        except (httpx.HTTPError, OSError, PrefectHTTPStatusError) as exc:
-            if isinstance(exc, PrefectHTTPStatusError) and exc.response.status_code < 500:
+        except Exception as exc:
+            if not prefect_unreachable(exc):
                 raise
             if not unreachable[0]:
                 print(f"Prefect is unreachable ({type(exc).__name__}); polling again until it answers.", flush=True)

@@ -44,31 +44,41 @@ def _linear(trial: optuna.Trial | optuna.trial.FixedTrial, task: Task, seed: int
     return Ridge(alpha=trial.suggest_float("linear.alpha", 1e-3, 1e2, log=True), random_state=seed)
 
 
-def _extra_trees(trial: optuna.Trial | optuna.trial.FixedTrial, task: Task, seed: int) -> Any:
-    from sklearn.ensemble import ExtraTreesClassifier, ExtraTreesRegressor
+def _forest(name: str, classifier: str, regressor: str) -> Builder:
+    """A scikit-learn forest's builder (random forest, extra trees: the same parameters), its
+    parameters prefixed with ``name``."""
 
-    cls = ExtraTreesClassifier if task is Task.classification else ExtraTreesRegressor
-    return cls(
-        n_estimators=trial.suggest_int("extra_trees.n_estimators", 50, 300, step=50),
-        max_depth=trial.suggest_int("extra_trees.max_depth", 2, 20),
-        min_samples_leaf=trial.suggest_int("extra_trees.min_samples_leaf", 1, 10),
-        max_features=trial.suggest_categorical("extra_trees.max_features", ["sqrt", 0.5, 1.0]),
-        n_jobs=1,
-        random_state=seed,
-    )
+    def build(trial: optuna.Trial | optuna.trial.FixedTrial, task: Task, seed: int) -> Any:
+        import sklearn.ensemble
+
+        cls = getattr(sklearn.ensemble, classifier if task is Task.classification else regressor)
+        return cls(
+            n_estimators=trial.suggest_int(f"{name}.n_estimators", 50, 300, step=50),
+            max_depth=trial.suggest_int(f"{name}.max_depth", 2, 20),
+            min_samples_leaf=trial.suggest_int(f"{name}.min_samples_leaf", 1, 10),
+            max_features=trial.suggest_categorical(f"{name}.max_features", ["sqrt", 0.5, 1.0]),
+            n_jobs=1,
+            random_state=seed,
+        )
+
+    return build
 
 
-def _random_forest(trial: optuna.Trial | optuna.trial.FixedTrial, task: Task, seed: int) -> Any:
-    from sklearn.ensemble import RandomForestClassifier, RandomForestRegressor
-
-    cls = RandomForestClassifier if task is Task.classification else RandomForestRegressor
-    return cls(
-        n_estimators=trial.suggest_int("random_forest.n_estimators", 50, 300, step=50),
-        max_depth=trial.suggest_int("random_forest.max_depth", 2, 20),
-        min_samples_leaf=trial.suggest_int("random_forest.min_samples_leaf", 1, 10),
-        max_features=trial.suggest_categorical("random_forest.max_features", ["sqrt", 0.5, 1.0]),
-        n_jobs=1,
-        random_state=seed,
+def _forest_family(name: str, classifier: str, regressor: str) -> Family:
+    """Its family: defaults 100 trees of depth up to 20, grown to 300 trees."""
+    return Family(
+        name,
+        _forest(name, classifier, regressor),
+        scale_numeric=False,
+        serialization="skops",
+        trusted_types=(*_SKLEARN_TRUSTED, "sklearn.tree._tree.Tree"),
+        defaults=(
+            (f"{name}.n_estimators", 100),
+            (f"{name}.max_depth", 20),
+            (f"{name}.min_samples_leaf", 1),
+            (f"{name}.max_features", "sqrt"),
+        ),
+        largest=((f"{name}.n_estimators", 300),),
     )
 
 
@@ -215,36 +225,10 @@ FAMILIES: dict[str, Family] = {
             ),
             largest=(("xgboost.n_estimators", 300), ("xgboost.max_depth", 8)),
         ),
-        Family(
-            # Random splits instead of the best ones: cheaper than a random forest, and often as good
-            # or better on many similar numeric columns (pixels, sensors).
-            "extra_trees",
-            _extra_trees,
-            scale_numeric=False,
-            serialization="skops",
-            trusted_types=(*_SKLEARN_TRUSTED, "sklearn.tree._tree.Tree"),
-            defaults=(
-                ("extra_trees.n_estimators", 100),
-                ("extra_trees.max_depth", 20),
-                ("extra_trees.min_samples_leaf", 1),
-                ("extra_trees.max_features", "sqrt"),
-            ),
-            largest=(("extra_trees.n_estimators", 300),),
-        ),
-        Family(
-            "random_forest",
-            _random_forest,
-            scale_numeric=False,
-            serialization="skops",
-            trusted_types=(*_SKLEARN_TRUSTED, "sklearn.tree._tree.Tree"),
-            defaults=(
-                ("random_forest.n_estimators", 100),
-                ("random_forest.max_depth", 20),
-                ("random_forest.min_samples_leaf", 1),
-                ("random_forest.max_features", "sqrt"),
-            ),
-            largest=(("random_forest.n_estimators", 300),),
-        ),
+        # Random splits instead of the best ones: cheaper than a random forest, and often as good or
+        # better on many similar numeric columns (pixels, sensors).
+        _forest_family("extra_trees", "ExtraTreesClassifier", "ExtraTreesRegressor"),
+        _forest_family("random_forest", "RandomForestClassifier", "RandomForestRegressor"),
         Family(
             "torch_mlp",
             _torch_mlp,
