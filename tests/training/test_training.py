@@ -378,42 +378,54 @@ def test_a_configuration_is_never_tried_twice_even_when_the_space_runs_out(
     assert repeats and all(t.state == optuna.trial.TrialState.PRUNED for t in repeats)
 
 
+def _ring(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """30,000 rows whose label follows a ring and a threshold: a curve a linear model cannot learn."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(30_000, 4))
+    label = np.where((x[:, 0] ** 2 + x[:, 1] ** 2 > 1.4) ^ (x[:, 2] > 0.8), "out", "in")
+    frame = pd.DataFrame(x, columns=["a", "b", "c", "d"]).assign(label=label)
+    return prepare(write_csv(tmp_path, frame, "ring.csv"), "label")
+
+
+# LightGBM's defaults the search's best, a linear model next.
+_BOOSTED: list[tuple[dict[str, object], float]] = [
+    ({"family": "lightgbm", **dict(FAMILIES["lightgbm"].defaults)}, 0.90),
+    ({"family": "linear", "linear.C": 0.01}, 0.80),
+]
+
+
+def _studied(done: list[tuple[dict[str, object], float]]):  # type: ignore[no-untyped-def]
+    """A study with these trials done (the search's, as far as the last rung reads them)."""
+    import optuna
+
+    study = optuna.create_study(direction="maximize")
+    for params, value in done:
+        study.add_trial(
+            optuna.trial.create_trial(
+                params=params,
+                distributions={k: optuna.distributions.CategoricalDistribution([v]) for k, v in params.items()},
+                value=value,
+                user_attrs={"fit_s_per_row": 1e-6},
+            )
+        )
+    return study
+
+
 def test_the_last_rung_ranks_the_best_few_on_rows_no_trial_saw(tmp_path: Path) -> None:
     """Trials fit on a sample: the best three by cross-validation (each booster also grown to its
     family's largest size) refit on three times as many rows and are ranked on training rows outside both. A
     configuration the sample flattered (here a linear model given the best CV score by hand) loses
     to one that learns the data's curve."""
-    import optuna
-
     from miniml.training.search import PROMOTED, promote, promotion_rows, trial_sample
 
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(30_000, 4))
-    label = np.where((x[:, 0] ** 2 + x[:, 1] ** 2 > 1.4) ^ (x[:, 2] > 0.8), "out", "in")
-    frame = pd.DataFrame(x, columns=["a", "b", "c", "d"]).assign(label=label)
-    data, features, task = prepare(write_csv(tmp_path, frame, "ring.csv"), "label")
+    data, features, task = _ring(tmp_path)
     spec = SearchSpec(task=task, metric="f1_macro", families=["linear", "lightgbm"], trial_rows=3_000)
     configurations = [
         ({"family": "linear", "linear.C": 1.0}, 0.99),  # flattered on the sample
-        ({"family": "lightgbm", **dict(FAMILIES["lightgbm"].defaults)}, 0.90),
-        ({"family": "linear", "linear.C": 0.01}, 0.80),
+        *_BOOSTED,
         ({"family": "linear", "linear.C": 10.0}, 0.70),  # not among the best three: never refit
     ]
-
-    def studied(done: list[tuple[dict[str, object], float]]) -> optuna.Study:
-        """A study with these trials done (the search's, as far as the last rung reads them)."""
-        study = optuna.create_study(direction="maximize")
-        for params, value in done:
-            study.add_trial(
-                optuna.trial.create_trial(
-                    params=params,
-                    distributions={k: optuna.distributions.CategoricalDistribution([v]) for k, v in params.items()},
-                    value=value,
-                    user_attrs={"fit_s_per_row": 1e-6},
-                )
-            )
-        return study
-
+    studied = _studied
     study = studied(configurations)
     fit_rows, valid_rows = promotion_rows(data, spec)
     assert fit_rows == 9_000 and valid_rows == min(100_000, (len(data.x_train) - 3_000) // 2)
@@ -446,7 +458,7 @@ def test_the_last_rung_ranks_the_best_few_on_rows_no_trial_saw(tmp_path: Path) -
 
     # The best trial a booster's defaults: the same grown to its family's largest size is ranked too,
     # and joins the study as a trial of its own when it wins.
-    boosted = studied(configurations[1:3])
+    boosted = studied(_BOOSTED)
     largest = dict(FAMILIES["lightgbm"].largest)
     rung = promote(boosted, data, features, spec, end=time.monotonic() + ample, final_rows=rows)
     (big,) = [p for p in rung.ranked if p.trial is None]
@@ -454,6 +466,97 @@ def test_the_last_rung_ranks_the_best_few_on_rows_no_trial_saw(tmp_path: Path) -
     assert rung.winner is not None
     if rung.winner.params == big.params:
         assert rung.winner.user_attrs["grown_from"] == 0 and len(boosted.trials) == 3
+
+
+def test_a_grown_candidate_is_fit_while_the_leaders_final_fit_still_fits_and_wins_only_if_its_own_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The plan for a grown configuration's own final fit is a guess from its size (and runs high),
+    so the last rung fits it whenever the leader's final fit still fits after it; it wins only if its
+    final fit, planned from its fit there, fits too. A clock that moves only as each fit says (1 s
+    for LightGBM's defaults, 2 s grown, 0.1 s a linear model) makes the plan exact: the leader's
+    final fit on 10 times the rung's rows is 12.5 s, the grown fit is planned at 7.8 s (its own final
+    fit, planned like a trial's, at 78 s), and once fit its final fit is 24 s."""
+    from miniml.training import search as search_module
+    from miniml.training.search import promote, promotion_rows
+
+    data, features, task = _ring(tmp_path)
+    spec = SearchSpec(task=task, metric="f1_macro", families=["linear", "lightgbm"], trial_rows=3_000)
+    fit_rows, _ = promotion_rows(data, spec)
+    clock = [1_000.0]
+    monkeypatch.setattr(search_module, "time", type("Clock", (), {"monotonic": staticmethod(lambda: clock[0])}))
+    real_build = search_module.build_pipeline
+
+    def timed_build(features: Features, family: object, estimator: object):  # type: ignore[no-untyped-def]
+        pipe = real_build(features, family, estimator)  # type: ignore[arg-type]
+        fit = pipe.fit
+        trees = estimator.get_params().get("n_estimators")  # type: ignore[attr-defined]
+
+        def timed_fit(x: object, y: object) -> object:
+            out = fit(x, y)
+            clock[0] += {None: 0.1, 100: 1.0, 300: 2.0}[trees]
+            return out
+
+        pipe.fit = timed_fit  # type: ignore[method-assign]
+        return pipe
+
+    monkeypatch.setattr(search_module, "build_pipeline", timed_build)
+
+    def rung(seconds: float):  # type: ignore[no-untyped-def]
+        return promote(_studied(_BOOSTED), data, features, spec, end=clock[0] + seconds, final_rows=10 * fit_rows)
+
+    def fit(r) -> list[str]:  # type: ignore[no-untyped-def]
+        return [p.params["family"] + (" grown" if p.trial is None else "") for p in r.ranked]
+
+    # 40 s: every candidate is fit (the plan that asked for the grown one's own final fit, 7.8 + 78 s,
+    # fit only the others), and the best wins: every final fit fits.
+    roomy = rung(40)
+    assert fit(roomy) == ["lightgbm", "lightgbm grown", "linear"]
+    best = max(roomy.ranked, key=lambda p: p.score)
+    assert roomy.winner is not None and roomy.winner.params == best.params
+    assert roomy.pipe is best.pipe and roomy.final_s == pytest.approx(best.fit_s * 10 * 1.15 + 1.0)
+    # 26 s: the grown one is fit (1 + 7.8 + 12.5 s), but its final fit (24 s, from 3 s on) would end
+    # past the budget, so it cannot win whatever it scored.
+    tight = rung(26)
+    assert "lightgbm grown" in fit(tight)
+    measured = max((p for p in tight.ranked if p.trial is not None), key=lambda p: p.score)
+    assert tight.winner is not None and tight.winner.params == measured.params
+    # 15 s: after the defaults' fit, the grown fit would leave no time for the leader's final fit.
+    short = rung(15)
+    assert fit(short) == ["lightgbm"] and short.winner is not None and short.winner.params == _BOOSTED[0][0]
+
+
+@pytest.mark.parametrize("share", [0.35, 0.0])
+def test_when_trials_fit_on_a_sample_a_share_of_the_budget_is_kept_for_the_last_rung(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, share: float
+) -> None:
+    """On a sample, no trial starts in the last LAST_RUNG_SHARE of the budget (kept for the last rung
+    and the final fit, whatever the best trial's own fits would need); with no share kept (the
+    failing case) cheap trials go on to the budget's end."""
+    import datetime
+
+    from miniml.training import search as search_module
+
+    monkeypatch.setattr(search_module, "LAST_RUNG_SHARE", share)
+    data, features, task = _ring(tmp_path)
+    budget = 6.0
+    spec = SearchSpec(task=task, metric="f1_macro", families=["linear"], trial_rows=3_000, timeout_s=budget, n_jobs=2)
+    storage = make_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    began = datetime.datetime.now()
+    run_search(storage, "s", data, features, spec, SearchControl(claim=lambda: True, on_trial=lambda _: None))
+    import optuna
+
+    starts = [
+        (t.datetime_start - began).total_seconds()
+        for t in optuna.load_study(study_name="s", storage=storage).trials
+        if t.datetime_start is not None
+    ]
+    kept = search_module.LAST_RUNG_SHARE * budget
+    assert len(starts) > 3
+    if share:
+        assert max(starts) < budget - kept + 0.5
+    else:
+        assert max(starts) > budget - 0.35 * budget + 1.0
 
 
 def test_a_trial_whose_remaining_fits_would_pass_the_deadline_stops_at_once(tmp_path: Path) -> None:

@@ -189,7 +189,9 @@ def _last_rung(
     and keep the winner there."""
     end = began + budget if budget else math.inf
     rows = len(data.x_train) + len(data.x_test)
+    started = time.monotonic()
     rung = promote(study, data, features, search, end=end, final_rows=rows)
+    took = time.monotonic() - started
     if not rung.ranked:
         return best, rung
 
@@ -200,7 +202,8 @@ def _last_rung(
 
     scores = ", ".join(f"{name(p)} ({p.params['family']}) {p.score:.4f} in {p.fit_s:.1f}s" for p in rung.ranked)
     message = (
-        f"last rung: {rung.fit_rows:,} rows each, ranked on {rung.valid_rows:,} training rows no trial saw: {scores}"
+        f"last rung ({took:.0f}s): {rung.fit_rows:,} rows each, ranked on {rung.valid_rows:,} training rows no "
+        f"trial saw: {scores}"
     )
     winner = rung.winner
     if winner is None or winner.number == best.number:
@@ -482,9 +485,12 @@ def train(
     )
     storage = make_storage(settings.db_url)
     study_name = f"miniml-job-{job_id}"
+    searched = time.monotonic()
     run_search(storage, study_name, data, features, search, control)
     if stop.is_set():
         raise Cancelled
+    remaining = f"; {budget - (time.monotonic() - began):.0f}s of the budget left" if budget else ""
+    reports.log(project, job_id, f"trials ended after {time.monotonic() - searched:.0f}s{remaining}")
     _wait_for_other_shards(client, project, job_id, spec)
     if not reports.finalize(project, job_id, worker):
         return None  # another shard refits and registers
