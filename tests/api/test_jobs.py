@@ -341,6 +341,26 @@ def test_dataset_version_in_use_cannot_be_deleted(jc: tuple[TestClient, dict[str
     assert client.get("/api/v1/projects/demo/datasets/iris/versions/1/file", headers=admin).status_code == 200
 
 
+def test_a_project_with_a_live_job_is_not_deleted_nor_one_mlflow_must_forget_while_it_is_away(
+    jc: tuple[TestClient, dict[str, str]],
+) -> None:
+    """A queued job would write runs and models into MLflow after they were deleted: 409, naming
+    it and how to go on. Cancelled, the job no longer writes, but it ran in the project, so MLflow
+    must forget the project first: with MLflow away the delete is a 503 and nothing is deleted."""
+    client, admin = jc
+    job = client.post(JOBS, json={"dataset": "iris", "target": "target"}, headers=admin).json()
+    assert_problem(client.delete("/api/v1/projects/demo", headers=admin), 409, f"job {job['id']}", "cancel")
+
+    def kept() -> None:
+        assert client.get(f"{JOBS}/{job['id']}", headers=admin).status_code == 200
+        assert client.get("/api/v1/projects/demo/datasets/iris/versions/1/file", headers=admin).status_code == 200
+
+    kept()
+    assert client.post(f"{JOBS}/{job['id']}/cancel", headers=admin).json()["state"] == "cancelled"
+    assert_problem(client.delete("/api/v1/projects/demo", headers=admin), 503, "MLflow")
+    kept()
+
+
 def test_jobs_of_another_project_are_invisible(
     jc: tuple[TestClient, dict[str, str]], make_key_for: Callable[..., dict[str, str]]
 ) -> None:

@@ -92,6 +92,40 @@ def test_the_served_model_learnt_from_every_row(live: tuple[LiveApi, Client], ml
     assert any(f"final fit on all {rows} rows" in line.message for line in client.jobs.logs("demo", job.id))
 
 
+def test_a_project_made_again_under_a_deleted_ones_name_starts_empty(
+    live: tuple[LiveApi, Client], mlflow_uri: str, tmp_path: Path
+) -> None:
+    """Deleting a project deletes its registered models and its MLflow experiment (renamed out of
+    the way: MLflow keeps a deleted experiment's name), its dataset files and its captured
+    predictions. Before, a project made again under the same name found the old models, ready to
+    deploy, and the old runs."""
+    api, client = live
+    job = client.jobs.create(
+        "demo", dataset="iris", target="target", max_trials=1, model_name="iris-gone", families=["linear"]
+    )
+    done = run_job(api.worker_client(), api.settings, job.id, "demo")
+    assert done is not None and done.state == "succeeded", (done, client.jobs.logs("demo", job.id))
+    store = api.app.state.store
+    sample = tmp_path / "capture.jsonl"
+    sample.write_text("{}\n")
+    for owner in ("demo", "demo2"):  # what the inference replicas capture, by project name
+        store.put_file(f"capture/{owner}/web/2026-12-04/1.jsonl", sample)
+    assert store.list_keys("projects/")  # the dataset's file, under the project's id
+    mc = MlflowClient(mlflow_uri)
+    experiment = mc.get_experiment_by_name("miniml/demo")
+    assert experiment is not None and mc.search_registered_models("name = 'demo.iris-gone'")
+
+    client.projects.delete("demo")
+    assert mc.get_experiment_by_name("miniml/demo") is None
+    retired = mc.get_experiment(experiment.experiment_id)
+    assert retired.lifecycle_stage == "deleted" and retired.name == f"miniml/demo@deleted-{experiment.experiment_id}"
+    assert mc.search_registered_models("name LIKE 'demo.%'") == []
+    assert store.list_keys("projects/") == [] and store.list_keys("capture/demo/") == []
+    assert store.list_keys("capture/demo2/") == ["capture/demo2/web/2026-12-04/1.jsonl"]  # another project's
+    client.projects.create("demo")
+    assert client.models.list("demo") == [] and client.jobs.list("demo") == []
+
+
 def test_a_reproducible_job_repeats_its_leaderboard(live: tuple[LiveApi, Client]) -> None:
     """``reproducible``: trials one at a time (the worker's two trial threads are not used), so the
     same data and seed give the same trials, configurations and scores, and the same model."""

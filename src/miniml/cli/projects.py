@@ -39,7 +39,7 @@ def get(name: str, as_json: bool = JSON) -> None:
 
 @app.command("delete")
 def delete(name: str, yes: bool = typer.Option(False, "--yes", help="Do not ask.")) -> None:
-    """Delete a project and everything in it."""
+    """Delete a project and everything in it: datasets, jobs, deployments, its models and runs in MLflow."""
     if not yes:
         typer.confirm(f"Delete project {name!r} and everything in it?", abort=True)
     try:

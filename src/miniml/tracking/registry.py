@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import threading
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from miniml.domain.limits import MAX_ID
 from miniml.domain.names import NAME_RE
 from miniml.errors import InvalidInput, NotFound, UpstreamUnavailable
-from miniml.tracking import open_trial_runs_filter
+from miniml.tracking import experiment_name, open_trial_runs_filter
 
 if TYPE_CHECKING:
     from mlflow.exceptions import MlflowException
@@ -21,6 +22,11 @@ if TYPE_CHECKING:
 
 # Promotion moves these aliases; the deprecated stages follow so the MLflow UI shows them too.
 STAGES = {"staging": "Staging", "production": "Production"}
+
+
+def retired_name(project: str, experiment: Any) -> str:
+    """A deleted project's experiment: no project's name (slugs hold no "@"), kept apart by its id."""
+    return f"{experiment_name(project)}@deleted-{experiment.experiment_id}"
 
 
 def registered_name(project: str, model_name: str) -> str:
@@ -81,8 +87,40 @@ class Registry:
 
     def list_models(self, project: str) -> list[Any]:
         prefix = registered_name(project, "")
-        found = self._call("model list", self.client.search_registered_models, f"name LIKE '{prefix}%'")
+        found: list[Any] = []
+        token = None
+        while True:  # every page: MLflow answers 100 models at a time
+            page = self._call(
+                "model list",
+                self.client.search_registered_models,
+                f"name LIKE '{prefix}%'",
+                max_results=1_000,
+                page_token=token,
+            )
+            found.extend(page)
+            token = page.token
+            if not token:
+                break
         return sorted((m for m in found if m.name.startswith(prefix)), key=lambda m: m.name)
+
+    def forget_project(self, project: str) -> None:
+        """Delete the project's registered models (every version) and retire its experiment, so a
+        project made again under the same name starts empty. MLflow keeps a deleted experiment's
+        name taken, so the experiment is renamed out of the way first. (MLflow keeps the deleted
+        runs' artifacts until ``mlflow gc`` removes them.)"""
+        for model in self.list_models(project):
+            with contextlib.suppress(NotFound):  # deleted meanwhile
+                self._call(f"model {model.name!r}", self.client.delete_registered_model, model.name)
+        name = experiment_name(project)
+        exp = self._call("read the experiment", self.client.get_experiment_by_name, name)
+        if exp is None:
+            return
+        if exp.lifecycle_stage != "active":  # deleted by hand under its own name: free the name too
+            self._call("restore the experiment", self.client.restore_experiment, exp.experiment_id)
+        self._call(
+            "retire the experiment", self.client.rename_experiment, exp.experiment_id, retired_name(project, exp)
+        )
+        self._call("retire the experiment", self.client.delete_experiment, exp.experiment_id)
 
     def model(self, project: str, model: str) -> Any:
         return self._call(

@@ -1,10 +1,15 @@
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+import logging
 
-from miniml.api.deps import AdminDep, DbDep, ViewerDep
+from fastapi import APIRouter, Request, Response
+
+from miniml.api.deps import AdminDep, DbDep, RegistryDep, StoreDep, ViewerDep
+from miniml.api.routes.deployments import push_after_commit
 from miniml.schemas.projects import ProjectCreate, ProjectRead
 from miniml.services import projects
+
+log = logging.getLogger("miniml.api")
 
 router = APIRouter(prefix="/api/v1/projects", tags=["projects"])
 
@@ -31,8 +36,25 @@ def read_project(project: str, db: DbDep, caller: ViewerDep) -> ProjectRead:
 
 
 @router.delete("/{project}", status_code=204)
-def delete_project(project: str, db: DbDep, caller: AdminDep) -> Response:
-    """Delete a project and everything in it."""
+def delete_project(
+    project: str, request: Request, db: DbDep, store: StoreDep, registry: RegistryDep, caller: AdminDep
+) -> Response:
+    """Delete a project and everything in it: datasets and their files, jobs, deployments (no longer
+    served), captured predictions, and its runs and registered models in MLflow, so a project made
+    again under the same name starts empty. Refused (409) while a job of it is queued or running;
+    when MLflow does not answer (503) nothing is deleted."""
     with db.begin() as session:
-        projects.delete_project(session, caller, project)
+        plan = projects.plan_deletion(session, caller, project)
+    if plan.tracked:
+        registry.forget_project(project)
+    with db.begin() as session:
+        project_id = projects.delete_project(session, caller, project)
+    # After the commit: a failed delete leaves an orphan object, never a dangling row.
+    for prefix in (f"projects/{project_id}/", f"capture/{project}/"):
+        try:
+            for key in store.list_keys(prefix):
+                store.delete(key)
+        except Exception as exc:  # the store is away: the rows are gone, the files stay unreachable
+            log.warning("project files not deleted", extra={"prefix": prefix, "error": str(exc)[:200]})
+    push_after_commit(request)  # its deployments stop being served now
     return Response(status_code=204)
