@@ -787,6 +787,51 @@ def test_batch_prediction_writes_a_new_dataset_version(stack: tuple[LiveApi, Cli
     assert predict(inference, name, api.key, first).json()["predictions"] == out["prediction"].head(5).tolist()  # type: ignore[attr-defined]
 
 
+def test_a_batch_cancelled_while_it_runs_stops_within_a_record_batch_and_writes_nothing(
+    stack: tuple[LiveApi, Client, TestClient, str],
+) -> None:
+    """The cancel is sent as the first record batch is reported (a worker's log call that cancels
+    makes the timing exact): the job ends cancelled after that batch, with no dataset written.
+    (Before, a running batch ignored the cancel and wrote its predictions.)"""
+    import httpx
+
+    from miniml.orchestration.runner import run_job
+
+    api, client, _inference, project = stack
+    name = f"cancel-{project}"
+    httpx.post(
+        f"{api.url}/api/v1/projects/{project}/deployments",
+        json={"name": name, "model_name": "iris", "target": 1},
+        headers=api.headers,
+    )
+    big = Path(api.settings.data_dir) / "many.csv"
+    pd.concat([pd.read_csv(IRIS)] * 400).to_csv(big, index=False)  # 60,000 rows, several record batches
+    client.datasets.upload(project, big)
+    queued = httpx.post(
+        f"{api.url}/api/v1/projects/{project}/deployments/{name}/batch", json={"dataset": "many"}, headers=api.headers
+    ).json()
+    worker = api.worker_client()
+    real_log = worker.job_reports.log
+    sent: list[int] = []
+
+    def log_and_cancel(project_: str, job_id: int, message: str, **kwargs: object) -> None:
+        real_log(project_, job_id, message, **kwargs)  # type: ignore[arg-type]
+        if message.endswith("rows predicted") and not sent:
+            sent.append(
+                httpx.post(f"{api.url}/api/v1/projects/{project}/jobs/{job_id}/cancel", headers=api.headers).status_code
+            )
+
+    worker.job_reports.log = log_and_cancel  # type: ignore[method-assign]
+    done = run_job(worker, api.settings, queued["id"], project)
+    assert sent == [200]
+    assert done is not None and done.state == "cancelled" and done.output is None, done
+    stopped = [
+        line.message for line in client.jobs.logs(project, queued["id"]) if "cancel: stopped after" in line.message
+    ]
+    assert len(stopped) == 1 and int(stopped[0].split()[3]) < 60_000, stopped
+    assert "many-predictions" not in {d.name for d in client.datasets.list(project)}
+
+
 def test_an_api_outage_is_logged_once_and_its_end_too(tmp_path: Path) -> None:
     """While the api is down a replica keeps serving; one warning, not one per reconcile."""
     import logging

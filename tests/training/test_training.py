@@ -590,6 +590,44 @@ def test_a_trial_whose_remaining_fits_would_pass_the_deadline_stops_at_once(tmp_
     assert cheap.state == optuna.trial.TrialState.COMPLETE and "error" not in cheap.user_attrs
 
 
+def test_an_mlp_fitting_past_the_deadline_stops_within_a_few_mini_batches(tmp_path: Path) -> None:
+    """At the search's deadline the trials still fitting are stopped; an MLP's fit (here 120 epochs
+    of 200 mini-batches, many seconds) ends within STOP_CHECK_STEPS mini-batches, so its thread does
+    not outlive the search (left fitting, it held the GIL and the cores the last rung and the final
+    fit need)."""
+    import optuna
+
+    from miniml.training.search import OverBudget, make_objective
+
+    x = np.random.default_rng(0).normal(size=(13_000, 8))
+    frame = pd.DataFrame(x, columns=[f"f{i}" for i in range(8)]).assign(label=np.where(x[:, 0] > 0, "a", "b"))
+    data, features, task = prepare(write_csv(tmp_path, frame, "mlp.csv"), "label")
+    spec = SearchSpec(task=task, metric="f1_macro", families=["torch_mlp"])
+    over = threading.Event()
+    objective = make_objective(data, features, spec, SearchControl(claim=lambda: True, on_trial=lambda _: None), over)
+    study = optuna.create_study(direction="maximize")
+    slow = {**dict(FAMILIES["torch_mlp"].defaults), "torch_mlp.epochs": 120, "torch_mlp.batch_size": 32}
+    study.enqueue_trial({"family": "torch_mlp", **slow})
+    timer = threading.Timer(1.0, over.set)
+    began = time.monotonic()
+    timer.start()
+    with pytest.raises(OverBudget):
+        study.optimize(objective, n_trials=1)
+    assert over.is_set() and time.monotonic() - began < 1.0 + 1.5  # the fold's whole fit takes far longer
+
+
+def test_a_fit_asked_to_stop_raises_fit_stopped_and_others_are_left_alone() -> None:
+    from miniml.training.estimators import FitStopped, TorchMLP, stoppable
+
+    x = np.random.default_rng(0).normal(size=(2_000, 4)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64)
+    with stoppable(lambda: True), pytest.raises(FitStopped):
+        TorchMLP(task="classification", epochs=50).fit(x, y)
+    with stoppable(lambda: False):
+        assert TorchMLP(task="classification", epochs=1).fit(x, y).predict(x[:5]).shape == (5,)
+    assert TorchMLP(task="classification", epochs=1).fit(x, y).n_outputs_ == 2  # outside a block: no check
+
+
 @pytest.mark.parametrize("labels", [["setosa", "versicolor", "virginica"], [3, 1, 2], ["b", "a"]])
 def test_held_out_metrics_from_one_prediction_match_scikit_learns(labels: list[object]) -> None:
     """The held-out metrics compare labels as codes from one predict and one predict_proba: they

@@ -619,7 +619,7 @@ def _batch(client: Client, settings: Settings, job: JobRead) -> JobRead:
     with tempfile.TemporaryDirectory(prefix=f"miniml-batch-{job.id}-") as tmp:
         source = client.datasets.download(project, job.dataset, job.dataset_version, Path(tmp) / f"in.{version.format}")
         out_path = Path(tmp) / f"{spec['output_dataset']}.csv"
-        writer = None
+        writer, status = None, None
         for batch in _table(source, version).batches():
             frame = batch.to_pandas()
             predictions = model.predict(coerce(frame, features)[names])
@@ -629,8 +629,16 @@ def _batch(client: Client, settings: Settings, job: JobRead) -> JobRead:
             writer.write_table(table)
             rows += batch.num_rows
             reports.log(project, job.id, f"{rows} rows predicted")
+            status = reports.heartbeat(project, job.id)  # a cancel takes effect within one record batch
+            if status.cancel_requested or status.state.terminal:
+                break
         if writer is not None:
             writer.close()
+        if status is not None and status.state.terminal:  # ended elsewhere (the api lost this worker)
+            return client.jobs.get(project, job.id)
+        if status is not None and status.cancel_requested:
+            reports.log(project, job.id, f"cancel: stopped after {rows} rows; no dataset written")
+            return reports.finish(project, job.id, JobFinish(state="cancelled", reason="cancelled by request"))
         written = client.datasets.upload(project, out_path, name=spec["output_dataset"])
     output = {"dataset": written.dataset, "version": written.version, "rows": rows, "uri": written.uri}
     reports.log(project, job.id, f"wrote {written.dataset} v{written.version} ({rows} rows)")

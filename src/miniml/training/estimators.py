@@ -2,11 +2,41 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin, clone
 from sklearn.preprocessing import LabelEncoder
+
+# What the fits on this thread ask between steps: should they stop? (See ``stoppable``.)
+_stop = threading.local()
+# The MLP asks every this many mini-batches, and at each epoch's end.
+STOP_CHECK_STEPS = 50
+
+
+class FitStopped(Exception):
+    """A fit ended early because its caller asked it to (``stoppable``)."""
+
+
+@contextmanager
+def stoppable(should_stop: Callable[[], bool]) -> Iterator[None]:
+    """Fits on this thread inside the block end early, raising FitStopped, once ``should_stop()``
+    says so (the MLP checks between mini-batches). A search past its deadline or cancelled must not
+    leave a long fit running: the thread would hold the GIL the last rung and the final fit need."""
+    before = getattr(_stop, "check", None)
+    _stop.check = should_stop
+    try:
+        yield
+    finally:
+        _stop.check = before
+
+
+def _stop_requested() -> bool:
+    check = getattr(_stop, "check", None)
+    return bool(check is not None and check())
 
 
 class LabelEncodedClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
@@ -89,7 +119,9 @@ class TorchMLP(BaseEstimator):  # type: ignore[misc]
         self.model_.train()
         for _ in range(self.epochs):
             order = torch.randperm(n, generator=generator).to(device)
-            for start in range(0, n, self.batch_size):
+            for step, start in enumerate(range(0, n, self.batch_size)):
+                if step % STOP_CHECK_STEPS == 0 and _stop_requested():
+                    raise FitStopped
                 idx = order[start : start + self.batch_size]
                 opt.zero_grad()
                 loss = loss_fn(self.model_(xt[idx]), yt[idx])

@@ -37,6 +37,7 @@ from sklearn.preprocessing import OneHotEncoder, StandardScaler
 from miniml.domain.tasks import Task, maximise
 from miniml.errors import public_reason
 from miniml.training.data import Features, Split, strata
+from miniml.training.estimators import FitStopped, stoppable
 from miniml.training.families import FAMILIES, Family, by_cost
 
 # Categories seen in under 1% of rows (and beyond the 50 most frequent) share one "infrequent" column.
@@ -297,7 +298,11 @@ def make_objective(
                 raise OverBudget
             pipe = build_pipeline(features, family, family.build(trial, spec.task, spec.seed))
             started = time.monotonic()
-            pipe.fit(x.iloc[train_idx], y[train_idx])
+            try:
+                with stoppable(lambda: control.should_stop() or (over is not None and over.is_set())):
+                    pipe.fit(x.iloc[train_idx], y[train_idx])
+            except FitStopped:
+                raise (Cancelled if control.should_stop() else OverBudget)() from None
             fit_s, fit_rows = fit_s + time.monotonic() - started, fit_rows + len(train_idx)
             # What a fit of this configuration costs a row: the final fits' time is planned on it.
             trial.set_user_attr("fit_s_per_row", fit_s / max(1, fit_rows))
