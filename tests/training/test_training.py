@@ -502,8 +502,11 @@ def test_a_grown_candidate_is_fit_while_the_leaders_final_fit_still_fits_and_win
 
     monkeypatch.setattr(search_module, "build_pipeline", timed_build)
 
-    def rung(seconds: float):  # type: ignore[no-untyped-def]
-        return promote(_studied(_BOOSTED), data, features, spec, end=clock[0] + seconds, final_rows=10 * fit_rows)
+    def rung(seconds: float, overrun: float = 0.0):  # type: ignore[no-untyped-def]
+        end = clock[0] + seconds
+        return promote(
+            _studied(_BOOSTED), data, features, spec, end=end, final_rows=10 * fit_rows, final_end=end + overrun
+        )
 
     def fit(r) -> list[str]:  # type: ignore[no-untyped-def]
         return [p.params["family"] + (" grown" if p.trial is None else "") for p in r.ranked]
@@ -521,6 +524,11 @@ def test_a_grown_candidate_is_fit_while_the_leaders_final_fit_still_fits_and_win
     assert "lightgbm grown" in fit(tight)
     measured = max((p for p in tight.ranked if p.trial is not None), key=lambda p: p.score)
     assert tight.winner is not None and tight.winner.params == measured.params
+    # Allowed to overrun by 4 s (a job's tenth of its budget), the best wins, the grown one too.
+    overrun = rung(26, overrun=4)
+    assert fit(overrun)[:2] == ["lightgbm", "lightgbm grown"]
+    best = max(overrun.ranked, key=lambda p: p.score)
+    assert overrun.winner is not None and overrun.winner.params == best.params
     # 15 s: after the defaults' fit, the grown fit would leave no time for the leader's final fit.
     short = rung(15)
     assert fit(short) == ["lightgbm"] and short.winner is not None and short.winner.params == _BOOSTED[0][0]

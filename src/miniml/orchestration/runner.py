@@ -173,6 +173,12 @@ def run_job(
 REGISTER_S = 3.0
 
 
+def overrun_end(began: float, budget: float | None) -> float:
+    """When a job's final fit must end: the budget, plus a tenth of it (30 s at most) for a model
+    that became the best late (a trial, or the last rung's winner) rather than a much weaker one."""
+    return began + budget + min(30.0, budget / 10) if budget else math.inf
+
+
 def _last_rung(
     reports: Any,
     project: str,
@@ -190,7 +196,7 @@ def _last_rung(
     end = began + budget if budget else math.inf
     rows = len(data.x_train) + len(data.x_test)
     started = time.monotonic()
-    rung = promote(study, data, features, search, end=end, final_rows=rows)
+    rung = promote(study, data, features, search, end=end, final_rows=rows, final_end=overrun_end(began, budget))
     took = time.monotonic() - started
     if not rung.ranked:
         return best, rung
@@ -433,7 +439,7 @@ def train(
     # The search keeps the final fits' time back from the budget; a trial that became the best
     # late may still have its fits overrun it a little (a tenth, 30 s at most) rather than give way
     # to a much weaker model.
-    overrun_end = began + budget + min(30.0, budget / 10) if budget else math.inf
+    final_end = overrun_end(began, budget)
     rows = len(data.x_train) + len(data.x_test)
     search = SearchSpec(
         task=task,
@@ -500,7 +506,7 @@ def train(
     best = best_trial(study)
     if best is not None and budget:
         left = budget - (time.monotonic() - began)
-        best, is_best = affordable_best(study, len(data.x_train), overrun_end - time.monotonic())
+        best, is_best = affordable_best(study, len(data.x_train), final_end - time.monotonic())
         if best is not None and not is_best:
             top = study.best_trial
             reports.log(
@@ -553,7 +559,7 @@ def train(
     # is clearly more than the held-out model saw.
     affordable = int(rows * max(0.0, left - REGISTER_S - 1.0) / max(1e-9, final_s - 1.0)) if budget else rows
     tested = f"test {spec['metric']} {metrics.get(spec['metric'], float('nan')):.4f}"
-    if final_s <= overrun_end - time.monotonic():
+    if final_s <= final_end - time.monotonic():
         reports.log(project, job_id, f"{tested}; final fit on all {rows} rows")
         pipe, family = refit(best, data, features, search, every_row=True)
     elif affordable >= held_out_rows * 1.5:

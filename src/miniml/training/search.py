@@ -92,7 +92,7 @@ PROMOTION_VALID_ROWS = 100_000
 # the last rung and the final fit: once the defaults have run, more rows and larger models gain
 # more than more trials on the sample do (2,000,000 rows, 120 s: the trials' best stopped moving
 # after the first 20 s, and a grown model fit on more rows won).
-LAST_RUNG_SHARE = 0.35
+LAST_RUNG_SHARE = 0.4
 
 
 def trial_rows_for(timeout_s: float | None) -> int | None:
@@ -410,7 +410,14 @@ def _candidates(
 
 
 def promote(
-    study: optuna.Study, data: Split, features: Features, spec: SearchSpec, *, end: float, final_rows: int
+    study: optuna.Study,
+    data: Split,
+    features: Features,
+    spec: SearchSpec,
+    *,
+    end: float,
+    final_rows: int,
+    final_end: float | None = None,
 ) -> LastRung:
     """The last rung: the best PROMOTED trials by cross-validation score, each followed by the same
     configuration grown to its family's largest size, fit on a larger sample of the training rows
@@ -420,7 +427,9 @@ def promote(
     fit and then the leader's final fit (``final_rows`` rows) still end by ``end``, and, unless it
     is a grown one, its own final fit too. Its cost is planned from the trials' cost per row until a
     fit here measured what a fit that runs alone costs; the final fit, at the best one's cost per
-    row measured here. The winner is the best one whose final fit still ends by ``end``. A grown winner joins the study as a trial
+    row measured here. The winner is the best one whose final fit still ends by ``final_end``
+    (``end`` when not given: a job lets a model that became the best late overrun its budget a
+    little, ``runner.overrun_end``). A grown winner joins the study as a trial
     of its own (``grown_from``)."""
     fit_rows, valid_rows = promotion_rows(data, spec)
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None]
@@ -501,8 +510,10 @@ def promote(
     if not ranked:
         return LastRung(None, [], len(train), len(valid))
     order = sorted(ranked, key=lambda p: -p.score if maximise_ else p.score)
-    # The best whose final fit still fits; when none does, no final fit follows: the best fit here.
-    winner = next((p for p in order if time.monotonic() + final_s(p) <= end), order[0])
+    # The best whose final fit still ends by ``final_end``; when none does, no final fit follows:
+    # the best fit here.
+    last = end if final_end is None else max(end, final_end)
+    winner = next((p for p in order if time.monotonic() + final_s(p) <= last), order[0])
     rung = LastRung(winner.trial, ranked, len(train), len(valid), winner.pipe, final_s(winner))
     if winner.trial is not None:
         return rung
