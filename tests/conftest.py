@@ -263,7 +263,7 @@ class LiveApi:
     def worker_client(self) -> Any:
         from miniml.sdk.client import Client
 
-        return Client(self.url, api_key=self.worker_key, timeout=60)
+        return Client(self.url, api_key=self.worker_key, timeout=60, outlast_s=self.settings.worker.outlast_api_s)
 
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True

@@ -156,6 +156,12 @@ class WorkerSettings(BaseModel):
         default=0, ge=0, description="Parallel trials inside one job; 0 = the number of CPU cores."
     )
     heartbeat_s: float = Field(default=5.0, gt=0, description="Seconds between a running job's heartbeats.")
+    outlast_api_s: float = Field(
+        default=300.0,
+        ge=0,
+        description="How long a worker sends a call again while the api does not take connections (restarting "
+        "or down) before its job fails; the api, back, gives running jobs jobs.heartbeat_timeout_s to report in.",
+    )
     shard_grace_s: float = Field(
         default=60.0,
         ge=0,
@@ -173,7 +179,7 @@ class JobSettings(BaseModel):
         default=60.0,
         gt=0,
         description="A running job with no heartbeat for this long is ended: failed, or cancelled when a cancel "
-        "was asked for. The api also does this when it starts, before it serves.",
+        "was asked for. Counted from the api's start too: after a restart, live workers report in first.",
     )
     loop_interval_s: float = Field(
         default=5.0, gt=0, description="How often the api retries submissions and checks heartbeats."

@@ -401,9 +401,10 @@ def _wait_for_statuses(mlflow_uri: str, expected: dict[str, str], timeout: float
 
 
 def test_an_api_restart_ends_jobs_left_running_and_keeps_queued_ones(tmp_path: Path, mlflow_uri: str) -> None:
-    """After a crash that took the api and the worker: at startup, before the first request, the jobs
-    whose heartbeat is stale end (failed, or cancelled when a cancel was asked for) and their MLflow
-    runs end to match; a queued job stays queued, and runs."""
+    """After a crash that took the api and the worker: once the api has been up for the heartbeat
+    timeout (a live worker would have reported in by then), the jobs whose heartbeat is stale end
+    (failed, or cancelled when a cancel was asked for) and their MLflow runs end to match; not
+    before. A queued job stays queued, and runs."""
     first = Settings(
         data_dir=tmp_path / "d",
         api={"port": free_port()},
@@ -420,10 +421,15 @@ def test_an_api_restart_ends_jobs_left_running_and_keeps_queued_ones(tmp_path: P
         cancelled, cancelled_parent, cancelled_child = _left_running(api, client, mlflow_uri)
         client.jobs.cancel("demo", cancelled)
         queued = client.jobs.create("demo", dataset="iris", target="target", max_trials=1, families=["linear"])
-    time.sleep(3.5)  # the crash: no heartbeat comes while the api is down
-    second = first.model_copy(update={"jobs": first.jobs.model_copy(update={"heartbeat_timeout_s": 3})})
+    grace = 8
+    second = first.model_copy(update={"jobs": first.jobs.model_copy(update={"heartbeat_timeout_s": grace})})
     with LiveApi(second) as api:
+        started = time.monotonic()
         client = Client(api.url, api_key=api.key)
+        assert client.jobs.get("demo", failed).state == "running"  # its worker may yet report in
+        while client.jobs.get("demo", failed).state == "running":
+            assert time.monotonic() - started < grace + 60
+            time.sleep(0.2)
         assert client.jobs.get("demo", failed).state == "failed"
         assert "no heartbeat" in str(client.jobs.get("demo", failed).reason)
         assert client.jobs.get("demo", cancelled).state == "cancelled"
@@ -435,6 +441,44 @@ def test_an_api_restart_ends_jobs_left_running_and_keeps_queued_ones(tmp_path: P
         assert client.jobs.get("demo", queued.id).state == "queued"
         done = run_job(api.worker_client(), api.settings, queued.id, "demo")
         assert done is not None and done.state == "succeeded", client.jobs.logs("demo", queued.id)
+
+
+def test_a_running_job_outlasts_a_restart_of_the_api(tmp_path: Path, mlflow_uri: str) -> None:
+    """The api goes down for longer than the heartbeat timeout while a job trains, and comes back:
+    the worker sends its calls again until the api takes them, reports in before the api would end
+    the job, and the job succeeds. (Before, the first refused call failed the job, and the api, back,
+    ended it at once for want of a heartbeat.)"""
+    settings = Settings(
+        data_dir=tmp_path / "d",
+        api={"port": free_port()},
+        prefect={"port": free_port()},
+        mlflow={"tracking_uri": mlflow_uri},
+        jobs={"heartbeat_timeout_s": 2, "loop_interval_s": 0.2},
+        worker={"heartbeat_s": 0.2, "trial_threads": 2, "outlast_api_s": 120},
+    )
+    first = LiveApi(settings).__enter__()
+    client = Client(first.url, api_key=first.key)
+    client.projects.create("demo")
+    client.datasets.upload("demo", slow_dataset(tmp_path / "slow.parquet"))
+    job = client.jobs.create(
+        "demo", dataset="slow", target="label", timeout_s=25, families=["linear", "lightgbm"], seed=0
+    )
+    result: list[object] = []
+    worker = first.worker_client()
+    thread = threading.Thread(target=lambda: result.append(run_job(worker, settings, job.id, "demo")))
+    thread.start()
+    deadline = time.monotonic() + 120
+    while client.jobs.get("demo", job.id).progress.trials_done < 1:
+        assert time.monotonic() < deadline and thread.is_alive(), result
+        time.sleep(0.1)
+    first.__exit__()
+    time.sleep(4)  # the outage, twice the heartbeat timeout: no call of the worker gets through
+    with LiveApi(settings) as second:
+        thread.join(180)
+        done = result[0]
+        assert getattr(done, "state", None) == "succeeded", Client(second.url, api_key=second.key).jobs.logs(
+            "demo", job.id
+        )
 
 
 def test_the_api_ends_the_runs_a_worker_left_open(live: tuple[LiveApi, Client], mlflow_uri: str) -> None:

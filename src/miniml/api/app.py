@@ -111,12 +111,16 @@ async def supervise_jobs(
     runs, retried while MLflow is away), run monitoring schedules."""
 
     synced = {"at": 0.0}
+    # A job's silence counts from the api's start too: while the api was down (restarting,
+    # upgraded) its workers could not report, and they are back within a heartbeat or two.
+    up_since = time.monotonic()
 
     def tick() -> None:
         if time.monotonic() - synced["at"] >= settings.jobs.mlflow_sync_s:
             synced["at"] = time.monotonic()
             mlflow_users.sync(access, db)
-        settle_silent_jobs(settings, db, registry)
+        if time.monotonic() - up_since >= settings.jobs.heartbeat_timeout_s:
+            settle_silent_jobs(settings, db, registry)
         errors = registry.end_pending_runs()
         errors += end_open_runs(db, registry)
         if errors:
@@ -161,11 +165,9 @@ def create_app(settings: Settings) -> FastAPI:
             # hold it. `miniml up` reads the file and prints the key to its own terminal.
             shown = f":\n  {raw}" if sys.stdout.isatty() else "; read it there"
             print(f"miniml: created the first admin key (saved to {path}){shown}", flush=True)
-        # Jobs a crash left running with no live worker end before the first request is served;
-        # queued jobs stay queued (submitted or not, the supervisor and Prefect still run them).
-        settled = await anyio.to_thread.run_sync(settle_silent_jobs, settings, db, app.state.registry)
-        if settled:
-            log.warning("jobs left running by a gone worker ended at startup", extra={"jobs": settled})
+        # Jobs a crash left running with no live worker end once the api has been up for
+        # jobs.heartbeat_timeout_s (supervise_jobs): a live worker reports in first. Queued jobs
+        # stay queued (submitted or not, the supervisor and Prefect still run them).
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(
                 supervise_jobs, settings, db, app.state.orchestrator, app.state.registry, app.state.mlflow_access

@@ -24,7 +24,7 @@ def worker_client(settings: Settings) -> object:
             "The worker has no API key: set MINIML_WORKER__API_KEY to a key of the worker role "
             "(an admin creates one with POST /api/v1/keys {'role': 'worker'})."
         )
-    return Client(settings.api_url, api_key=key, timeout=60)
+    return Client(settings.api_url, api_key=key, timeout=60, outlast_s=settings.worker.outlast_api_s)
 
 
 @flow(name=FLOW_NAME, log_prints=True, retries=0)

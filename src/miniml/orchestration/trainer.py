@@ -215,7 +215,9 @@ def main(argv: list[str], runner: IO[bytes] | None = None) -> None:
         go.wait()
 
     job = request.job
-    client = Client(request.api_url, api_key=request.api_key, timeout=60)
+    client = Client(
+        request.api_url, api_key=request.api_key, timeout=60, outlast_s=request.settings.worker.outlast_api_s
+    )
     try:
         tracker = Tracker(request.settings.mlflow_uri)
         result = train(

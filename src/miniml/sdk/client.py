@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -34,6 +35,10 @@ class Client:
         url: the api's base URL, e.g. ``http://127.0.0.1:8000``.
         api_key: an API key (``mml_...``).
         http: an existing ``httpx.Client`` (tests pass the app's TestClient).
+        outlast_s: while the api takes no connections (restarting, down), send a call again for up
+            to this many seconds before giving up (the worker's calls: a job outlasts an api restart).
+            A call that could not connect, or found its kept-alive connection closed, never reached
+            the api, so sending it again is safe.
     """
 
     def __init__(
@@ -44,8 +49,10 @@ class Client:
         timeout: float = 30.0,
         http: httpx.Client | None = None,
         inference_url: str = "http://127.0.0.1:8080",
+        outlast_s: float = 0.0,
     ) -> None:
         self.inference_url = inference_url
+        self.outlast_s = outlast_s
         # Sent with each request, so two clients may share one httpx.Client (tests do).
         self.headers = {"X-API-Key": api_key} if api_key else {}
         self.http = http or httpx.Client(base_url=url.rstrip("/"), timeout=timeout)
@@ -90,11 +97,23 @@ class Client:
         return result
 
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        try:
-            headers = self.headers | kwargs.pop("headers", {})
-            response = self.http.request(method, path, headers=headers, **kwargs)
-        except httpx.TransportError as exc:
-            raise UpstreamUnavailable(f"Cannot reach the miniml api at {self.http.base_url}: {exc}.") from exc
+        headers = self.headers | kwargs.pop("headers", {})
+        give_up, pause = None, 0.1
+        while True:
+            try:
+                response = self.http.request(method, path, headers=headers, **kwargs)
+                break
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError) as exc:
+                # Refused, or a kept-alive connection the api closed as it went down before it read
+                # the call: the call never reached the api.
+                now = time.monotonic()
+                give_up = now + self.outlast_s if give_up is None else give_up
+                if now >= give_up:
+                    raise UpstreamUnavailable(f"Cannot reach the miniml api at {self.http.base_url}: {exc}.") from exc
+                time.sleep(min(pause, give_up - now))
+                pause = min(1.0, pause * 2)  # back within a second of the api's return
+            except httpx.TransportError as exc:
+                raise UpstreamUnavailable(f"Cannot reach the miniml api at {self.http.base_url}: {exc}.") from exc
         raise_for_problem(response)
         return response
 
