@@ -5,6 +5,7 @@ a revoked key is shut out of MLflow at once."""
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -99,6 +100,23 @@ def test_mlflow_shows_each_key_only_its_projects(tmp_path: Path, mlflow_uri: str
         # Revoked: shut out of MLflow at once.
         assert httpx.delete(f"{api.url}/api/v1/keys/{viewer_id}", headers=api.headers).status_code == 200
         until(lambda: v.get("/api/2.0/mlflow/users/current").status_code == 401, timeout=5)
+
+
+def test_the_grant_sync_looks_up_experiments_again_after_a_project_was_deleted(mlflow_uri: str) -> None:
+    """A deleted project's experiment is retired (renamed, deleted); the same name, made again, is a
+    new experiment. The sync must grant that one, not the id it remembered for the name (which would
+    give a new project's keys the deleted project's runs)."""
+    from miniml.tracking.access import ADMIN_USERNAME, MlflowAccess
+    from miniml.tracking.registry import Registry
+    from tests.conftest import MLFLOW_ADMIN_PASSWORD
+
+    project = f"gone-{uuid.uuid4().hex[:8]}"
+    access = MlflowAccess(mlflow_uri, ADMIN_USERNAME, MLFLOW_ADMIN_PASSWORD)
+    old = access.experiment_id(f"miniml/{project}")
+    Registry(mlflow_uri).forget_project(project)
+    access.apply([], gone=set())  # a sync round, in this api process or another
+    new = access.experiment_id(f"miniml/{project}")
+    assert new != old and MlflowClient(mlflow_uri).get_experiment(new).lifecycle_stage == "active"
 
 
 @pytest.mark.parametrize("path", ["/api/2.0/mlflow/runs/search", "/api/2.0/mlflow/registered-models/search"])

@@ -6,6 +6,7 @@ test process here; tests/orchestration runs it through Prefect and a real worker
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -140,6 +141,23 @@ def test_a_check_with_too_little_traffic_reports_no_data(stack: Stack) -> None:
     reports = client.deployments.drift(project, "quiet")
     assert reports.latest is None and reports.history[0].state == "no_data"
     assert "only 10 captured rows" in (reports.history[0].error or "")
+
+
+def test_a_deployment_made_again_under_a_name_does_not_read_the_earlier_ones_capture(stack: Stack) -> None:
+    """Captured rows live under the project's and the deployment's names; a deployment made again
+    under a name (or in a project made again under a deleted one's name) reads only rows captured
+    since it was made: the earlier one's 600 rows are not its traffic."""
+    api, client, inference, project, settings = stack
+    client.deployments.create(project, "again", "iris", target=1)
+    wait_served(inference, "again", {"1"})
+    send(inference, "again", api.key, sample(600, seed=4).drop(columns="target").to_dict("records"))
+    inference.app.state.capture.flush()  # type: ignore[attr-defined]
+    client.deployments.delete(project, "again")
+    time.sleep(0.01)  # the new deployment is made after the last captured row (times in ms)
+    client.deployments.create(project, "again", "iris", target=1)
+    queued = client.deployments.check_drift(project, "again")
+    assert run_drift_check(api.worker_client(), settings, project, "again", queued.id) == "no_data"
+    assert "only 0 captured rows" in (client.deployments.drift(project, "again").history[0].error or "")
 
 
 def test_drift_routes_check_roles_tenancy_and_state(stack: Stack) -> None:

@@ -74,7 +74,8 @@ def run_drift_check(client: Client, settings: Settings, project: str, deployment
     ctx: DriftContext = reports.drift_context(project, deployment, report_id)
     try:
         store = make_store(settings)
-        columns, predictions, versions = read_capture(store, ctx.capture_prefix, time.time() - ctx.window_s)
+        since = max(time.time() - ctx.window_s, ctx.capture_since)  # not an earlier deployment's rows
+        columns, predictions, versions = read_capture(store, ctx.capture_prefix, since)
         if len(predictions) < ctx.min_rows:
             result = DriftResult(
                 state="no_data",

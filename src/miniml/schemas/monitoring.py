@@ -100,6 +100,9 @@ class DriftContext(ReadModel):
     project: str
     deployment: str
     capture_prefix: str
+    # Rows captured before this (epoch seconds: the deployment's creation) belong to an earlier
+    # deployment of the same name, in this project or in a deleted one of the same name.
+    capture_since: float = 0.0
     window_s: int
     min_rows: int
     profile: dict[str, Any]

@@ -37,8 +37,7 @@ class Client:
         http: an existing ``httpx.Client`` (tests pass the app's TestClient).
         outlast_s: while the api takes no connections (restarting, down), send a call again for up
             to this many seconds before giving up (the worker's calls: a job outlasts an api restart).
-            A call that could not connect, or found its kept-alive connection closed, never reached
-            the api, so sending it again is safe.
+            A call that could not connect never reached the api, so sending it again is safe.
     """
 
     def __init__(
@@ -103,9 +102,9 @@ class Client:
             try:
                 response = self.http.request(method, path, headers=headers, **kwargs)
                 break
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError) as exc:
-                # Refused, or a kept-alive connection the api closed as it went down before it read
-                # the call: the call never reached the api.
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                # Refused or not answered while connecting: the call never reached the api. (A
+                # connection that broke later may have delivered it: not sent again.)
                 now = time.monotonic()
                 give_up = now + self.outlast_s if give_up is None else give_up
                 if now >= give_up:

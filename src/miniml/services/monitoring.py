@@ -178,11 +178,13 @@ def drift_context(
         raise Conflict(f"The job behind drift report {report_id} was deleted; start a new check.")
     report.state = "running"
     session.flush()
+    created = read_deployment(session, caller, project, name).created_at
     return DriftContext(
         report_id=report.id,
         project=project,
         deployment=name,
         capture_prefix=f"capture/{project}/{name}/",
+        capture_since=(created if created.tzinfo else created.replace(tzinfo=UTC)).timestamp(),
         window_s=report.window_s,
         min_rows=min_rows,
         profile=job.dataset_version.profile,

@@ -157,6 +157,10 @@ class MlflowAccess:
         self._experiments[name] = exp_id
         return exp_id
 
+    def forget(self, name: str) -> None:
+        """Drop a remembered experiment id (its project was deleted: the name gets a new experiment)."""
+        self._experiments.pop(name, None)
+
     def models(self, prefix: str) -> list[str]:
         body: dict[str, str | int] = {"filter": f"name LIKE '{prefix}%'", "max_results": 1000}
         found = self._ok(self.http.get("/api/2.0/mlflow/registered-models/search", params=body))
@@ -192,6 +196,9 @@ class MlflowAccess:
         """
         changes = 0
         models: dict[str, list[str]] = {}
+        # Experiment ids are looked up again each round: a deleted project's name may name a new
+        # experiment now (another api process may have deleted it).
+        self._experiments.clear()
         existing = self.users()
         for name in gone & set(existing):
             self.delete_user(name)

@@ -472,6 +472,15 @@ def promote(
                 seconds *= max(calibration) * FINAL_FIT_MARGIN
         return seconds * (_size_ratio(base.params, params) * FINAL_FIT_MARGIN if trial is None else 1.0) + 0.5
 
+    last = end if final_end is None else max(end, final_end)
+
+    def leading() -> Promoted | None:
+        """The best fit so far whose final fit still ends by ``last`` (the one that would win now);
+        when none's does, the best. (A grown one that scored best but cannot be finalised must not
+        make every other candidate look unaffordable.)"""
+        order = sorted(ranked, key=lambda p: -p.score if maximise_ else p.score)
+        return next((p for p in order if time.monotonic() + final_s(p) <= last), order[0]) if order else None
+
     pending = _candidates(complete)
     while pending:
         # The first candidate, by rank, that still fits: after each fit, from the top again, planned
@@ -482,7 +491,7 @@ def promote(
         # the guess runs high (LightGBM's 300 trees of 256 leaves cost 3.9 times its defaults on
         # 360,000 rows, where the plan says 7 times, and 3 times that on 4.4 times the rows, where
         # the plan says 4.4). It wins only if its final fit, planned from its fit here, fits too.
-        leader = min(ranked, key=lambda p: -p.score if maximise_ else p.score) if ranked else None
+        leader = leading()
         planned_final = final_s(leader) if leader is not None else fit_cost(best, final_rows)
         now = time.monotonic()
 
@@ -509,11 +518,10 @@ def promote(
         ranked.append(Promoted(params, trial, score(spec.metric, pipe, xv, yv), fit_s, pipe, base))
     if not ranked:
         return LastRung(None, [], len(train), len(valid))
-    order = sorted(ranked, key=lambda p: -p.score if maximise_ else p.score)
     # The best whose final fit still ends by ``final_end``; when none does, no final fit follows:
     # the best fit here.
-    last = end if final_end is None else max(end, final_end)
-    winner = next((p for p in order if time.monotonic() + final_s(p) <= last), order[0])
+    winner = leading()
+    assert winner is not None
     rung = LastRung(winner.trial, ranked, len(train), len(valid), winner.pipe, final_s(winner))
     if winner.trial is not None:
         return rung
