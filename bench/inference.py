@@ -29,6 +29,7 @@ import pandas as pd
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
 
+from bench.signals import stop_on_sigterm
 from miniml.config import Settings
 from miniml.processes import Supervisor, child_env, embedded_services
 from miniml.tracking.runs import Tracker
@@ -264,4 +265,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    stop_on_sigterm()
     main()

@@ -28,6 +28,7 @@ from pathlib import Path
 import httpx
 from sklearn.datasets import load_iris
 
+from bench.signals import stop_on_sigterm
 from miniml.sdk.client import Client
 
 
@@ -164,4 +165,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    stop_on_sigterm()
     main()

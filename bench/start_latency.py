@@ -17,6 +17,7 @@ from pathlib import Path
 
 from sklearn.datasets import load_iris
 
+from bench.signals import stop_on_sigterm
 from bench.training import platform_settings
 from miniml.processes import Supervisor, embedded_services
 from miniml.sdk.client import Client
@@ -63,4 +64,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    stop_on_sigterm()
     main()

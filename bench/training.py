@@ -22,6 +22,7 @@ import optuna
 import pandas as pd
 from sklearn.datasets import make_classification
 
+from bench.signals import stop_on_sigterm
 from miniml.config import Settings
 from miniml.data.formats import detect
 from miniml.data.profiles import profile_table
@@ -164,4 +165,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    stop_on_sigterm()
     main()

@@ -32,6 +32,7 @@ import httpx
 import numpy as np
 import pandas as pd
 
+from bench.signals import stop_on_sigterm
 from miniml.config import Settings
 from miniml.processes import Supervisor, embedded_services
 from miniml.sdk.client import Client
@@ -278,4 +279,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    stop_on_sigterm()
     main()

@@ -28,6 +28,7 @@ from sklearn.datasets import load_breast_cancer, load_diabetes, load_digits, loa
 from sklearn.metrics import f1_score, mean_squared_error
 from sklearn.model_selection import train_test_split
 
+from bench.signals import stop_on_sigterm
 from bench.training import platform_settings
 from miniml.processes import Supervisor, embedded_services
 from miniml.sdk.client import Client
@@ -210,4 +211,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    stop_on_sigterm()
     main()
