@@ -799,11 +799,7 @@ def test_a_batch_cancelled_while_it_runs_stops_within_a_record_batch_and_writes_
 
     api, client, _inference, project = stack
     name = f"cancel-{project}"
-    httpx.post(
-        f"{api.url}/api/v1/projects/{project}/deployments",
-        json={"name": name, "model_name": "iris", "target": 1},
-        headers=api.headers,
-    )
+    client.deployments.create(project, name, "iris", target=1)
     big = Path(api.settings.data_dir) / "many.csv"
     pd.concat([pd.read_csv(IRIS)] * 400).to_csv(big, index=False)  # 60,000 rows, several record batches
     client.datasets.upload(project, big)

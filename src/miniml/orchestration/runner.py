@@ -56,6 +56,7 @@ from miniml.training.search import (
     promotion_rows,
     refit,
     run_search,
+    sampled,
     trial_rows_for,
 )
 
@@ -457,7 +458,7 @@ def train(
     promoted_rows, _ = promotion_rows(data, search)
     if promoted_rows:  # the last rung's fits; its winner's fit is the held-out model
         search.final_fit_rows = rows + PROMOTED * promoted_rows
-    if search.trial_rows and len(data.x_train) > search.trial_rows:
+    if sampled(data, search):
         reports.log(
             project,
             job_id,

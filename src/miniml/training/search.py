@@ -326,9 +326,14 @@ def make_objective(
     return objective
 
 
+def sampled(data: Split, spec: SearchSpec) -> bool:
+    """Whether trials fit on a sample of the training rows (``spec.trial_rows`` of them)."""
+    return bool(spec.trial_rows) and len(data.x_train) > int(spec.trial_rows or 0)
+
+
 def trial_sample(data: Split, spec: SearchSpec) -> np.ndarray | None:
     """The training rows trials fit on (sorted positions, stratified), or None for every row."""
-    if not spec.trial_rows or len(data.x_train) <= spec.trial_rows:
+    if not sampled(data, spec):
         return None
     from sklearn.model_selection import train_test_split
 
@@ -343,7 +348,7 @@ def trial_sample(data: Split, spec: SearchSpec) -> np.ndarray | None:
 
 def promotion_rows(data: Split, spec: SearchSpec) -> tuple[int, int]:
     """(rows each promoted configuration fits on, rows it is ranked on); (0, 0) when trials saw every row."""
-    if not spec.trial_rows or len(data.x_train) <= spec.trial_rows:  # as trial_sample decides
+    if not sampled(data, spec) or spec.trial_rows is None:
         return 0, 0
     unseen = len(data.x_train) - spec.trial_rows
     valid = min(PROMOTION_VALID_ROWS, unseen // 2)
@@ -750,8 +755,8 @@ def run_search(
     priority until the process ends, while the final fits take the cores.
     """
     started = time.monotonic()
-    sampled = spec.trial_rows is not None and len(data.x_train) > spec.trial_rows  # as trial_sample decides
-    floor = LAST_RUNG_SHARE * spec.timeout_s if sampled and spec.timeout_s else 0.0
+    on_sample = sampled(data, spec)
+    floor = LAST_RUNG_SHARE * spec.timeout_s if on_sample and spec.timeout_s else 0.0
     reserve = [floor]  # the final fits of the best trial so far; the last rung's share at least
 
     def deadline() -> float:
@@ -763,7 +768,7 @@ def run_search(
     running: dict[int, int] = {}  # thread's native id -> number of the trial it runs
     # One study, so one sampler and one random stream, shared by every trial thread: each trial
     # draws the next configuration. (A study per thread, seeded alike, drew the same ones.)
-    study = new_study(storage, study_name, spec, grown=sampled)
+    study = new_study(storage, study_name, spec, grown=on_sample)
 
     def tracked(trial: optuna.Trial) -> float:
         running[threading.get_native_id()] = trial.number
